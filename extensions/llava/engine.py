@@ -1,0 +1,249 @@
+"""The extension's core: from a prompt with pictures to ids and spliced embeddings.
+
+Nothing here knows the webui. The host hands over its model, tokenizer and an ``encode``
+function (text → ids with the host's BOS handling, no truncation) and receives ids and
+embeddings of equal length. Vision parts load on the first picture; features are cached
+by picture content so that a chat never encodes the same picture twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .cache import FeatureCache
+from .detect import Choice, choose_pipeline
+from .images import ImageError, ImageSource
+from .pipelines import Pipeline, PipelineError
+from .prompt import MEDIA_PLACEHOLDER, ImageRef, expand_prompt, parse_prompt
+from .settings import Settings
+from .splice import TokenLayout, find_images, shift_spans, splice, truncation_cut
+from .vision import VisionLoadError, VisionParts, load_vision_parts
+
+logger = logging.getLogger("llava")
+
+Encode = Callable[[str], torch.Tensor]
+
+
+@dataclass
+class Prepared:
+    """What the tokenizer hook gives back to the host."""
+
+    prompt: str
+    input_ids: torch.Tensor  # [1, length]
+    inputs_embeds: torch.Tensor | None  # [1, length, hidden]
+    notes: list[str] = field(default_factory=list)  # things the user should be told
+    images_in_prompt: int = 0
+    images_dropped: int = 0
+    images_embedded: int = 0
+
+
+@dataclass
+class Counters:
+    """What the vision side did since the engine started (tests assert these exactly)."""
+
+    vision_forwards: int = 0  # pictures that went through the tower
+    vision_batches: int = 0  # tower calls
+    loads: int = 0  # times the vision parts were loaded
+
+
+def model_width(model) -> int:
+    return model.get_input_embeddings().weight.shape[-1]
+
+
+def model_path_of(model) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or None
+
+
+class LlavaEngine:
+    def __init__(self, settings: Settings | None = None, log: Callable[[str], None] | None = None):
+        self.settings = settings or Settings()
+        self.log = log or logger.info
+        self.cache = FeatureCache(self._cache_bytes(self.settings))
+        self.counters = Counters()
+        self._vision: VisionParts | None = None
+        self._vision_key: tuple | None = None
+        self._load_lock = threading.Lock()
+        self._encode_lock = threading.Lock()
+        self._choices: dict[tuple, Choice] = {}
+
+    @staticmethod
+    def _cache_bytes(settings: Settings) -> int:
+        return int(settings.cache_size_mb * 2**20)
+
+    def configure(self, settings: Settings) -> None:
+        """New settings: vision parts reload on the next picture if their sources or placement changed."""
+        self.settings = settings
+        self.cache.max_bytes = self._cache_bytes(settings)
+        self._choices.clear()
+
+    # ------------------------------------------------------------ pipeline and tokens
+
+    def choice_for(self, model, tokenizer, model_path: str | None = None) -> Choice:
+        model_path = model_path or model_path_of(model)
+        key = (id(model), id(tokenizer), model_path, self.settings.pipeline)
+        choice = self._choices.get(key)
+        if choice is None:
+            vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+            choice = choose_pipeline(self.settings.pipeline, getattr(model, "config", None), vocab, model_path)
+            self.log(f"llava: pipeline {choice.pipeline.name} ({choice.reason})")
+            self._choices[key] = choice
+        return choice
+
+    @staticmethod
+    def token_layout(tokenizer, pipeline: Pipeline) -> TokenLayout:
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in pipeline.special_tokens if t not in vocab]
+        if missing:
+            raise PipelineError(f"the loaded tokenizer has no {', '.join(missing)} token(s), which pipeline "
+                                f"{pipeline.name} needs: wrong model or wrong pipeline (set llava-pipeline, or "
+                                "convert the checkpoint with `python -m extensions.llava convert`)")
+        ids = {t: vocab[t] for t in pipeline.special_tokens}
+        return TokenLayout(image_id=ids[pipeline.image_token],
+                           start_id=ids.get(pipeline.start_token) if pipeline.start_token else None,
+                           end_id=ids.get(pipeline.end_token) if pipeline.end_token else None,
+                           feature_count=pipeline.feature_count)
+
+    def token_count(self, prompt: str, model, tokenizer, encode: Encode, media_count: int | None = None,
+                    model_path: str | None = None) -> int | None:
+        """Tokens ``prompt`` takes, each image counted at its full length; None without images.
+
+        Images are replaced by a one-slot stand-in before tokenizing: image tokens are added
+        tokens, so the text around them tokenizes the same and the stand-in's slots can be
+        counted up to the real number. No base64 is decoded or tokenized.
+        """
+        if media_count is None:  # unknown: every placeholder stands for a picture
+            media_count = prompt.count(MEDIA_PLACEHOLDER)
+        parsed = parse_prompt(prompt, [_Placeholder()] * media_count)
+        if not parsed.images:
+            return None
+        pipeline = self.choice_for(model, tokenizer, model_path).pipeline
+        stand_in = (pipeline.start_token or "") + pipeline.image_token + (pipeline.end_token or "")
+        ids = encode(expand_prompt(parsed, stand_in, pipeline.special_tokens))
+        return int(ids.shape[-1]) + len(parsed.images) * (pipeline.feature_count - 1)
+
+    # ------------------------------------------------------------ the tokenizer hook
+
+    def prepare(self, prompt: str, *, model, tokenizer, encode: Encode, max_length: int | None,
+                media: Sequence[ImageSource] | None = None, embed_all: bool | None = None,
+                model_path: str | None = None) -> Prepared | None:
+        """ids and embeddings for ``prompt``; None when it holds no image (the host's ids stand)."""
+        parsed = parse_prompt(prompt, media)
+        if not parsed.images:
+            return None
+        choice = self.choice_for(model, tokenizer, model_path)
+        pipeline = choice.pipeline
+        layout = self.token_layout(tokenizer, pipeline)
+        ids = encode(expand_prompt(parsed, pipeline.image_text(), pipeline.special_tokens))
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        spans = find_images(ids[0], layout, len(parsed.images))
+        cut, dropped = truncation_cut(ids.shape[1], max_length, spans)
+        notes = []
+        if cut:
+            ids = ids[:, cut:]
+            spans = shift_spans(spans, cut, dropped)
+            if dropped:
+                notes.append(f"the prompt is longer than the context allows: {dropped} image(s) at its start "
+                             f"were cut off and dropped whole ({len(parsed.images) - dropped} kept)")
+        kept = parsed.images[dropped:]
+        embed_all = self.settings.add_all_images_to_prompt if embed_all is None else embed_all
+        chosen = list(range(len(kept))) if embed_all else list(range(len(kept)))[-1:]
+
+        embeddings = model.get_input_embeddings()
+        width = embeddings.weight.shape[-1]
+        features = self.features_for([kept[i] for i in chosen], choice, width, notes)
+        with torch.no_grad():
+            embeds = embeddings(ids.to(embeddings.weight.device))
+            embeds = splice(embeds, spans.slots[chosen], features)
+        for note in notes:
+            self.log(f"llava: {note}")
+        return Prepared(prompt, ids.to(embeds.device), embeds, notes, len(parsed.images), dropped, len(chosen))
+
+    # ------------------------------------------------------------ features
+
+    def features_for(self, images: Sequence[ImageRef], choice: Choice, width: int,
+                     notes: list[str] | None = None) -> torch.Tensor:
+        """Projected features [k, feature_count, width] for ``images``, from the cache or one batch."""
+        pipeline = choice.pipeline
+        if not images:
+            return torch.empty(0, pipeline.feature_count, width)
+        vision = self.vision_parts(choice)
+        if vision.output_size != width:
+            raise PipelineError(f"the projector gives {vision.output_size}-wide features but the loaded model's "
+                                f"embeddings are {width} wide: wrong model or wrong pipeline ({pipeline.name}); "
+                                "set llava-pipeline or llava-projector_repo to the projector of this model")
+        keys = [(image.source.digest(),) + self._vision_key for image in images]
+        found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
+        if any(v is None for v in found.values()):
+            with self._encode_lock:
+                for key in found:
+                    if found[key] is None and key in self.cache:
+                        found[key] = self.cache.get(key)
+                todo = [(key, image) for key, image in zip(keys, images) if found[key] is None]
+                todo = list({key: image for key, image in todo}.items())
+                if todo:
+                    pictures = []
+                    for _, image in todo:
+                        picture = image.source.load()
+                        if notes is not None:
+                            notes.extend(picture.notes)
+                        pictures.append(picture.image)
+                    encoded = vision.encode(pictures)
+                    self.counters.vision_forwards += len(pictures)
+                    self.counters.vision_batches += 1
+                    for (key, _), feature in zip(todo, encoded):
+                        feature = feature.clone()
+                        found[key] = feature
+                        self.cache.put(key, feature)
+        return torch.stack([found[key] for key in keys])
+
+    def vision_parts(self, choice: Choice) -> VisionParts:
+        s = self.settings
+        pipeline = choice.pipeline
+        vision_source = s.clip_repo or choice.vision_source or pipeline.vision_repo
+        projector_repo = s.projector_repo or choice.projector_repo or pipeline.projector_repo
+        projector_filename = s.projector_filename or (choice.projector_filename if not s.projector_repo else None) \
+            or (pipeline.projector_filename if not choice.projector_repo else None)
+        key = (pipeline.name, vision_source, projector_repo, projector_filename, str(s.clip_device),
+               str(s.clip_dtype), str(s.projector_device), str(s.projector_dtype))
+        with self._load_lock:
+            if self._vision_key != key:
+                self._vision = None
+                if projector_repo is None:
+                    raise VisionLoadError(f"pipeline {pipeline.name} has no released projector to fall back on; "
+                                          "set llava-projector_repo (a repo id or a local folder)")
+                if s.clip_device.type == "cpu" and s.clip_bits == 16 or s.projector_device.type == "cpu" and s.projector_bits == 16:
+                    self.log("llava: 16 bits on the CPU means bfloat16 (float16 matmuls are slow or unsupported there)")
+                vision = load_vision_parts(pipeline, vision_source, projector_repo, projector_filename,
+                                           s.clip_device, s.clip_dtype, s.projector_device, s.projector_dtype,
+                                           log=self.log)
+                self._check_projector_type(vision, pipeline)
+                self._vision, self._vision_key = vision, key
+                self.counters.loads += 1
+            return self._vision
+
+    @staticmethod
+    def _check_projector_type(vision: VisionParts, pipeline: Pipeline) -> None:
+        if vision.projector_type != pipeline.projector_type:
+            raise PipelineError(f"the projector is {vision.projector_type} but pipeline {pipeline.name} expects "
+                                f"{pipeline.projector_type}: wrong projector or wrong pipeline (set llava-pipeline)")
+
+
+@dataclass(frozen=True, eq=False)
+class _Placeholder(ImageSource):
+    """A stand-in for a picture that is only counted, never opened."""
+
+    position: int = 0
+
+    def digest(self) -> str:
+        return ""
+
+
+__all__ = ["LlavaEngine", "Prepared", "Counters", "ImageError", "PipelineError", "VisionLoadError"]

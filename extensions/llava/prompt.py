@@ -1,0 +1,157 @@
+"""Finding images in a prompt, and turning a prompt into the text the tokenizer sees.
+
+Images appear as ``<img src="data:image/...;base64,...">`` tags (chat uploads, the
+Default/Notebook tabs, the completion APIs) or as the webui's own ``<__media__>``
+placeholders, whose pictures travel beside the prompt. Parsing never decodes base64
+and never copies an image's data: an image is a span of the prompt until it is used.
+All scanning goes through ``str.find`` and bounded patterns, so the cost stays linear
+in the prompt's length whatever the user types.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .images import ImageSource, InlineImage, UnreachableImage
+
+MEDIA_PLACEHOLDER = "<__media__>"
+UI_IMAGE_MARKER = "<image>"
+
+# After "<img": the attributes up to src=, bounded so that a run of broken tags stays linear.
+_SRC_ATTRIBUTE = re.compile(r"""[^<>]{0,2048}?(?<![\w-])src\s*=\s*(["']?)""", re.IGNORECASE)
+_TAG_CLOSE = re.compile(r"[^<>]{0,2048}>")
+_BARE_VALUE = re.compile(r"[^\s>]*")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image of a prompt: where it stands and what it shows."""
+
+    position: int  # 1-based, in prompt order
+    start: int
+    end: int
+    source: ImageSource
+
+
+@dataclass
+class ParsedPrompt:
+    text: str
+    images: list[ImageRef] = field(default_factory=list)
+
+    def pieces(self):
+        """Alternating text and images, in prompt order."""
+        cursor = 0
+        for image in self.images:
+            yield self.text[cursor:image.start]
+            yield image
+            cursor = image.end
+        yield self.text[cursor:]
+
+    def text_only(self) -> str:
+        """The prompt with every image removed."""
+        return "".join(p for p in self.pieces() if isinstance(p, str))
+
+
+def _find_img_tags(prompt: str):
+    """Yield (start, end, src_start, src_end) for each ``<img ... src=...>`` tag."""
+    cursor = 0
+    while True:
+        lt = prompt.find("<", cursor)
+        if lt < 0:
+            return
+        cursor = lt + 1
+        if prompt[lt + 1:lt + 4].lower() != "img" or prompt[lt + 4:lt + 5] not in (" ", "\t", "\n", "\r", "/"):
+            continue
+        attr = _SRC_ATTRIBUTE.match(prompt, lt + 4)
+        if attr is None:
+            continue
+        quote = attr.group(1)
+        value_start = attr.end()
+        if quote:
+            value_end = prompt.find(quote, value_start)
+            if value_end < 0:  # unclosed quote: the value runs to the end of the prompt
+                value_end = len(prompt)
+            after = min(value_end + 1, len(prompt))
+        else:
+            value_end = _BARE_VALUE.match(prompt, value_start).end()
+            after = value_end
+        close = _TAG_CLOSE.match(prompt, after)
+        end = close.end() if close else after
+        yield lt, end, value_start, value_end
+        cursor = end
+
+
+def _source_for(prompt: str, src_start: int, src_end: int, position: int) -> ImageSource:
+    if prompt[src_start:src_start + 5].lower() == "data:":
+        return InlineImage(prompt, src_start, src_end, position)
+    return UnreachableImage(prompt[src_start:min(src_end, src_start + 200)], position)
+
+
+def parse_prompt(prompt: str, media: Sequence[ImageSource] | None = None) -> ParsedPrompt:
+    """Find the images of ``prompt``.
+
+    ``media`` are the pictures of the webui's ``<__media__>`` placeholders, oldest first.
+    History trimming can drop early messages, so placeholders take the *last* pictures;
+    placeholders with no picture left over stay text.
+    """
+    spans = [(start, end, _source_for(prompt, a, b, 0)) for start, end, a, b in _find_img_tags(prompt)]
+    if media:
+        placeholders = []
+        cursor = prompt.find(MEDIA_PLACEHOLDER)
+        while cursor >= 0:
+            placeholders.append(cursor)
+            cursor = prompt.find(MEDIA_PLACEHOLDER, cursor + len(MEDIA_PLACEHOLDER))
+        matched = min(len(placeholders), len(media))
+        inside_tags = _inside(spans)
+        for start, source in zip(placeholders[len(placeholders) - matched:], media[len(media) - matched:]):
+            if not inside_tags(start):
+                spans.append((start, start + len(MEDIA_PLACEHOLDER), source))
+        spans.sort(key=lambda s: s[0])
+    images = [ImageRef(i, start, end, source.at_position(i)) for i, (start, end, source) in enumerate(spans, 1)]
+    return ParsedPrompt(prompt, images)
+
+
+def _inside(spans):
+    def test(offset: int) -> bool:
+        return any(start <= offset < end for start, end, _ in spans)
+    return test
+
+
+def escape_special_tokens(text: str, special_tokens: Sequence[str]) -> str:
+    """Keep text a user typed from turning into image tokens.
+
+    Only the extension places image tokens. A user who types ``<im_patch>`` gets the
+    characters ``&lt;im_patch>`` in the model's input instead: still legible text, but
+    no longer the added token, so it creates no image slot and shifts no splice.
+    """
+    if not special_tokens or "<" not in text:
+        return text
+    pattern = _escape_pattern(tuple(special_tokens))
+    return pattern.sub(lambda m: "&lt;" + m.group(0)[1:], text)
+
+
+_ESCAPE_PATTERNS: dict[tuple[str, ...], re.Pattern] = {}
+
+
+def _escape_pattern(tokens: tuple[str, ...]) -> re.Pattern:
+    pattern = _ESCAPE_PATTERNS.get(tokens)
+    if pattern is None:
+        pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+        _ESCAPE_PATTERNS[tokens] = pattern
+    return pattern
+
+
+def expand_prompt(parsed: ParsedPrompt, image_text: str, special_tokens: Sequence[str]) -> str:
+    """The prompt with each image replaced by its token text and user text escaped."""
+    return "".join(image_text if isinstance(p, ImageRef) else escape_special_tokens(p, special_tokens)
+                   for p in parsed.pieces())
+
+
+def place_image(text: str, tag: str) -> str:
+    """Put an uploaded image where the user wrote ``<image>``, else at the end of the message."""
+    if UI_IMAGE_MARKER in text:
+        return text.replace(UI_IMAGE_MARKER, tag, 1)
+    return f"{text}\n{tag}" if text else tag
+

@@ -1,0 +1,154 @@
+"""The extension's settings: defaults, validation, device and dtype choice.
+
+The webui overrides ``params[name]`` from the settings key ``llava-<name>``; every
+error here names that key so the user knows what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SETTING_PREFIX = "llava-"
+
+DEFAULTS = {
+    "pipeline": "auto",
+    "clip_bits": 32,
+    "clip_device": None,
+    "clip_repo": None,
+    "projector_bits": 32,
+    "projector_device": None,
+    "projector_repo": None,
+    "projector_filename": None,
+    "add_all_images_to_prompt": False,
+    "cache_size_mb": 256,
+}
+
+# What the settings mean when left unset: the seed pipeline's sources.
+SEED_CLIP_REPO = "openai/clip-vit-large-patch14"
+SEED_PROJECTOR_REPO = "liuhaotian/LLaVA-13b-delta-v0"
+SEED_PROJECTOR_FILENAME = "mm_projector.bin"
+
+ALLOWED_BITS = (16, 32)
+
+
+class SettingsError(ValueError):
+    """A setting has a value the extension cannot use."""
+
+
+def _bits(name: str, value) -> int:
+    try:
+        bits = int(value)
+    except (TypeError, ValueError):
+        bits = None
+    if bits not in ALLOWED_BITS or isinstance(value, bool):
+        raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}; allowed values: 16 or 32")
+    return bits
+
+
+def available_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        devices += [f"xpu:{i}" for i in range(xpu.device_count())]
+    return devices
+
+
+def default_device() -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(name: str, value) -> torch.device:
+    """Parse a device setting; unset means cuda:0 when there is one, else cpu."""
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return torch.device(default_device())
+    allowed = ", ".join(available_devices())
+    try:
+        device = torch.device(str(value).strip())
+    except (RuntimeError, ValueError):
+        raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}, which is not a device; "
+                            f"allowed on this machine: {allowed}") from None
+    if device.type in ("cuda", "xpu") and device.index is None:
+        device = torch.device(device.type, 0)
+    if str(device) not in available_devices():
+        raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}, which this machine does not have; "
+                            f"allowed on this machine: {allowed}")
+    return device
+
+
+def dtype_for(bits: int, device: torch.device) -> torch.dtype:
+    """16 bits means float16 on accelerators and bfloat16 on the CPU, where float16 matmuls are slow."""
+    if bits == 32:
+        return torch.float32
+    return torch.bfloat16 if device.type == "cpu" else torch.float16
+
+
+def _optional_text(name: str, value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}; expected a text value")
+    return value.strip() or None
+
+
+def _flag(name: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}; allowed values: true or false")
+
+
+def _cache_size(name: str, value) -> float:
+    try:
+        size = float(value)
+    except (TypeError, ValueError):
+        size = -1.0
+    if size < 0 or isinstance(value, bool):
+        raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}; expected a size in MB, 0 or more (0 turns the cache off)")
+    return size
+
+
+@dataclass(frozen=True)
+class Settings:
+    pipeline: str = "auto"
+    clip_bits: int = 32
+    clip_device: torch.device = torch.device("cpu")
+    clip_repo: str | None = None
+    projector_bits: int = 32
+    projector_device: torch.device = torch.device("cpu")
+    projector_repo: str | None = None
+    projector_filename: str | None = None
+    add_all_images_to_prompt: bool = False
+    cache_size_mb: float = 256
+
+    @property
+    def clip_dtype(self) -> torch.dtype:
+        return dtype_for(self.clip_bits, self.clip_device)
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return dtype_for(self.projector_bits, self.projector_device)
+
+    @classmethod
+    def from_params(cls, params: dict) -> "Settings":
+        """Validate the webui's ``params`` dict (unknown keys are ignored)."""
+        values = {**DEFAULTS, **{k: v for k, v in params.items() if k in DEFAULTS}}
+        pipeline = _optional_text("pipeline", values["pipeline"]) or "auto"
+        return cls(
+            pipeline=pipeline,
+            clip_bits=_bits("clip_bits", values["clip_bits"]),
+            clip_device=resolve_device("clip_device", values["clip_device"]),
+            clip_repo=_optional_text("clip_repo", values["clip_repo"]),
+            projector_bits=_bits("projector_bits", values["projector_bits"]),
+            projector_device=resolve_device("projector_device", values["projector_device"]),
+            projector_repo=_optional_text("projector_repo", values["projector_repo"]),
+            projector_filename=_optional_text("projector_filename", values["projector_filename"]),
+            add_all_images_to_prompt=_flag("add_all_images_to_prompt", values["add_all_images_to_prompt"]),
+            cache_size_mb=_cache_size("cache_size_mb", values["cache_size_mb"]),
+        )

@@ -1,0 +1,98 @@
+"""Where images stand in a token sequence, image-aware truncation, and the splice.
+
+All of it works on whole tensors: slot positions come from one comparison against the
+image token id, reshaped to one row per image; the splice is one indexed assignment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class LayoutError(ValueError):
+    """The token ids do not hold the image slots the prompt asked for."""
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The ids of a pipeline's image tokens in the loaded tokenizer."""
+
+    image_id: int
+    start_id: int | None
+    end_id: int | None
+    feature_count: int
+
+    @property
+    def image_length(self) -> int:
+        return self.feature_count + (self.start_id is not None) + (self.end_id is not None)
+
+
+@dataclass(frozen=True)
+class ImageSpans:
+    """Per image, in prompt order: its slot positions and the span of all its tokens."""
+
+    slots: torch.Tensor  # [n_images, feature_count] positions of the image tokens
+    starts: torch.Tensor  # [n_images] first token of the image (its start token, if any)
+    ends: torch.Tensor  # [n_images] one past its last token
+
+    @property
+    def count(self) -> int:
+        return self.slots.shape[0]
+
+
+def find_images(ids: torch.Tensor, layout: TokenLayout, expected: int) -> ImageSpans:
+    """Locate ``expected`` images in 1-D ``ids``; anything else is a layout error."""
+    slots = torch.nonzero(ids == layout.image_id).flatten()
+    if slots.numel() != expected * layout.feature_count:
+        raise LayoutError(f"the prompt has {expected} image(s) of {layout.feature_count} slots but the "
+                          f"tokenizer produced {slots.numel()} image tokens (id {layout.image_id}); "
+                          "the tokenizer does not keep the image token whole")
+    slots = slots.view(expected, layout.feature_count)
+    if expected and not bool((slots[:, -1] - slots[:, 0] == layout.feature_count - 1).all()):
+        raise LayoutError("an image's slots are not contiguous in the token ids")
+    starts = slots[:, 0] - int(layout.start_id is not None)
+    ends = slots[:, -1] + 1 + int(layout.end_id is not None)
+    if expected:
+        if layout.start_id is not None and not bool((starts >= 0).all() and (ids[starts.clamp(min=0)] == layout.start_id).all()):
+            raise LayoutError("an image's start token is missing in the token ids")
+        if layout.end_id is not None and not bool((ends <= ids.numel()).all()
+                                                  and (ids[(ends - 1).clamp(max=ids.numel() - 1)] == layout.end_id).all()):
+            raise LayoutError("an image's end token is missing in the token ids")
+    return ImageSpans(slots, starts, ends)
+
+
+def truncation_cut(length: int, max_length: int | None, spans: ImageSpans) -> tuple[int, int]:
+    """Where to cut the left side of ``length`` tokens to fit ``max_length``.
+
+    Like the host, keep the last ``max_length`` tokens; a cut inside an image moves to the
+    end of that image so that no partial image remains. Returns (cut, images dropped).
+    """
+    if max_length is None or max_length <= 0 or length <= max_length:
+        return 0, 0
+    cut = length - max_length
+    inside = (spans.starts < cut) & (spans.ends > cut)
+    if bool(inside.any()):
+        cut = int(spans.ends[inside].max())
+    dropped = int((spans.starts < cut).sum())
+    return cut, dropped
+
+
+def shift_spans(spans: ImageSpans, cut: int, dropped: int) -> ImageSpans:
+    return ImageSpans(spans.slots[dropped:] - cut, spans.starts[dropped:] - cut, spans.ends[dropped:] - cut)
+
+
+def splice(embeds: torch.Tensor, slots: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Replace the embedding rows at ``slots`` ([k, F]) with ``features`` ([k, F, hidden]).
+
+    ``embeds`` is [1, length, hidden]; a new tensor is returned.
+    """
+    if slots.numel() == 0:
+        return embeds
+    if features.shape[:2] != slots.shape or features.shape[-1] != embeds.shape[-1]:
+        raise LayoutError(f"{tuple(features.shape)} features for {tuple(slots.shape)} slots in "
+                          f"{embeds.shape[-1]}-wide embeddings")
+    out = embeds.clone()
+    out[0, slots.flatten().to(embeds.device)] = features.reshape(-1, features.shape[-1]).to(embeds.device, embeds.dtype)
+    return out
