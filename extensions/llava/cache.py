@@ -52,12 +52,20 @@ class FeatureCache:
                 self._bytes -= self.size_of(old)
             self._entries[key] = tensor
             self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= self.size_of(evicted)
-                self.stats.evictions += 1
-            self.stats.stored_bytes = self._bytes
-            self.stats.entries = len(self._entries)
+            self._evict()
+
+    def resize(self, max_bytes: int) -> None:
+        with self._lock:
+            self.max_bytes = int(max_bytes)
+            self._evict()
+
+    def _evict(self) -> None:
+        while self._bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= self.size_of(evicted)
+            self.stats.evictions += 1
+        self.stats.stored_bytes = self._bytes
+        self.stats.entries = len(self._entries)
 
     def clear(self) -> None:
         with self._lock:

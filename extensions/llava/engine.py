@@ -79,8 +79,10 @@ class LlavaEngine:
 
     def configure(self, settings: Settings) -> None:
         """New settings: vision parts reload on the next picture if their sources or placement changed."""
+        if settings == self.settings:
+            return
         self.settings = settings
-        self.cache.max_bytes = self._cache_bytes(settings)
+        self.cache.resize(self._cache_bytes(settings))
         self._choices.clear()
 
     # ------------------------------------------------------------ pipeline and tokens
@@ -247,3 +249,40 @@ class _Placeholder(ImageSource):
 
 
 __all__ = ["LlavaEngine", "Prepared", "Counters", "ImageError", "PipelineError", "VisionLoadError"]
+
+
+def holds_images(prompt: str, media: Sequence[ImageSource] | None = None) -> bool:
+    return bool(parse_prompt(prompt, media).images)
+
+
+def images_to_check(images: Sequence[ImageRef], embed_all: bool) -> Sequence[ImageRef]:
+    """The images a request will have embedded (without truncation): the last, or all."""
+    return images if embed_all else images[-1:]
+
+
+def request_problem(path: str, body: dict, embed_all: bool) -> str | None:
+    """Why a completion request's images cannot be used, or None. Opens only what will be embedded."""
+    from .images import InlineImage
+    images: list[ImageRef] = []
+    if path.endswith("/chat/completions"):
+        sources = []
+        for message in body.get("messages") or []:
+            content = message.get("content") if isinstance(message, dict) else None
+            for part in content if isinstance(content, list) else []:
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    url = part.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    if isinstance(url, str) and url[:5].lower() == "data:":
+                        sources.append(InlineImage.from_url(url, len(sources) + 1, "in the request"))
+        images = [ImageRef(i, 0, 0, s) for i, s in enumerate(sources, 1)]
+    else:
+        prompts = body.get("prompt")
+        for prompt in prompts if isinstance(prompts, list) else [prompts]:
+            if isinstance(prompt, str) and "<" in prompt:
+                images.extend(parse_prompt(prompt).images)
+    try:
+        for image in images_to_check(images, embed_all):
+            image.source.load()
+    except ImageError as error:
+        return str(error)
+    return None

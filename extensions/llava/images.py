@@ -7,6 +7,8 @@ reason in plain words. Nothing here reaches the network or the file system: only
 
 from __future__ import annotations
 
+from .errors import LlavaError
+
 import base64
 import binascii
 import hashlib
@@ -23,7 +25,7 @@ ALPHA_BACKGROUND = (255, 255, 255)
 SUPPORTED_FORMATS = "PNG, JPEG, GIF, WebP, BMP or TIFF"
 
 
-class ImageError(ValueError):
+class ImageError(LlavaError):
     """An image that cannot be used, with the reason in plain words."""
 
     def __init__(self, label: str, reason: str, position: int = 0):

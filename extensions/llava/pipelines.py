@@ -7,6 +7,8 @@ the extension reads these fields; nothing subclasses them.
 
 from __future__ import annotations
 
+from .errors import LlavaError
+
 from dataclasses import dataclass
 
 
@@ -68,7 +70,7 @@ PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
 DEFAULT_PIPELINE = "llava-v0-13b"
 
 
-class PipelineError(ValueError):
+class PipelineError(LlavaError):
     """The loaded model and the chosen pipeline do not belong together."""
 
 

@@ -6,6 +6,8 @@ error here names that key so the user knows what to change.
 
 from __future__ import annotations
 
+from .errors import LlavaError
+
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +35,7 @@ SEED_PROJECTOR_FILENAME = "mm_projector.bin"
 ALLOWED_BITS = (16, 32)
 
 
-class SettingsError(ValueError):
+class SettingsError(LlavaError):
     """A setting has a value the extension cannot use."""
 
 

@@ -6,12 +6,14 @@ image token id, reshaped to one row per image; the splice is one indexed assignm
 
 from __future__ import annotations
 
+from .errors import LlavaError
+
 from dataclasses import dataclass
 
 import torch
 
 
-class LayoutError(ValueError):
+class LayoutError(LlavaError):
     """The token ids do not hold the image slots the prompt asked for."""
 
 

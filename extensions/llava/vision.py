@@ -8,6 +8,8 @@ tensors are read.
 
 from __future__ import annotations
 
+from .errors import LlavaError
+
 import contextlib
 import json
 import os
@@ -31,7 +33,7 @@ MAX_ASPECT_RATIO = 8
 MAX_PADDED_SIDE = 4096
 
 
-class VisionLoadError(RuntimeError):
+class VisionLoadError(LlavaError):
     """The vision tower or the projector could not be loaded."""
 
 

@@ -1,0 +1,39 @@
+import os
+import sys
+import warnings
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def v0(tmp_path_factory):
+    return tiny.build_v0(str(tmp_path_factory.mktemp("v0")))
+
+
+@pytest.fixture(scope="session")
+def v0_reference(v0):
+    return tiny.reference_llava(v0.clip_dir, v0.llm, v0.projector_state, image_token_id=32000)
+
+
+@pytest.fixture
+def host_factory():
+    from tests.host import Host
+    hosts = []
+
+    def make(**kwargs):
+        host = Host(**kwargs)
+        hosts.append(host)
+        return host
+
+    yield make
+    for host in hosts:
+        host.close()

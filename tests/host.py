@@ -1,0 +1,132 @@
+"""A stand-in for text-generation-webui that drives ``extensions/llava/script.py`` as the host does.
+
+It follows the current webui (2026-05): ``llava-*`` settings are written into ``params``
+before ``setup()``; a Transformers generation encodes the prompt with the host's BOS and
+left truncation (``truncation_length - max_new_tokens``), passes it through
+``tokenizer_modifier`` and calls ``model.generate(inputs=..., inputs_embeds=...)``, then
+decodes the tokens after the returned ids; token counting goes through
+``custom_tokenized_length``; a chat turn runs ``chat_input_modifier`` then
+``input_modifier`` on the user's text, and keeps internal and visible histories.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib
+import logging
+import sys
+import types
+
+import torch
+
+SCRIPT = "extensions.llava.script"
+
+
+class Host:
+    def __init__(self, model=None, tokenizer=None, settings: dict | None = None, loader: str = "Transformers",
+                 api: bool = False, model_dir: str = "", model_name: str = "None"):
+        self.logger = logging.getLogger("fake-webui")
+        shared = types.SimpleNamespace(
+            args=types.SimpleNamespace(loader=loader, api=api, public_api=False, model_dir=model_dir, cpu=True),
+            model=model, tokenizer=tokenizer, model_name=model_name, settings=dict(settings or {}),
+            default_settings={}, gradio={})
+        self.shared = shared
+        modules = types.ModuleType("modules")
+        text_generation = types.ModuleType("modules.text_generation")
+        text_generation.encode = self.encode
+        text_generation.get_max_prompt_length = lambda state: state["truncation_length"] - state["max_new_tokens"]
+        logging_colors = types.ModuleType("modules.logging_colors")
+        logging_colors.logger = self.logger
+        modules.shared = shared
+        modules.text_generation = text_generation
+        modules.logging_colors = logging_colors
+        self._modules = {"modules": modules, "modules.shared": shared, "modules.text_generation": text_generation,
+                         "modules.logging_colors": logging_colors}
+        self._saved = {name: sys.modules.get(name) for name in self._modules}
+        sys.modules.update(self._modules)
+        for name in [n for n in sys.modules if n.startswith("extensions.llava.script")]:
+            del sys.modules[name]
+        self.script = importlib.import_module(SCRIPT)
+        self.apply_settings()
+        self.script.setup()
+        self.internal: list[list[str]] = []
+        self.visible: list[list[str]] = []
+        self.last_prompt_ids = None
+
+    def close(self) -> None:
+        for name, module in self._saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+    # ------------------------------------------------------------ the host's pieces
+
+    def apply_settings(self) -> None:
+        for key in self.script.params:
+            setting = f"llava-{key}"
+            self.shared.default_settings[setting] = self.script.params[key]
+            if setting in self.shared.settings:
+                self.script.params[key] = self.shared.settings[setting]
+
+    def encode(self, prompt, add_special_tokens=True, add_bos_token=True, truncation_length=None):
+        tokenizer = self.shared.tokenizer
+        ids = tokenizer.encode(str(prompt), return_tensors="pt", add_special_tokens=add_special_tokens)
+        bos = tokenizer.bos_token_id
+        if add_bos_token and bos is not None and (ids.numel() == 0 or ids[0][0] != bos):
+            ids = torch.cat((torch.tensor([[bos]]), ids), 1)
+        if not add_bos_token and ids.numel() and ids[0][0] == bos:
+            ids = ids[:, 1:]
+        if truncation_length is not None:
+            ids = ids[:, -truncation_length:]
+        return ids
+
+    def get_encoded_length(self, prompt: str) -> int:
+        length = self.script.custom_tokenized_length(prompt)
+        return length if length is not None else len(self.encode(prompt)[0])
+
+    def state(self, **overrides) -> dict:
+        state = {"truncation_length": 2048, "max_new_tokens": 8, "add_bos_token": True, "mode": "chat"}
+        state.update(overrides)
+        return self.script.state_modifier(state)
+
+    def generate(self, prompt: str, state: dict | None = None, is_chat: bool = False) -> str:
+        """generate_reply_HF: encode → tokenizer hook → model.generate → decode the new tokens."""
+        state = state or self.state()
+        if not is_chat:
+            prompt = self.script.input_modifier(prompt, state, is_chat=False)
+        max_length = state["truncation_length"] - state["max_new_tokens"]
+        input_ids = self.encode(prompt, add_bos_token=state["add_bos_token"], truncation_length=max_length)
+        prompt, input_ids, inputs_embeds = self.script.tokenizer_modifier(state, prompt, input_ids, None)
+        self.last_prompt_ids = input_ids
+        params = {"inputs": input_ids, "max_new_tokens": state["max_new_tokens"], "do_sample": False,
+                  "pad_token_id": self.shared.tokenizer.eos_token_id}
+        if inputs_embeds is not None:
+            params["inputs_embeds"] = inputs_embeds
+        with torch.no_grad():
+            output = self.shared.model.generate(**params)[0]
+        return self.shared.tokenizer.decode(output[len(input_ids[0]):], skip_special_tokens=False)
+
+    def chat(self, text: str, state: dict | None = None) -> str:
+        """One chat turn: the extension's input modifiers, the history, a prompt, a reply."""
+        state = state or self.state()
+        visible_text = html.escape(text)
+        text, visible_text = self.script.chat_input_modifier(text, visible_text, state)
+        text = self.script.input_modifier(text, state, is_chat=True)
+        self.internal.append([text, ""])
+        self.visible.append([visible_text, ""])
+        prompt = self.chat_prompt(state)
+        reply = self.generate(prompt, state, is_chat=True)
+        self.internal[-1][1] = reply
+        self.visible[-1][1] = html.escape(reply)
+        return reply
+
+    def chat_prompt(self, state: dict) -> str:
+        """Oldest turns are dropped until the prompt fits, counting tokens as the host does."""
+        budget = state["truncation_length"] - state["max_new_tokens"]
+        turns = list(self.internal)
+        while True:
+            prompt = "".join(f"USER: {user}\nASSISTANT: {bot}" + ("\n" if bot else "") for user, bot in turns)
+            if len(turns) <= 1 or self.get_encoded_length(prompt) <= budget:
+                return prompt
+            turns = turns[1:]

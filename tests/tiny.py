@@ -1,0 +1,204 @@
+"""Tiny random models of the real LLaVA architectures, built in-process for the tests.
+
+Geometry is real (224 px / patch 14 → 256 features for v0, 336 px → 576 for v1.5);
+widths are tiny so that everything runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer, decoders, models
+from tokenizers import AddedToken
+from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, LlamaConfig,
+                          LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
+                          PreTrainedTokenizerFast)
+
+VISION_WIDTH = 32
+LLM_WIDTH = 64
+BASE_VOCAB = 32000  # the seed's image token ids 32000/32001/32002 follow the LLaMA vocabulary
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def make_tokenizer(image_tokens=("<im_patch>", "<im_start>", "<im_end>")) -> PreTrainedTokenizerFast:
+    """A LLaMA-sized vocabulary (32000) of single characters and bytes, plus the image tokens.
+
+    With the default order the ids are <im_patch>=32000, <im_start>=32001, <im_end>=32002.
+    """
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    for code in range(32, 127):
+        vocab.setdefault(chr(code), len(vocab))
+    for ch in "\n\téèàüöäßçñ€£°—“”’":
+        vocab.setdefault(ch, len(vocab))
+    filler = 0
+    while len(vocab) < BASE_VOCAB:
+        vocab[f"<filler_{filler}>"] = len(vocab)
+        filler += 1
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    if image_tokens:
+        fast.add_tokens([AddedToken(t, special=True, normalized=False) for t in image_tokens])
+    return fast
+
+
+class BosEncoder:
+    """The host's encode: the tokenizer's ids with one BOS in front, as a [1, n] tensor."""
+
+    def __init__(self, tokenizer, add_bos_token: bool = True):
+        self.tokenizer = tokenizer
+        self.add_bos_token = add_bos_token
+
+    def __call__(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if self.add_bos_token:
+            ids = [self.tokenizer.bos_token_id] + ids
+        return torch.tensor([ids], dtype=torch.long)
+
+
+def llama_config(vocab_size: int, width: int = LLM_WIDTH) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def make_llm(vocab_size: int, seed: int = 0, width: int = LLM_WIDTH) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(vocab_size, width)).eval()
+
+
+def vision_config(image_size: int = 224, layers: int = 3) -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH, num_hidden_layers=layers,
+                            num_attention_heads=2, image_size=image_size, patch_size=14, projection_dim=16)
+
+
+def processor_config(image_size: int) -> dict:
+    return {"crop_size": {"height": image_size, "width": image_size}, "do_center_crop": True,
+            "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+            "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "resample": 3, "rescale_factor": 1 / 255,
+            "size": {"shortest_edge": image_size}, "image_processor_type": "CLIPImageProcessor"}
+
+
+def save_clip(folder: str, image_size: int = 224, seed: int = 1) -> CLIPVisionConfig:
+    """A full CLIP checkpoint (text and vision), like openai/clip-vit-large-patch14."""
+    torch.manual_seed(seed)
+    vision = vision_config(image_size)
+    text = CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          vocab_size=100, max_position_embeddings=16, projection_dim=16)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+    model.save_pretrained(folder)
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump(processor_config(image_size), f)
+    return vision
+
+
+def save_projector(path: str, projector_type: str = "linear", seed: int = 2, prefix: str = "model.mm_projector.",
+                   in_width: int = VISION_WIDTH, out_width: int = LLM_WIDTH) -> dict:
+    """Random projector weights in the original LLaVA naming, saved as .bin or .safetensors."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator) * 0.2
+
+    if projector_type == "linear":
+        state = {"weight": rand(out_width, in_width), "bias": rand(out_width)}
+    else:
+        state = {"0.weight": rand(out_width, in_width), "0.bias": rand(out_width),
+                 "2.weight": rand(out_width, out_width), "2.bias": rand(out_width)}
+    state = {prefix + k: v for k, v in state.items()}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(state, path)
+    else:
+        torch.save(state, path)
+    return state
+
+
+@dataclass
+class TinyV0:
+    """Everything the seed pipeline needs, on disk and in memory."""
+
+    folder: str
+    clip_dir: str
+    projector_dir: str
+    tokenizer: PreTrainedTokenizerFast
+    llm: LlamaForCausalLM
+    projector_state: dict
+
+    @property
+    def settings_params(self) -> dict:
+        return {"clip_repo": self.clip_dir, "projector_repo": self.projector_dir,
+                "projector_filename": "mm_projector.bin", "clip_device": "cpu", "projector_device": "cpu",
+                "pipeline": "llava-v0-13b"}
+
+
+def build_v0(folder: str) -> TinyV0:
+    clip_dir = os.path.join(folder, "clip")
+    projector_dir = os.path.join(folder, "projector")
+    save_clip(clip_dir, 224)
+    state = save_projector(os.path.join(projector_dir, "mm_projector.bin"))
+    tokenizer = make_tokenizer()
+    llm = make_llm(len(tokenizer))
+    return TinyV0(folder, clip_dir, projector_dir, tokenizer, llm, state)
+
+
+def reference_llava(clip_dir: str, llm: LlamaForCausalLM, projector_state: dict, image_token_id: int,
+                    projector_type: str = "linear") -> LlavaForConditionalGeneration:
+    """transformers' LLaVA with the same weights.
+
+    A v0 linear projector is linear_1 with an identity activation and linear_2 = identity.
+    """
+    from transformers import CLIPVisionModel
+    tower = CLIPVisionModel.from_pretrained(clip_dir)
+    config = LlavaConfig(vision_config=tower.config.to_dict(), text_config=llm.config.to_dict(),
+                         image_token_id=image_token_id, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default",
+                         projector_hidden_act="linear" if projector_type == "linear" else "gelu")
+    reference = LlavaForConditionalGeneration(config).eval()
+    reference.model.vision_tower.load_state_dict(tower.state_dict())
+    reference.model.language_model.load_state_dict(llm.model.state_dict())
+    reference.lm_head.load_state_dict(llm.lm_head.state_dict())
+    state = {k.split("mm_projector.", 1)[-1]: v for k, v in projector_state.items()}
+    projector = reference.model.multi_modal_projector
+    with torch.no_grad():
+        if projector_type == "linear":
+            projector.linear_1.weight.copy_(state["weight"])
+            projector.linear_1.bias.copy_(state["bias"])
+            projector.linear_2.weight.copy_(torch.eye(projector.linear_2.weight.shape[0]))
+            projector.linear_2.bias.zero_()
+        else:
+            projector.linear_1.weight.copy_(state["0.weight"])
+            projector.linear_1.bias.copy_(state["0.bias"])
+            projector.linear_2.weight.copy_(state["2.weight"])
+            projector.linear_2.bias.copy_(state["2.bias"])
+    return reference
+
+
+def picture(width: int = 64, height: int = 48, seed: int = 0, mode: str = "RGB"):
+    """A random picture."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    channels = len(mode) if mode in ("RGB", "RGBA", "LA") else 1
+    data = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+    return Image.fromarray(data.squeeze(-1) if channels == 1 else data, mode=mode)
+
+
+def data_url(image, fmt: str = "PNG") -> str:
+    import base64
+    import io
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def img_tag(image, fmt: str = "PNG") -> str:
+    return f'<img src="{data_url(image, fmt)}">'
