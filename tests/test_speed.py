@@ -1,0 +1,133 @@
+"""Issue 5: no picture encoded twice, none encoded in vain; counts asserted exactly."""
+
+import base64
+import threading
+
+import pytest
+import torch
+
+from extensions.llava.cache import FeatureCache
+from extensions.llava.engine import LlavaEngine
+from extensions.llava.settings import Settings
+from tests.tiny import BosEncoder, img_tag, picture
+
+
+def settings_for(v0, **extra):
+    return {f"llava-{k}": v for k, v in {**v0.settings_params, **extra}.items()}
+
+
+@pytest.mark.parametrize("embed_all", [True, False])
+def test_ten_turn_chat_encodes_each_picture_once(v0, host_factory, embed_all):
+    host = host_factory(model=v0.llm, tokenizer=v0.tokenizer,
+                        settings=settings_for(v0, add_all_images_to_prompt=embed_all))
+    engine = host.script.engine()
+    for turn in range(10):
+        host.chat(f"turn {turn}: {img_tag(picture(40, 40, seed=100 + turn))}",
+                  host.state(max_new_tokens=1, truncation_length=4096))
+    assert engine.counters.vision_forwards == 10
+    assert engine.counters.vision_batches == 10
+    # "embed all" on: turn t looks up t earlier pictures in the cache and misses its new one
+    assert engine.cache.stats.hits == (45 if embed_all else 0)
+    assert engine.cache.stats.misses == 10
+    assert engine.cache.stats.evictions == 0
+
+
+def test_without_cache_every_turn_reencodes(v0, host_factory):
+    host = host_factory(model=v0.llm, tokenizer=v0.tokenizer,
+                        settings=settings_for(v0, add_all_images_to_prompt=True, cache_size_mb=0))
+    for turn in range(4):
+        host.chat(f"turn {turn}: {img_tag(picture(40, 40, seed=200 + turn))}", host.state(max_new_tokens=1))
+    assert host.script.engine().counters.vision_forwards == 1 + 2 + 3 + 4
+
+
+def test_new_pictures_of_one_prompt_go_in_one_batch_and_repeats_once(v0):
+    engine = LlavaEngine(Settings.from_params({**v0.settings_params, "add_all_images_to_prompt": True}),
+                         log=lambda m: None)
+    same = img_tag(picture(seed=7))
+    prompt = "a " + img_tag(picture(seed=1)) + same + " b " + img_tag(picture(seed=2)) + same
+    prepared = engine.prepare(prompt, model=v0.llm, tokenizer=v0.tokenizer, encode=BosEncoder(v0.tokenizer),
+                              max_length=None)
+    assert prepared.images_embedded == 4
+    assert engine.counters.vision_batches == 1 and engine.counters.vision_forwards == 3
+    slots = (prepared.input_ids[0] == 32000).nonzero().flatten().view(4, 256)
+    assert torch.equal(prepared.inputs_embeds[0, slots[1]], prepared.inputs_embeds[0, slots[3]])
+    # a batch gives the same features as one picture at a time
+    alone = LlavaEngine(Settings.from_params(v0.settings_params), log=lambda m: None)
+    single = alone.prepare("x " + img_tag(picture(seed=2)), model=v0.llm, tokenizer=v0.tokenizer,
+                           encode=BosEncoder(v0.tokenizer), max_length=None)
+    single_slots = (single.input_ids[0] == 32000).nonzero().flatten()
+    assert torch.allclose(single.inputs_embeds[0, single_slots], prepared.inputs_embeds[0, slots[2]], atol=1e-5)
+
+
+def test_embed_all_off_opens_only_the_last_picture(v0):
+    engine = LlavaEngine(Settings.from_params(v0.settings_params), log=lambda m: None)
+    broken = '<img src="data:image/png;base64,AAAA">'  # would fail if it were opened
+    prepared = engine.prepare("a " + broken + " b " + img_tag(picture(seed=3)), model=v0.llm,
+                              tokenizer=v0.tokenizer, encode=BosEncoder(v0.tokenizer), max_length=None)
+    assert prepared.images_embedded == 1 and engine.counters.vision_forwards == 1
+
+
+def test_cache_is_lru_and_bounded_by_bytes():
+    row = torch.zeros(256, 64)  # 64 KiB
+    cache = FeatureCache(max_bytes=3 * FeatureCache.size_of(row))
+    for key in "abc":
+        cache.put((key,), row.clone())
+    assert cache.get(("a",)) is not None  # a is now the most recent
+    cache.put(("d",), row.clone())  # evicts b, the least recently used
+    assert ("b",) not in cache and ("a",) in cache and ("c",) in cache and ("d",) in cache
+    assert cache.stats.evictions == 1 and cache.stats.stored_bytes == 3 * 65536
+    assert (cache.stats.hits, cache.stats.misses) == (1, 0)
+    assert cache.get(("b",)) is None and cache.stats.misses == 1
+    cache.put(("huge",), torch.zeros(1024, 1024))  # larger than the whole cache: not stored
+    assert ("huge",) not in cache and len(cache) == 3
+    cache.resize(FeatureCache.size_of(row))
+    assert len(cache) == 1 and ("d",) in cache and cache.stats.evictions == 3
+
+
+def test_cache_keeps_count_under_threads():
+    cache = FeatureCache(max_bytes=10 * 4 * 16)
+
+    def worker(offset):
+        for i in range(200):
+            key = ((offset + i) % 25,)
+            if cache.get(key) is None:
+                cache.put(key, torch.zeros(16))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(cache) <= 10 and cache.stats.stored_bytes == len(cache) * 64
+    assert cache.stats.hits + cache.stats.misses == 1600
+
+
+def test_sixteen_bits_on_cpu_is_bfloat16_and_lands_in_the_llm_dtype(v0):
+    engine = LlavaEngine(Settings.from_params({**v0.settings_params, "clip_bits": 16, "projector_bits": 16}),
+                         log=lambda m: None)
+    prepared = engine.prepare("x " + img_tag(picture()), model=v0.llm, tokenizer=v0.tokenizer,
+                              encode=BosEncoder(v0.tokenizer), max_length=None)
+    assert engine._vision.tower.dtype == torch.bfloat16
+    assert next(engine._vision.projector.parameters()).dtype == torch.bfloat16
+    assert prepared.inputs_embeds.dtype == torch.float32
+    full = LlavaEngine(Settings.from_params(v0.settings_params), log=lambda m: None).prepare(
+        "x " + img_tag(picture()), model=v0.llm, tokenizer=v0.tokenizer, encode=BosEncoder(v0.tokenizer),
+        max_length=None)
+    assert (prepared.inputs_embeds - full.inputs_embeds).abs().max() < 0.1  # bfloat16 rounding, not garbage
+
+
+def test_counting_tokens_never_decodes_base64(v0, host_factory, monkeypatch):
+    host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=settings_for(v0))
+    big = "data:image/png;base64," + "A" * (1 << 20)
+    prompt = "".join(f"turn {i} <img src=\"{big}\">" for i in range(10))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("base64 was decoded")
+
+    monkeypatch.setattr(base64, "b64decode", refuse)
+    calls = []
+    original = v0.tokenizer.encode
+    monkeypatch.setattr(v0.tokenizer, "encode", lambda text, *a, **k: calls.append(len(text)) or original(text, *a, **k))
+    length = host.script.custom_tokenized_length(prompt)
+    assert length == len(host.encode("".join(f"turn {i} " for i in range(10)))[0]) + 10 * 258
+    assert max(calls) < 2000  # the tokenizer never saw the 1 MB payloads
