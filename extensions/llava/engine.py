@@ -18,6 +18,7 @@ import torch
 
 from .cache import FeatureCache
 from .detect import Choice, choose_pipeline
+from .errors import LlavaError
 from .images import ImageError, ImageSource
 from .pipelines import Pipeline, PipelineError
 from .prompt import MEDIA_PLACEHOLDER, ImageRef, expand_prompt, parse_prompt
@@ -154,6 +155,10 @@ class LlavaEngine:
             if dropped:
                 notes.append(f"the prompt is longer than the context allows: {dropped} image(s) at its start "
                              f"were cut off and dropped whole ({len(parsed.images) - dropped} kept)")
+        if ids.shape[1] == 0:
+            raise LlavaError(f"the context is too short for this prompt's last image: it takes "
+                             f"{layout.image_length} tokens and the prompt may only use {max_length}; "
+                             "raise truncation_length or lower max_new_tokens")
         kept = parsed.images[dropped:]
         embed_all = self.settings.add_all_images_to_prompt if embed_all is None else embed_all
         chosen = list(range(len(kept))) if embed_all else list(range(len(kept)))[-1:]
@@ -197,9 +202,11 @@ class LlavaEngine:
                         if notes is not None:
                             notes.extend(picture.notes)
                         pictures.append(picture.image)
-                    encoded = vision.encode(pictures)
+                    encoded = []
+                    for batch in vision.encode_batches(pictures):
+                        encoded.extend(batch)
+                        self.counters.vision_batches += 1
                     self.counters.vision_forwards += len(pictures)
-                    self.counters.vision_batches += 1
                     for (key, _), feature in zip(todo, encoded):
                         feature = feature.clone()
                         found[key] = feature

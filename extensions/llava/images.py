@@ -155,7 +155,7 @@ def open_picture(data: bytes, source: ImageSource) -> Picture:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise source.error(f"the picture is larger than {MAX_PIXELS:,} pixels") from None
     except Exception:
         raise source.error(f"the data is not a picture in a supported format ({SUPPORTED_FORMATS})") from None

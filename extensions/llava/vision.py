@@ -387,6 +387,11 @@ class VisionParts:
         patches = hidden[:, 1:]  # the CLS position carries no patch
         return self.projector(patches.to(self.projector_device, self.projector_dtype))
 
+    def encode_batches(self, images, batch_size: int = 16):
+        """Pictures in tower batches of at most ``batch_size``, so 100 pictures stay within memory."""
+        for start in range(0, len(images), batch_size):
+            yield self.encode(images[start:start + batch_size])
+
 
 def load_vision_parts(pipeline: Pipeline, vision_source: str, projector_repo: str,
                       projector_filename: str | None, tower_device, tower_dtype,
