@@ -6,7 +6,6 @@ a streamed response has already sent its 200 status by the time generation start
 bad image must be refused before that.
 """
 
-from __future__ import annotations
 
 import json
 from typing import Awaitable, Callable
