@@ -169,6 +169,7 @@ class LlavaEngine:
         with torch.no_grad():
             embeds = embeddings(ids.to(embeddings.weight.device))
             embeds = splice(embeds, spans.slots[chosen], features)
+        self.log(f"llava: {len(parsed.images)} image(s) in the prompt, {len(chosen)} embedded")
         for note in notes:
             self.log(f"llava: {note}")
         return Prepared(prompt, ids.to(embeds.device), embeds, notes, len(parsed.images), dropped, len(chosen))

@@ -79,13 +79,24 @@ def _serve_api() -> None:
     if not (getattr(shared.args, "api", False) or getattr(shared.args, "public_api", False)):
         return
     try:
-        from modules.api import completions, script as api_script
+        from modules.api import script as api_script
     except ImportError:
         return  # the seed-era webui serves /api/v1/generate from its own api extension
     api = _core("api")
-    api.add_generate_route(api_script.app, lambda body: completions.completions(body))
+    api.add_generate_route(api_script.app, _complete)
     api_script.app.add_middleware(api.ImageCheckMiddleware, check=_request_problem,
                                   paths=("/v1/completions", "/v1/chat/completions", api.GENERATE_PATH))
+
+
+def _complete(body: dict) -> dict:
+    """Run a seed-style request through the host's own completion endpoint logic."""
+    from modules.api import completions
+    from modules.api.typing import CompletionRequest, to_dict
+    try:
+        request = CompletionRequest(**body)
+    except ValueError as error:
+        raise LlavaError(f"the request is not valid: {error}") from None
+    return completions.completions(to_dict(request))
 
 
 def _request_problem(path: str, body: dict):

@@ -238,13 +238,10 @@ def _load_tower_model(source: str, model_class):
         raw_config = json.load(f)
     if raw_config.get("model_type") in ("llava", "llava_llama", "llava_mistral") and "vision_config" in raw_config:
         return _vision_tower_from_llava_hf(source, raw_config)
-    return model_class.from_pretrained(source, dtype=torch.float32)
+    return model_class.from_pretrained(source).float()
 
 
 def _vision_tower_from_llava_hf(folder: str, raw_config: dict):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-    config = CLIPVisionConfig(**{k: v for k, v in raw_config["vision_config"].items() if k != "model_type"})
-    model = CLIPVisionModel(config)
     prefixes = ("model.vision_tower.", "vision_tower.")
 
     def wanted(key):
@@ -253,6 +250,15 @@ def _vision_tower_from_llava_hf(folder: str, raw_config: dict):
     state = {}
     for name in _weight_files(folder):
         state.update(read_tensors(os.path.join(folder, name), wanted))
+    return clip_vision_from_state(raw_config["vision_config"], state, f"the llava-hf checkpoint '{folder}'")
+
+
+def clip_vision_from_state(vision_config: dict, state: dict, origin: str):
+    """A CLIPVisionModel from a llava-hf ``vision_config`` and its ``[model.]vision_tower.*`` tensors."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    config = CLIPVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
+    model = CLIPVisionModel(config)
+    prefixes = ("model.vision_tower.", "vision_tower.")
     expected = set(model.state_dict())
     renamed = {}
     for key, tensor in state.items():
@@ -268,7 +274,7 @@ def _vision_tower_from_llava_hf(folder: str, raw_config: dict):
     missing = expected - set(renamed)
     missing = {k for k in missing if not k.endswith("position_ids")}
     if missing:
-        raise VisionLoadError(f"the llava-hf checkpoint '{folder}' lacks vision tower tensors, e.g. {sorted(missing)[:3]}")
+        raise VisionLoadError(f"{origin} lacks vision tower tensors, e.g. {sorted(missing)[:3]}")
     model.load_state_dict(renamed, strict=False)
     return model
 
@@ -315,7 +321,8 @@ def load_image_processor(source: str):
 
 
 def fill_colour(processor) -> tuple[int, int, int]:
-    return tuple(int(round(c * 255)) for c in processor.image_mean)
+    """The processor's mean colour in 0..255, truncated as LLaVA's own code does (int(), not round())."""
+    return tuple(int(c * 255) for c in processor.image_mean)
 
 
 def pad_to_square(image, colour):
@@ -356,7 +363,10 @@ def preprocess(images, processor, pipeline: Pipeline) -> torch.Tensor:
         images = [pad_to_square(image, colour) for image in images]
     else:
         images = [limit_aspect_ratio(image) for image in images]
-    batch = processor(images=images, return_tensors="pt", input_data_format="channels_last")
+    try:
+        batch = processor(images=images, return_tensors="pt", input_data_format="channels_last")
+    except TypeError:  # transformers before 4.31 has no input_data_format and always sees channels last
+        batch = processor(images=images, return_tensors="pt")
     return batch["pixel_values"]
 
 
@@ -407,11 +417,14 @@ def load_vision_parts(pipeline: Pipeline, vision_source: str, projector_repo: st
     if projector_in != tower_width:
         raise VisionLoadError(f"the projector from {projector_origin} takes {projector_in}-wide features but "
                               f"the vision tower '{vision_source}' gives {tower_width}-wide ones; "
-                              f"they do not belong together (pipeline {pipeline.name})")
+                              f"they do not belong together (pipeline {pipeline.name}): set llava-clip_repo and "
+                              "llava-projector_repo to this model's own tower and projector, or set llava-pipeline")
     grid = (tower.config.image_size // tower.config.patch_size) ** 2
     if grid != pipeline.feature_count:
         raise VisionLoadError(f"the vision tower '{vision_source}' gives {grid} patches per image but pipeline "
-                              f"{pipeline.name} has {pipeline.feature_count} image slots")
+                              f"{pipeline.name} has {pipeline.feature_count} image slots: set llava-clip_repo to "
+                              f"the tower this model was trained with ({pipeline.vision_repo} for {pipeline.name}), "
+                              "or set llava-pipeline to the pipeline of this model")
     log(f"llava: vision tower from '{vision_source}' on {tower_device} ({tower_dtype}), projector "
         f"{projector_in}→{projector_out} from {projector_origin} on {projector_device} ({projector_dtype}), "
         f"loaded in {time.perf_counter() - started:.1f} s")

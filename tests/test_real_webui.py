@@ -1,0 +1,159 @@
+"""The extension inside a real text-generation-webui checkout (optional; skipped without one).
+
+    LLAVA_WEBUI_PATH=/path/to/text-generation-webui \\
+    LLAVA_WEBUI_PYTHON=/path/to/the/webui/venv/bin/python \\
+    python -m pytest -q tests/test_real_webui.py
+
+The test writes a tiny LLaVA v0 model (with its own vision tower and projector and a
+``llava.json``, so no setting is needed) into a temporary models folder, links this
+extension into the checkout (``user_data/extensions/llava`` in a current webui,
+``extensions/llava_under_test`` in a 2023 one; the link is removed afterwards), starts
+``server.py`` on the CPU with the API on, and talks to it over HTTP.
+The current webui runs API-only (``--nowebui``); the 2023 one starts its UI and serves the
+seed API from its own ``api`` extension on port 5000.
+"""
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests import tiny
+
+WEBUI = os.environ.get("LLAVA_WEBUI_PATH")
+PYTHON = os.environ.get("LLAVA_WEBUI_PYTHON", sys.executable)
+EXTENSION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "extensions", "llava")
+
+pytestmark = pytest.mark.skipif(not WEBUI, reason="set LLAVA_WEBUI_PATH to a text-generation-webui checkout")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict, timeout: float = 300):
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def write_model(folder: str) -> None:
+    v0 = tiny.build_v0(folder + "-parts")
+    v0.llm.save_pretrained(folder)
+    v0.tokenizer.save_pretrained(folder)
+    shutil.copytree(v0.clip_dir, os.path.join(folder, "vision_tower"))
+    shutil.copy(os.path.join(v0.projector_dir, "mm_projector.bin"), folder)
+    with open(os.path.join(folder, "llava.json"), "w") as f:
+        json.dump({"pipeline": "llava-v0-13b", "vision_tower": "vision_tower", "projector": "mm_projector.bin"}, f)
+
+
+def picture_url(seed: int) -> str:
+    buffer = io.BytesIO()
+    tiny.picture(64, 48, seed=seed).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    current = os.path.isfile(os.path.join(WEBUI, "modules", "api", "script.py"))
+    models = tmp_path_factory.mktemp("models")
+    write_model(os.path.join(models, "tiny-llava"))
+    if current:
+        name, link = "llava", os.path.join(WEBUI, "user_data", "extensions", "llava")
+    else:
+        name, link = "llava_under_test", os.path.join(WEBUI, "extensions", "llava_under_test")
+    if os.path.lexists(link):
+        pytest.skip(f"{link} already exists; remove it to run this test")
+    os.symlink(EXTENSION, link)
+    port = free_port() if current else 5000
+    command = [PYTHON, "server.py", "--cpu", "--model-dir", str(models), "--model", "tiny-llava",
+               "--loader", "transformers" if current else "", "--extensions", name, "--api"]
+    if current:
+        command += ["--nowebui", "--api-port", str(port)]
+    else:
+        command = [c for c in command if c not in ("--loader", "")] + ["--listen-port", str(free_port())]
+    log_path = os.path.join(models, "server.log")
+    log = open(log_path, "w")
+    process = subprocess.Popen(command, cwd=WEBUI, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if process.poll() is not None:
+                break
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(1)
+        if process.poll() is not None:
+            pytest.fail("the webui exited:\n" + open(log_path).read()[-4000:])
+        yield {"base": base, "current": current, "log": log_path}
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+        os.unlink(link)
+
+
+def server_log(server) -> str:
+    with open(server["log"]) as f:
+        return f.read()
+
+
+def test_seed_generate_with_a_picture(server):
+    prompt = "### Human: What is this?\n<img src=\"" + picture_url(1) + "\">\n### Assistant: "
+    status, body = post(server["base"] + "/api/v1/generate",
+                        {"prompt": prompt, "max_new_tokens": 4, "stopping_strings": ["\n###"]})
+    assert status == 200 and isinstance(body["results"][0]["text"], str)
+    assert "llava: vision tower from" in server_log(server)
+
+
+def test_completions_with_a_picture(server):
+    if not server["current"]:
+        pytest.skip("the 2023 webui has no OpenAI API in this configuration")
+    status, body = post(server["base"] + "/v1/completions",
+                        {"prompt": "Look: <img src=\"" + picture_url(2) + "\"> says", "max_tokens": 4})
+    assert status == 200 and "choices" in body
+
+
+def test_chat_completions_with_image_url(server):
+    if not server["current"]:
+        pytest.skip("the 2023 webui has no OpenAI API in this configuration")
+    status, body = post(server["base"] + "/v1/chat/completions", {"max_tokens": 4, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                     {"type": "image_url", "image_url": {"url": picture_url(3)}}]}]})
+    assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
+    assert "llava: 1 image(s) in the prompt, 1 embedded" in server_log(server)
+
+
+def test_bad_picture_is_a_400_and_the_server_keeps_serving(server):
+    if not server["current"]:
+        pytest.skip("the 2023 api extension answers errors itself")
+    bad = '<img src="data:image/png;base64,bm90IGFuIGltYWdl">'
+    for path, body in [("/v1/completions", {"prompt": "x " + bad, "max_tokens": 2}),
+                       ("/v1/completions", {"prompt": "x " + bad, "max_tokens": 2, "stream": True}),
+                       ("/api/v1/generate", {"prompt": "x " + bad, "max_new_tokens": 2})]:
+        status, answer = post(server["base"] + path, body)
+        assert status == 400, (path, status, answer)
+        assert "image 1 in the prompt: the data is not a picture" in answer["error"]["message"]
+    status, _ = post(server["base"] + "/v1/completions", {"prompt": "still there?", "max_tokens": 2})
+    assert status == 200
