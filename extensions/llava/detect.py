@@ -59,9 +59,13 @@ def choose_pipeline(setting: str, config, tokenizer_vocab, model_path: str | Non
 
 
 def _inside(folder: str, relative: str | None) -> str | None:
+    """A path in the metadata is relative to the model folder; anything else (a Hub repo id) stands as is."""
     if not relative:
         return None
-    return relative if os.path.isabs(relative) else os.path.join(folder, relative)
+    if os.path.isabs(relative):
+        return relative
+    inside = os.path.join(folder, relative)
+    return inside if os.path.exists(inside) else relative
 
 
 def _size_of(hidden_size: int | None, name: str) -> str | None:
