@@ -1,0 +1,400 @@
+"""Issue 4: the LLaVA family — v1.5 against transformers' LLaVA, the converter's round trips,
+auto-detection on each pipeline's stand-in, and the mismatch errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration, MistralConfig
+
+from extensions.llava import convert as converter
+from extensions.llava.detect import choose_pipeline, detect_pipeline
+from extensions.llava.engine import LlavaEngine
+from extensions.llava.errors import LlavaError
+from extensions.llava.pipelines import PIPELINES, PipelineError
+from extensions.llava.settings import Settings
+from extensions.llava.vision import fill_colour, load_image_processor
+from tests.tiny import BosEncoder, img_tag, make_llm, make_tokenizer, picture, save_projector
+from tests.tiny_family import (IMAGE_ID, build_v15, expand2square, llava_mean_colour, reference_v15,
+                               save_llava_hf, save_original, with_vocab)
+
+CPU = {"clip_device": "cpu", "projector_device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def v15(tmp_path_factory):
+    return build_v15(str(tmp_path_factory.mktemp("v15")))
+
+
+@pytest.fixture(scope="module")
+def v15_reference(v15):
+    return reference_v15(v15)
+
+
+def pictures():
+    """A wide, a square and a tall picture."""
+    return [picture(90, 40, seed=21), picture(50, 50, seed=22), picture(30, 70, seed=23)]
+
+
+def reference_pixels(clip_dir, images, pad: bool, colour=None):
+    """What LLaVA feeds its tower: pad to a square with the mean colour (v1.5), then the CLIP processor."""
+    from transformers import CLIPImageProcessor
+    processor = CLIPImageProcessor.from_pretrained(clip_dir)
+    if pad:
+        colour = colour or llava_mean_colour(processor.image_mean)
+        images = [expand2square(image, colour) for image in images]
+    return processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def reference_run(reference, ids, pixels):
+    """The reference's spliced inputs_embeds (as its language model receives them) and logits."""
+    captured = {}
+    hook = reference.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            logits = reference(input_ids=ids, pixel_values=pixels).logits
+    finally:
+        hook.remove()
+    return captured["embeds"], logits
+
+
+def ours(engine, prompt, model, tokenizer):
+    prepared = engine.prepare(prompt, model=model, tokenizer=tokenizer, encode=BosEncoder(tokenizer),
+                              max_length=None, embed_all=True)
+    with torch.no_grad():
+        logits = model(inputs_embeds=prepared.inputs_embeds).logits
+    return prepared, logits
+
+
+def compare(label, embeds, ref_embeds, logits, ref_logits):
+    embed_diff = (embeds - ref_embeds).abs().max().item()
+    logit_diff = (logits - ref_logits).abs().max().item()
+    print(f"{label}: max embed diff {embed_diff:.3g}, max logit diff {logit_diff:.3g}")
+    assert embed_diff <= 1e-6
+    assert logit_diff <= 1e-4
+    return embed_diff, logit_diff
+
+
+# ---------------------------------------------------------------- v1.5 equality
+
+
+def test_fill_colour_truncates_like_llava(v15):
+    processor = load_image_processor(v15.clip_dir)
+    assert fill_colour(processor) == llava_mean_colour(processor.image_mean) == (122, 116, 104)
+
+
+@pytest.mark.parametrize("which", [[0], [0, 1, 2]], ids=["wide", "wide+square+tall"])
+def test_v15_equals_reference(v15, v15_reference, which):
+    images = [pictures()[i] for i in which]
+    engine = LlavaEngine(Settings.from_params(v15.settings_params), log=lambda m: None)
+    prompt = "USER: " + " ".join(img_tag(image) for image in images) + "\nWhat is shown? ASSISTANT:"
+    prepared, logits = ours(engine, prompt, v15.llm, v15.tokenizer)
+    ids = prepared.input_ids
+    assert int((ids == IMAGE_ID).sum()) == 576 * len(images)
+    ref_embeds, ref_logits = reference_run(v15_reference, ids, reference_pixels(v15.clip_dir, images, pad=True))
+    compare(f"v1.5 {len(images)} image(s)", prepared.inputs_embeds, ref_embeds, logits, ref_logits)
+    # the check is sensitive to the padding and to its exact colour
+    unpadded, _ = reference_run(v15_reference, ids, reference_pixels(v15.clip_dir, images, pad=False))
+    assert (unpadded - prepared.inputs_embeds).abs().max().item() > 1e-3
+    rounded = tuple(round(x * 255) for x in load_image_processor(v15.clip_dir).image_mean)
+    assert rounded != (122, 116, 104)
+    off_colour, _ = reference_run(v15_reference, ids, reference_pixels(v15.clip_dir, images, pad=True, colour=rounded))
+    assert (off_colour - prepared.inputs_embeds).abs().max().item() > 1e-6
+
+
+def test_v15_layout_and_token_count(v15):
+    engine = LlavaEngine(Settings.from_params(v15.settings_params), log=lambda m: None)
+    encode = BosEncoder(v15.tokenizer)
+    prompt = "Hi " + img_tag(picture(seed=1)) + " bye"
+    prepared = engine.prepare(prompt, model=v15.llm, tokenizer=v15.tokenizer, encode=encode, max_length=None)
+    expected = len(encode("Hi  bye")[0]) + 576  # no start/end tokens around the 576 slots
+    assert prepared.input_ids.shape[1] == expected
+    assert engine.token_count(prompt, v15.llm, v15.tokenizer, encode) == expected
+    assert engine._vision.tower.config.image_size == 336
+
+
+# ---------------------------------------------------------------- converter round trips
+
+
+def load_converted(dst):
+    model, info = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval(), AutoTokenizer.from_pretrained(dst)
+
+
+def auto_engine():
+    return LlavaEngine(Settings.from_params(CPU), log=lambda m: None)  # pipeline "auto" by default
+
+
+@pytest.mark.parametrize("style", ["new", "old"])
+def test_llava_hf_round_trip(v15, v15_reference, tmp_path, style, capsys):
+    src = save_llava_hf(str(tmp_path / "llava-1.5-7b-hf"), v15_reference, v15.tokenizer, v15.clip_dir, style=style)
+    dst = str(tmp_path / "converted")
+    assert converter.main([src, dst]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline: llava-v1.5-7b" in out and "mm_projector.safetensors" in out and "vision_tower/" in out
+    metadata = json.load(open(os.path.join(dst, "llava.json")))
+    assert metadata["pipeline"] == "llava-v1.5-7b" and metadata["vision_tower"] == "vision_tower"
+    assert metadata["projector"] == "mm_projector.safetensors" and metadata["added_tokens"] == []
+    assert os.path.isfile(os.path.join(dst, "vision_tower", "preprocessor_config.json"))
+    config = json.load(open(os.path.join(dst, "config.json")))
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    assert "processor_class" not in json.load(open(os.path.join(dst, "tokenizer_config.json")))
+    assert len([f for f in os.listdir(dst) if f.startswith("model-")]) > 1  # shard by shard
+
+    model, tokenizer = load_converted(dst)
+    assert tokenizer.convert_tokens_to_ids("<image>") == IMAGE_ID
+    engine = auto_engine()
+    images = pictures()[:2]
+    prompt = "USER: " + img_tag(images[0]) + " and " + img_tag(images[1]) + " differ how? ASSISTANT:"
+    prepared, logits = ours(engine, prompt, model, tokenizer)
+    assert engine.choice_for(model, tokenizer).pipeline.name == "llava-v1.5-7b"
+    original = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval()
+    ref_embeds, ref_logits = reference_run(original, prepared.input_ids, reference_pixels(v15.clip_dir, images, True))
+    compare(f"llava-hf ({style} names) → converted", prepared.inputs_embeds, ref_embeds, logits, ref_logits)
+
+
+def test_llava_hf_linear_projector_round_trip(v0, v0_reference, tmp_path):
+    """A v0 model in the llava-hf layout (projector_hidden_act linear, identity linear_2): the two
+    linears are composed into one linear projector, which the v0 pipeline check accepts."""
+    src = save_llava_hf(str(tmp_path / "llava-13b-v0-hf"), v0_reference, v0.tokenizer, v0.clip_dir, style="new",
+                        max_shard_size=None)
+    dst = str(tmp_path / "converted")
+    result = converter.convert(src, dst, log=lambda line: None)
+    assert result["pipeline"] == "llava-v0-13b" and result["shards"] == 1
+    model, tokenizer = load_converted(dst)
+    engine = auto_engine()
+    images = [picture(80, 60, seed=3)]
+    prepared, logits = ours(engine, "Look " + img_tag(images[0]) + " now", model, tokenizer)
+    assert engine._vision.projector_type == "linear"
+    ref_embeds, ref_logits = reference_run(v0_reference, prepared.input_ids, reference_pixels(v0.clip_dir, images, False))
+    compare("llava-hf linear → converted", prepared.inputs_embeds, ref_embeds, logits, ref_logits)
+
+
+def test_original_v15_round_trip(v15, tmp_path):
+    """Original layout, sharded .bin, tokenizer without <image>: the converter adds it."""
+    plain = make_tokenizer(image_tokens=())
+    llm = make_llm(len(plain), seed=31)
+    src = save_original(str(tmp_path / "llava-v1.5-7b"), llm, v15.projector_state, plain, v15.clip_dir,
+                        projector_type="mlp2x_gelu", start_end=False, fmt="bin", shards=3)
+    dst = str(tmp_path / "converted")
+    result = converter.convert(src, dst, log=lambda line: None)
+    assert result["pipeline"] == "llava-v1.5-7b" and result["added_tokens"] == {"<image>": IMAGE_ID}
+    assert result["vocab_size"] == IMAGE_ID + 1 and result["shards"] == 3
+    assert json.load(open(os.path.join(dst, "llava.json")))["vision_tower"] == v15.clip_dir
+
+    model, tokenizer = load_converted(dst)
+    assert tokenizer.convert_tokens_to_ids("<image>") == IMAGE_ID and model.config.vocab_size == IMAGE_ID + 1
+    for converted, original in ((model.model.embed_tokens.weight, llm.model.embed_tokens.weight),
+                                (model.lm_head.weight, llm.lm_head.weight)):
+        assert torch.equal(converted[:IMAGE_ID], original)
+        assert torch.allclose(converted[IMAGE_ID], original.double().mean(0).float(), atol=1e-7)
+    engine = auto_engine()
+    images = [pictures()[2]]
+    prepared, logits = ours(engine, "USER: " + img_tag(images[0]) + "\nDescribe. ASSISTANT:", model, tokenizer)
+    reference = reference_v15(SimpleNamespace(clip_dir=v15.clip_dir, llm=with_vocab(llm, IMAGE_ID + 1),
+                                              projector_state=v15.projector_state))
+    ref_embeds, ref_logits = reference_run(reference, prepared.input_ids, reference_pixels(v15.clip_dir, images, True))
+    # the original model has no <image> row: compare over its own vocabulary
+    compare("original v1.5 (.bin shards) → converted", prepared.inputs_embeds, ref_embeds,
+            logits[..., :IMAGE_ID], ref_logits[..., :IMAGE_ID])
+
+
+def test_original_v0_round_trip(v0, v0_reference, tmp_path):
+    """Original layout, sharded safetensors, start/end tokens already in the tokenizer."""
+    src = save_original(str(tmp_path / "LLaVA-13b-v0"), v0.llm, v0.projector_state, v0.tokenizer, v0.clip_dir,
+                        projector_type="linear", start_end=True, fmt="safetensors", shards=2, model_type="llava")
+    dst = str(tmp_path / "converted")
+    result = converter.convert(src, dst, log=lambda line: None)
+    assert result["pipeline"] == "llava-v0-13b" and result["added_tokens"] == {} and result["vocab_size"] == 32003
+    model, tokenizer = load_converted(dst)
+    engine = auto_engine()
+    images = [picture(70, 90, seed=4)]
+    prepared, logits = ours(engine, "What is " + img_tag(images[0]) + "?", model, tokenizer)
+    ref_embeds, ref_logits = reference_run(v0_reference, prepared.input_ids, reference_pixels(v0.clip_dir, images, False))
+    compare("original v0 (safetensors shards) → converted", prepared.inputs_embeds, ref_embeds, logits, ref_logits)
+
+
+def test_original_mistral_round_trip(v15, tmp_path):
+    """BakLLaVA's layout (llava_mistral): a MistralForCausalLM comes out, with the same logits."""
+    from transformers import MistralForCausalLM
+    torch.manual_seed(41)
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=len(v15.tokenizer), hidden_size=64, intermediate_size=128,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               rope_theta=1e6, sliding_window=None)).eval()
+    src = save_original(str(tmp_path / "BakLLaVA-1"), mistral, v15.projector_state, v15.tokenizer, CLIP336,
+                        projector_type="mlp2x_gelu", start_end=False, fmt="safetensors", shards=2,
+                        model_type="llava_mistral")
+    dst = str(tmp_path / "converted")
+    result = converter.convert(src, dst, log=lambda line: None)
+    assert result["pipeline"] == "bakllava-1" and result["vision_tower"] == CLIP336
+    model, tokenizer = load_converted(dst)
+    assert type(model).__name__ == "MistralForCausalLM" and model.config.rope_parameters["rope_theta"] == 1e6
+    ids = BosEncoder(tokenizer)("a short text")
+    with torch.no_grad():
+        assert (model(ids).logits - mistral(ids).logits).abs().max().item() <= 1e-6
+    choice = auto_engine().choice_for(model, tokenizer)
+    assert choice.pipeline.name == "bakllava-1" and choice.vision_source == CLIP336
+
+
+def test_converter_refuses_to_overwrite(v0, tmp_path, capsys):
+    dst = tmp_path / "taken"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    src = save_original(str(tmp_path / "LLaVA-13b-v0"), v0.llm, v0.projector_state, v0.tokenizer, v0.clip_dir,
+                        projector_type="linear", start_end=True, fmt="safetensors", shards=1)
+    assert converter.main([src, str(dst)]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert os.listdir(dst) == ["keep.txt"] and (dst / "keep.txt").read_text() == "mine"
+
+
+def test_converter_pipeline_mismatch_and_non_llava(v0, tmp_path, capsys):
+    src = save_original(str(tmp_path / "LLaVA-13b-v0"), v0.llm, v0.projector_state, v0.tokenizer, v0.clip_dir,
+                        projector_type="linear", start_end=True, fmt="safetensors", shards=1)
+    dst = tmp_path / "out"
+    assert converter.main([src, str(dst), "--pipeline", "llava-v1.5-7b"]) == 1
+    err = capsys.readouterr().err
+    assert "llava-v1.5-7b" in err and "--pipeline" in err and "linear" in err
+    assert not dst.exists()  # nothing half-written is left behind
+    plain = tmp_path / "plain"
+    v0.llm.save_pretrained(str(plain))
+    assert converter.main([str(plain), str(dst)]) == 1
+    assert "not a LLaVA checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- auto-detection
+
+V0_VOCAB = {"<im_patch>": 32000, "<im_start>": 32001, "<im_end>": 32002}
+V0_7B_VOCAB = {"[PAD]": 32000, "<im_patch>": 32001, "<im_start>": 32002, "<im_end>": 32003}
+CLIP224, CLIP336 = "openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14-336"
+
+
+def original_config(hidden, tower, **extra):
+    from transformers import LlamaConfig
+    return LlamaConfig(hidden_size=hidden, mm_vision_tower=tower, mm_hidden_size=1024, mm_vision_select_layer=-2,
+                       **extra)
+
+
+STAND_INS = {
+    # the folder name as released (or as people name merged weights), its config and its tokenizer's image tokens
+    "llava-v0-13b": ("LLaVA-13b-v0", lambda: original_config(5120, CLIP224, mm_use_im_start_end=True), V0_VOCAB),
+    "llava-v0-7b": ("LLaVA-7b-v0", lambda: original_config(4096, CLIP224, mm_use_im_start_end=True), V0_7B_VOCAB),
+    "llava-llama-2-13b": ("llava-llama-2-13b-chat-lightning-preview",
+                          lambda: original_config(5120, CLIP224, mm_use_im_start_end=False), {}),
+    "llava-v1.5-7b": ("llava-v1.5-7b", lambda: original_config(4096, CLIP336, mm_projector_type="mlp2x_gelu",
+                                                               mm_use_im_start_end=False), {}),
+    "llava-v1.5-13b": ("llava-v1.5-13b", lambda: original_config(5120, CLIP336, mm_projector_type="mlp2x_gelu",
+                                                                 mm_use_im_start_end=False), {}),
+    "bakllava-1": ("BakLLaVA-1", lambda: MistralConfig(hidden_size=4096, mm_vision_tower=CLIP336,
+                                                       mm_projector_type="mlp2x_gelu"), {}),
+}
+
+
+@pytest.mark.parametrize("name", list(STAND_INS))
+def test_auto_detects_each_pipeline(name, tmp_path):
+    folder, config, vocab = STAND_INS[name]
+    path = tmp_path / folder
+    path.mkdir()
+    choice = choose_pipeline("auto", config(), vocab, str(path))
+    assert choice.pipeline.name == name and choice.reason == "detected from the model"
+    # a folder name that says nothing still works: the config is the evidence
+    assert detect_pipeline(config(), vocab, str(tmp_path / "model")) == name
+
+
+@pytest.mark.parametrize("folder,hidden,vocab,expected", [
+    # converted / llava-hf style folders that lost their llava.json: tokenizer + name + width
+    ("llava-1.5-13b-hf", 5120, {"<image>": 32000}, "llava-v1.5-13b"),
+    ("llava-v1.5-7b", 4096, {"<image>": 32000}, "llava-v1.5-7b"),
+    ("llava-llama-2-13b-chat", 5120, {"<image>": 32000}, "llava-llama-2-13b"),
+    ("vicuna-with-llava", 4096, V0_7B_VOCAB, "llava-v0-7b"),
+    ("anything", 5120, V0_VOCAB, "llava-v0-13b"),
+])
+def test_auto_detects_plain_loaded_models(folder, hidden, vocab, expected, tmp_path):
+    from transformers import LlamaConfig
+    assert detect_pipeline(LlamaConfig(hidden_size=hidden), vocab, str(tmp_path / folder)) == expected
+
+
+def test_auto_reads_llava_json_and_setting_overrides(tmp_path):
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "vision_tower").mkdir()
+    (folder / "llava.json").write_text(json.dumps({"pipeline": "bakllava-1", "vision_tower": "vision_tower",
+                                                   "projector": "mm_projector.safetensors"}))
+    choice = choose_pipeline("auto", None, {}, str(folder))
+    assert choice.pipeline.name == "bakllava-1" and choice.vision_source == str(folder / "vision_tower")
+    assert choice.projector_repo == str(folder) and choice.projector_filename == "mm_projector.safetensors"
+    assert choose_pipeline("llava-v1.5-13b", None, {}, str(folder)).pipeline.name == "llava-v1.5-13b"
+    # a repo id stays a repo id
+    (folder / "llava.json").write_text(json.dumps({"pipeline": "llava-v1.5-7b", "vision_tower": CLIP336,
+                                                   "projector": "mm_projector.safetensors"}))
+    assert choose_pipeline("auto", None, {}, str(folder)).vision_source == CLIP336
+
+
+@pytest.mark.parametrize("config,vocab,folder,why", [
+    (lambda: original_config(64, CLIP336, mm_projector_type="mlp2x_gelu"), {}, "my-llava", "unknown size"),
+    (lambda: None, {"<image>": 32000}, "some-model", "<image>"),
+    (lambda: None, {}, "some-model", "no image tokens"),
+])
+def test_auto_says_when_it_cannot_tell(config, vocab, folder, why, tmp_path):
+    with pytest.raises(PipelineError) as error:
+        choose_pipeline("auto", config(), vocab, str(tmp_path / folder))
+    assert why in str(error.value) and "llava-pipeline" in str(error.value)
+
+
+# ---------------------------------------------------------------- mismatch errors
+
+
+def v15_engine(v15, **extra):
+    return LlavaEngine(Settings.from_params({**v15.settings_params, **extra}), log=lambda m: None)
+
+
+def test_mismatch_projector_width(v15):
+    wide = make_llm(len(v15.tokenizer), width=96)
+    with pytest.raises(LlavaError) as error:
+        v15_engine(v15).prepare("x " + img_tag(picture()), model=wide, tokenizer=v15.tokenizer,
+                                encode=BosEncoder(v15.tokenizer), max_length=None)
+    message = str(error.value)
+    assert "64-wide" in message and "96 wide" in message and "llava-v1.5-7b" in message
+    assert "set llava-pipeline" in message
+
+
+def test_mismatch_missing_image_token(v15):
+    plain = make_tokenizer(image_tokens=())
+    with pytest.raises(LlavaError) as error:
+        v15_engine(v15).prepare("x " + img_tag(picture()), model=v15.llm, tokenizer=plain, encode=BosEncoder(plain),
+                                max_length=None)
+    message = str(error.value)
+    assert "<image>" in message and "llava-v1.5-7b" in message
+    assert "llava-pipeline" in message and "extensions.llava convert" in message
+
+
+def test_mismatch_feature_count(v15, v0):
+    """A 224 px tower (256 features) under a v1.5 pipeline (576 slots)."""
+    with pytest.raises(LlavaError) as error:
+        v15_engine(v15, clip_repo=v0.clip_dir).prepare("x " + img_tag(picture()), model=v15.llm,
+                                                       tokenizer=v15.tokenizer, encode=BosEncoder(v15.tokenizer),
+                                                       max_length=None)
+    message = str(error.value)
+    assert "256 patches" in message and "576 image slots" in message and "llava-v1.5-7b" in message
+    assert "llava-clip_repo" in message and "llava-pipeline" in message
+
+
+def test_mismatch_projector_type(v15, tmp_path):
+    """A linear (v0-style) projector under v1.5."""
+    save_projector(str(tmp_path / "mm_projector.bin"), "linear")
+    with pytest.raises(LlavaError) as error:
+        v15_engine(v15, projector_repo=str(tmp_path)).prepare(
+            "x " + img_tag(picture()), model=v15.llm, tokenizer=v15.tokenizer, encode=BosEncoder(v15.tokenizer),
+            max_length=None)
+    message = str(error.value)
+    assert "linear" in message and "mlp2x_gelu" in message and "llava-v1.5-7b" in message
+    assert "llava-pipeline" in message
+
+
+def test_every_pipeline_has_a_stand_in():
+    assert set(STAND_INS) == set(PIPELINES)
