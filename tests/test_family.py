@@ -134,6 +134,9 @@ def auto_engine():
 @pytest.mark.parametrize("style", ["new", "old"])
 def test_llava_hf_round_trip(v15, v15_reference, tmp_path, style, capsys):
     src = save_llava_hf(str(tmp_path / "llava-1.5-7b-hf"), v15_reference, v15.tokenizer, v15.clip_dir, style=style)
+    keys = json.load(open(os.path.join(src, "model.safetensors.index.json")))["weight_map"]
+    assert any(k.startswith({"new": "model.language_model.", "old": "language_model.model."}[style]) for k in keys)
+    assert any(k.startswith({"new": "model.vision_tower.", "old": "vision_tower.vision_model."}[style]) for k in keys)
     dst = str(tmp_path / "converted")
     assert converter.main([src, dst]) == 0
     out = capsys.readouterr().out
@@ -257,6 +260,8 @@ def test_converter_pipeline_mismatch_and_non_llava(v0, tmp_path, capsys):
     src = save_original(str(tmp_path / "LLaVA-13b-v0"), v0.llm, v0.projector_state, v0.tokenizer, v0.clip_dir,
                         projector_type="linear", start_end=True, fmt="safetensors", shards=1)
     dst = tmp_path / "out"
+    assert converter.main([src, str(dst), "--pipeline", "no-such-pipeline"]) == 1
+    assert "unknown pipeline" in capsys.readouterr().err
     assert converter.main([src, str(dst), "--pipeline", "llava-v1.5-7b"]) == 1
     err = capsys.readouterr().err
     assert "llava-v1.5-7b" in err and "--pipeline" in err and "linear" in err
@@ -304,6 +309,16 @@ def test_auto_detects_each_pipeline(name, tmp_path):
     assert choice.pipeline.name == name and choice.reason == "detected from the model"
     # a folder name that says nothing still works: the config is the evidence
     assert detect_pipeline(config(), vocab, str(tmp_path / "model")) == name
+
+
+def test_v0_7b_image_ids_come_from_its_tokenizer():
+    """llava-v0-7b's tokenizer has a pad token before the image tokens: the ids are looked up, not assumed."""
+    tokenizer = make_tokenizer(image_tokens=("[PAD]", "<im_patch>", "<im_start>", "<im_end>"))
+    folder, config, _ = STAND_INS["llava-v0-7b"]
+    pipeline = choose_pipeline("auto", config(), tokenizer.get_vocab(), folder).pipeline
+    layout = LlavaEngine.token_layout(tokenizer, pipeline)
+    assert pipeline.name == "llava-v0-7b" and (layout.image_id, layout.start_id, layout.end_id) == (32001, 32002, 32003)
+    assert layout.image_length == pipeline.image_token_count == 258
 
 
 @pytest.mark.parametrize("folder,hidden,vocab,expected", [

@@ -83,7 +83,10 @@ def _to_new(key: str) -> str:
 
 
 def _to_old(key: str) -> str:
+    """The names of llava-hf checkpoints saved with transformers 4.x (the tower nested in vision_model)."""
     key = _to_new(key)
+    if key.startswith("model.vision_tower.") and not key.startswith("model.vision_tower.vision_model."):
+        key = "model.vision_tower.vision_model." + key[len("model.vision_tower."):]
     for new, old in _NEW_TO_OLD:
         if key.startswith(new):
             return old + key[len(new):]

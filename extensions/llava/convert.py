@@ -249,6 +249,15 @@ def check(source: Source, pipeline: Pipeline, projector: dict, tokenizer) -> Non
     if hidden is not None and projector_out != hidden:
         raise ConvertError(f"the projector gives {projector_out}-wide features but the language model is {hidden} "
                            f"wide: the checkpoint is inconsistent (pipeline {pipeline.name})")
+    layer = source.raw.get("vision_feature_layer" if source.kind == "llava-hf" else "mm_vision_select_layer", -2)
+    if layer != pipeline.vision_feature_layer:
+        raise ConvertError(f"the checkpoint takes vision features from layer {layer} but every supported pipeline "
+                           f"(here {pipeline.name}) uses layer {pipeline.vision_feature_layer}; it cannot be converted")
+    strategy = source.raw.get("vision_feature_select_strategy" if source.kind == "llava-hf"
+                              else "mm_vision_select_feature", "default")
+    if strategy not in ("default", "patch"):
+        raise ConvertError(f"the checkpoint keeps the CLS feature (select strategy {strategy!r}) but pipeline "
+                           f"{pipeline.name} drops it; it cannot be converted")
     if source.kind == "llava-hf":
         width = source.vision.get("hidden_size")
         grid = (source.vision.get("image_size", 224) // source.vision.get("patch_size", 14)) ** 2
