@@ -113,7 +113,7 @@ def chat_input_modifier(text, visible_text, state):
     return uploads.attach(text, visible_text, escaped_visible=True)
 
 
-def input_modifier(string, state, is_chat=False):
+def input_modifier(string, state=None, is_chat=False):  # the 2023 webui passes only the text
     from modules import shared
     chat_ui.warn_if_unsupported(string, state, getattr(shared.args, "loader", None), shared.model, _warn)
     return string
