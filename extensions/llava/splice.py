@@ -88,13 +88,13 @@ def shift_spans(spans: ImageSpans, cut: int, dropped: int) -> ImageSpans:
 def splice(embeds: torch.Tensor, slots: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """Replace the embedding rows at ``slots`` ([k, F]) with ``features`` ([k, F, hidden]).
 
-    ``embeds`` is [1, length, hidden]; a new tensor is returned.
+    ``embeds`` is [1, length, hidden], freshly looked up for this prompt: it is written in
+    place (a copy of a 4k × 5120 prompt would cost more than the splice) and returned.
     """
     if slots.numel() == 0:
         return embeds
     if features.shape[:2] != slots.shape or features.shape[-1] != embeds.shape[-1]:
         raise LayoutError(f"{tuple(features.shape)} features for {tuple(slots.shape)} slots in "
                           f"{embeds.shape[-1]}-wide embeddings")
-    out = embeds.clone()
-    out[0, slots.flatten().to(embeds.device)] = features.reshape(-1, features.shape[-1]).to(embeds.device, embeds.dtype)
-    return out
+    embeds[0, slots.flatten().to(embeds.device)] = features.reshape(-1, features.shape[-1]).to(embeds.device, embeds.dtype)
+    return embeds
