@@ -259,6 +259,10 @@ def check(source: Source, pipeline: Pipeline, projector: dict, tokenizer) -> Non
         raise ConvertError(f"the checkpoint keeps the CLS feature (select strategy {strategy!r}) but pipeline "
                            f"{pipeline.name} drops it; it cannot be converted")
     if source.kind == "llava-hf":
+        act = source.raw.get("projector_hidden_act", "gelu")
+        if act not in ("gelu", "linear", "identity"):
+            raise ConvertError(f"the checkpoint's projector uses the activation {act!r}; pipeline {pipeline.name} "
+                               "(like every LLaVA release) uses exact GELU; it cannot be converted faithfully")
         width = source.vision.get("hidden_size")
         grid = (source.vision.get("image_size", 224) // source.vision.get("patch_size", 14)) ** 2
         if width is not None and projector_in != width:
