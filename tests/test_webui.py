@@ -99,6 +99,26 @@ def test_chat_api_raw_images(host):
     assert torch.allclose(embeds, same, atol=1e-6)
 
 
+def test_chat_completions_history_messages(host):
+    """/v1/chat/completions: placeholders in the prompt, the pictures only in state['history']['messages']."""
+    first, second = picture(seed=31), picture(seed=32)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(first)}},
+                                             {"type": "text", "text": "first"}]},
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": [{"type": "text", "text": "second"},
+                                             {"type": "image_url", "image_url": data_url(second)}]}]
+    state = host.state(history={"internal": [], "visible": [], "messages": messages})
+    prompt = "### Instruction:\n<__media__>\n\nfirst\n### Response:\nok\n### Instruction:\n<__media__>\n\nsecond"
+    _, ids, embeds = host.script.tokenizer_modifier(state, prompt, host.encode(prompt), None)
+    expected = prompt.replace("<__media__>", img_tag(first), 1).replace("<__media__>", img_tag(second), 1)
+    _, same_ids, same = host.script.tokenizer_modifier(host.state(), expected, host.encode(expected), None)
+    assert torch.equal(ids, same_ids) and torch.allclose(embeds, same, atol=1e-6)
+    web = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]
+    with pytest.raises(LlavaError) as error:
+        host.script.tokenizer_modifier(host.state(history={"messages": web}), "<__media__>\nx", host.encode("x"), None)
+    assert "image 1 in the request" in str(error.value) and "never fetches" in str(error.value)
+
+
 def test_history_trimming_drops_an_early_image(host):
     state = host.state(max_new_tokens=1, truncation_length=600)
     host.chat("first " + img_tag(picture(seed=40)), state)

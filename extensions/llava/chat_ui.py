@@ -12,12 +12,12 @@ import io
 import os
 import threading
 
-from .images import InlineImage, PilImage
+from .images import InlineImage, PilImage, UnreachableImage
 from .prompt import UI_IMAGE_MARKER, parse_prompt, place_image
 
 THUMBNAIL_SIDE = 300
 # Loaders whose generation goes through the tokenizer hook (the Transformers path).
-HOOKED_LOADERS = {"transformers", "autogptq", "gptq-for-llama", "hqq"}
+HOOKED_LOADERS = {"transformers", "exllamav3_hf", "autogptq", "gptq-for-llama", "hqq"}
 
 
 def picture_data_url(image, fmt: str = "PNG", **save_args) -> str:
@@ -79,7 +79,32 @@ def media_from_state(state: dict) -> list:
                 url = data if data[:5].lower() == "data:" else f"data:image/png;base64,{data}"
                 sources.append(InlineImage.from_url(url, origin="attached to the chat"))
         return sources
-    return [PilImage(image) for image in state.get("raw_images") or []]
+    if state.get("raw_images"):
+        return [PilImage(image) for image in state["raw_images"]]
+    history = state.get("history")
+    messages = history.get("messages") if isinstance(history, dict) else None
+    return [source_of_url(url) for url in image_urls(messages or [])]
+
+
+def image_urls(messages) -> list[str]:
+    """The ``image_url`` parts of OpenAI chat messages, in order."""
+    urls = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if isinstance(url, str):
+                    urls.append(url)
+    return urls
+
+
+def source_of_url(url: str):
+    """A data URL is opened; any other address is refused, never fetched."""
+    if url[:5].lower() == "data:":
+        return InlineImage.from_url(url, origin="in the request")
+    return UnreachableImage(url[:200], origin="in the request")
 
 
 def model_folder(shared) -> str | None:

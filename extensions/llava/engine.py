@@ -186,7 +186,8 @@ class LlavaEngine:
         if vision.output_size != width:
             raise PipelineError(f"the projector gives {vision.output_size}-wide features but the loaded model's "
                                 f"embeddings are {width} wide: wrong model or wrong pipeline ({pipeline.name}); "
-                                "set llava-pipeline or llava-projector_repo to the projector of this model")
+                                "set llava-pipeline or llava-projector_repo to the projector of this model, or "
+                                "convert the checkpoint with `python -m extensions.llava convert`")
         keys = [(image.source.digest(),) + self._vision_key for image in images]
         found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
         if any(v is None for v in found.values()):
@@ -229,6 +230,10 @@ class LlavaEngine:
                 if projector_repo is None:
                     raise VisionLoadError(f"pipeline {pipeline.name} has no released projector to fall back on; "
                                           "set llava-projector_repo (a repo id or a local folder)")
+                if not projector_filename and not choice.projector_repo and not s.projector_repo:
+                    self.log(f"llava: no projector file is known for {pipeline.name}; reading it out of the full "
+                             f"checkpoint {projector_repo} (a large download unless cached). Converting the model "
+                             "with `python -m extensions.llava convert` avoids this")
                 if s.clip_device.type == "cpu" and s.clip_bits == 16 or s.projector_device.type == "cpu" and s.projector_bits == 16:
                     self.log("llava: 16 bits on the CPU means bfloat16 (float16 matmuls are slow or unsupported there)")
                 vision = load_vision_parts(pipeline, vision_source, projector_repo, projector_filename,
@@ -243,7 +248,8 @@ class LlavaEngine:
     def _check_projector_type(vision: VisionParts, pipeline: Pipeline) -> None:
         if vision.projector_type != pipeline.projector_type:
             raise PipelineError(f"the projector is {vision.projector_type} but pipeline {pipeline.name} expects "
-                                f"{pipeline.projector_type}: wrong projector or wrong pipeline (set llava-pipeline)")
+                                f"{pipeline.projector_type}: wrong projector or wrong pipeline (set llava-pipeline, "
+                                "or convert the checkpoint with `python -m extensions.llava convert`)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -270,19 +276,11 @@ def images_to_check(images: Sequence[ImageRef], embed_all: bool) -> Sequence[Ima
 
 def request_problem(path: str, body: dict, embed_all: bool) -> str | None:
     """Why a completion request's images cannot be used, or None. Opens only what will be embedded."""
-    from .images import InlineImage
     images: list[ImageRef] = []
     if path.endswith("/chat/completions"):
-        sources = []
-        for message in body.get("messages") or []:
-            content = message.get("content") if isinstance(message, dict) else None
-            for part in content if isinstance(content, list) else []:
-                if isinstance(part, dict) and part.get("type") == "image_url":
-                    url = part.get("image_url")
-                    url = url.get("url") if isinstance(url, dict) else url
-                    if isinstance(url, str) and url[:5].lower() == "data:":
-                        sources.append(InlineImage.from_url(url, len(sources) + 1, "in the request"))
-        images = [ImageRef(i, 0, 0, s) for i, s in enumerate(sources, 1)]
+        from .chat_ui import image_urls, source_of_url
+        sources = [source_of_url(url) for url in image_urls(body.get("messages") or [])]
+        images = [ImageRef(i, 0, 0, s.at_position(i)) for i, s in enumerate(sources, 1)]
     else:
         prompts = body.get("prompt")
         for prompt in prompts if isinstance(prompts, list) else [prompts]:
