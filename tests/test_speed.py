@@ -131,3 +131,18 @@ def test_counting_tokens_never_decodes_base64(v0, host_factory, monkeypatch):
     length = host.script.custom_tokenized_length(prompt)
     assert length == len(host.encode("".join(f"turn {i} " for i in range(10)))[0]) + 10 * 258
     assert max(calls) < 2000  # the tokenizer never saw the 1 MB payloads
+
+
+def test_http_check_and_generation_decode_a_picture_once(v0, monkeypatch):
+    from extensions.llava import images
+    engine = LlavaEngine(Settings.from_params(v0.settings_params), log=lambda m: None)
+    decoded = []
+    real = images.open_picture
+    monkeypatch.setattr(images, "open_picture", lambda data, source: decoded.append(1) or real(data, source))
+    prompt = "q " + img_tag(picture(seed=61)) + " and " + img_tag(picture(seed=62))
+    assert engine.request_problem("/v1/completions", {"prompt": prompt}) is None
+    assert len(decoded) == 1  # "embed all" off: only the last picture is checked
+    engine.prepare(prompt, model=v0.llm, tokenizer=v0.tokenizer, encode=BosEncoder(v0.tokenizer), max_length=None)
+    assert len(decoded) == 1 and engine.counters.vision_forwards == 1
+    assert engine.request_problem("/v1/completions", {"prompt": 'x <img src="data:image/png;base64,AAAA">'}) == \
+        "image 1 in the prompt: the data is not a picture in a supported format (PNG, JPEG, GIF, WebP, BMP or TIFF)"

@@ -220,8 +220,8 @@ def test_image_check_refuses_bad_streamed_requests_before_the_endpoint():
         reached.append(body)
         return {"choices": [{"text": "fine"}]}
 
-    from extensions.llava.engine import request_problem
-    app.add_middleware(api.ImageCheckMiddleware, check=lambda path, body: request_problem(path, body, False),
+    from extensions.llava.engine import LlavaEngine
+    app.add_middleware(api.ImageCheckMiddleware, check=LlavaEngine(log=lambda m: None).request_problem,
                        paths=("/v1/completions", "/v1/chat/completions"))
     client = TestClient(app)
     svg = "data:image/svg+xml;base64," + base64.b64encode(b"<svg/>").decode()

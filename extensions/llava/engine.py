@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -19,7 +19,8 @@ import torch
 from .cache import FeatureCache
 from .detect import Choice, choose_pipeline
 from .errors import LlavaError
-from .images import ImageError, ImageSource
+from .chat_ui import image_urls, source_of_url
+from .images import ImageError, ImageSource, Picture
 from .pipelines import Pipeline, PipelineError
 from .prompt import MEDIA_PLACEHOLDER, ImageRef, expand_prompt, parse_prompt
 from .settings import Settings
@@ -27,6 +28,7 @@ from .splice import TokenLayout, find_images, shift_spans, splice, truncation_cu
 from .vision import VisionLoadError, VisionParts, load_vision_parts
 
 logger = logging.getLogger("llava")
+CHECKED_PICTURES_KEPT = 16
 
 Encode = Callable[[str], torch.Tensor]
 
@@ -73,6 +75,9 @@ class LlavaEngine:
         self._load_lock = threading.Lock()
         self._encode_lock = threading.Lock()
         self._choices: dict[tuple, Choice] = {}
+        # Pictures the HTTP check already opened, handed to the encoder instead of decoding again.
+        self._checked: OrderedDict[str, Picture] = OrderedDict()
+        self._checked_lock = threading.Lock()
 
     @staticmethod
     def _cache_bytes(settings: Settings) -> int:
@@ -200,7 +205,7 @@ class LlavaEngine:
                 if todo:
                     pictures = []
                     for _, image in todo:
-                        picture = image.source.load()
+                        picture = self._open(image.source)
                         if notes is not None:
                             notes.extend(picture.notes)
                         pictures.append(picture.image)
@@ -244,6 +249,37 @@ class LlavaEngine:
                 self.counters.loads += 1
             return self._vision
 
+    # ------------------------------------------------------------ HTTP requests
+
+    def request_problem(self, path: str, body: dict) -> str | None:
+        """Why a completion request's pictures cannot be used, or None.
+
+        Opens only the pictures that will be embedded (without truncation: the last one, or all
+        with "embed all" on) and keeps them for the encoder, so none is decoded twice.
+        """
+        if path.endswith("/chat/completions"):
+            sources = [source_of_url(url) for url in image_urls(body.get("messages") or [])]
+        else:
+            prompts = body.get("prompt")
+            sources = [image.source for prompt in (prompts if isinstance(prompts, list) else [prompts])
+                       if isinstance(prompt, str) and "<" in prompt for image in parse_prompt(prompt).images]
+        sources = [source.at_position(i) for i, source in enumerate(sources, 1)]
+        try:
+            for source in sources if self.settings.add_all_images_to_prompt else sources[-1:]:
+                picture = source.load()
+                with self._checked_lock:
+                    self._checked[source.digest()] = picture
+                    while len(self._checked) > CHECKED_PICTURES_KEPT:
+                        self._checked.popitem(last=False)
+        except ImageError as error:
+            return str(error)
+        return None
+
+    def _open(self, source: ImageSource) -> Picture:
+        with self._checked_lock:
+            picture = self._checked.pop(source.digest(), None)
+        return picture if picture is not None else source.load()
+
     @staticmethod
     def _check_projector_type(vision: VisionParts, pipeline: Pipeline) -> None:
         if vision.projector_type != pipeline.projector_type:
@@ -269,26 +305,5 @@ def holds_images(prompt: str, media: Sequence[ImageSource] | None = None) -> boo
     return bool(parse_prompt(prompt, media).images)
 
 
-def images_to_check(images: Sequence[ImageRef], embed_all: bool) -> Sequence[ImageRef]:
-    """The images a request will have embedded (without truncation): the last, or all."""
-    return images if embed_all else images[-1:]
-
-
-def request_problem(path: str, body: dict, embed_all: bool) -> str | None:
-    """Why a completion request's images cannot be used, or None. Opens only what will be embedded."""
-    images: list[ImageRef] = []
-    if path.endswith("/chat/completions"):
-        from .chat_ui import image_urls, source_of_url
-        sources = [source_of_url(url) for url in image_urls(body.get("messages") or [])]
-        images = [ImageRef(i, 0, 0, s.at_position(i)) for i, s in enumerate(sources, 1)]
-    else:
-        prompts = body.get("prompt")
-        for prompt in prompts if isinstance(prompts, list) else [prompts]:
-            if isinstance(prompt, str) and "<" in prompt:
-                images.extend(parse_prompt(prompt).images)
-    try:
-        for image in images_to_check(images, embed_all):
-            image.source.load()
-    except ImageError as error:
-        return str(error)
-    return None
+def holds_images(prompt: str, media: Sequence[ImageSource] | None = None) -> bool:
+    return bool(parse_prompt(prompt, media).images)

@@ -100,7 +100,11 @@ def _complete(body: dict) -> dict:
 
 
 def _request_problem(path: str, body: dict):
-    return engine_module.request_problem(path, body, bool(params["add_all_images_to_prompt"]))
+    try:
+        engine().configure(settings_module.Settings.from_params(params))
+    except LlavaError:
+        pass  # the generation reports bad settings itself
+    return engine().request_problem(path, body)
 
 
 def state_modifier(state):
