@@ -1,7 +1,6 @@
 """Issue 3: what a webui user does — chat uploads, attachments, the APIs, other loaders."""
 
 import base64
-import io
 
 import pytest
 import torch

@@ -298,11 +298,6 @@ class _Placeholder(ImageSource):
         return ""
 
 
-__all__ = ["LlavaEngine", "Prepared", "Counters", "ImageError", "PipelineError", "VisionLoadError"]
-
-
-def holds_images(prompt: str, media: Sequence[ImageSource] | None = None) -> bool:
-    return bool(parse_prompt(prompt, media).images)
 
 
 def holds_images(prompt: str, media: Sequence[ImageSource] | None = None) -> bool:

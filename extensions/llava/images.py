@@ -7,8 +7,6 @@ reason in plain words. Nothing here reaches the network or the file system: only
 
 from __future__ import annotations
 
-from .errors import LlavaError
-
 import base64
 import binascii
 import hashlib
@@ -18,6 +16,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .errors import LlavaError
 
 MAX_ENCODED_CHARS = 64 * 1024 * 1024
 MAX_PIXELS = 50_000_000

@@ -7,9 +7,9 @@ the extension reads these fields; nothing subclasses them.
 
 from __future__ import annotations
 
-from .errors import LlavaError
-
 from dataclasses import dataclass
+
+from .errors import LlavaError
 
 
 @dataclass(frozen=True)

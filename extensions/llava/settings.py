@@ -6,11 +6,11 @@ error here names that key so the user knows what to change.
 
 from __future__ import annotations
 
-from .errors import LlavaError
-
 from dataclasses import dataclass
 
 import torch
+
+from .errors import LlavaError
 
 SETTING_PREFIX = "llava-"
 

@@ -6,11 +6,11 @@ image token id, reshaped to one row per image; the splice is one indexed assignm
 
 from __future__ import annotations
 
-from .errors import LlavaError
-
 from dataclasses import dataclass
 
 import torch
+
+from .errors import LlavaError
 
 
 class LayoutError(LlavaError):

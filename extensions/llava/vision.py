@@ -8,8 +8,6 @@ tensors are read.
 
 from __future__ import annotations
 
-from .errors import LlavaError
-
 import contextlib
 import json
 import os
@@ -20,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import LlavaError
 from .pipelines import Pipeline
 
 PROJECTOR_PREFIXES = ("model.mm_projector.", "mm_projector.", "model.multi_modal_projector.",
