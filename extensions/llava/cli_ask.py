@@ -1,7 +1,12 @@
-"""``python -m extensions.llava ask``: answer a question about pictures, headless.
+"""``python -m extensions.llava ask``: answer a question about pictures, without the webui.
 
-The same core as the webui extension: the pictures become ``<img>`` tags in the prompt, the
-engine splices their features, and the model generates greedily.
+    python -m extensions.llava ask --image PATH [--image PATH ...] [--model FOLDER]
+        [--pipeline NAME] [--device cpu|cuda:0] [--embed-all] [--max-new-tokens N] "question"
+
+The same core as the extension: every picture becomes an ``<img>`` tag in the prompt, the
+engine splices the pictures' features at the image tokens, and the model answers greedily.
+With no ``--model`` the bundled demo (``extensions/llava/demo``) answers. Any failure is one
+line on stderr starting with ``error:`` and a non-zero exit code.
 """
 
 from __future__ import annotations
@@ -12,98 +17,169 @@ import json
 import os
 import sys
 
+from .detect import METADATA_FILE
 from .errors import LlavaError
+from .images import ImageError, InlineImage
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
-DEFAULT_TEMPLATE = "USER: {images}\n{question}\nASSISTANT:"
+# How each family's chat models were trained to see a question; a model folder's llava.json
+# may name its own under "prompt_template". {images} becomes the pictures' tags.
+FAMILY_TEMPLATES = {
+    "v0": "###Human: {images}\n{question}###Assistant:",
+    "llama-2": "[INST] {images}\n{question} [/INST]",
+    "v1.5": "USER: {images}\n{question} ASSISTANT:",
+}
+FALLBACK_TEMPLATE = FAMILY_TEMPLATES["v1.5"]
 
 
-def picture_tag(path: str) -> str:
-    if not os.path.isfile(path):
+def picture_tag(path: str, position: int) -> str:
+    """The ``<img>`` tag for a picture file, checked to be a picture the extension can use."""
+    if not os.path.exists(path):
         raise LlavaError(f"no picture file at '{path}'")
-    with open(path, "rb") as f:
-        data = base64.b64encode(f.read()).decode("ascii")
-    # the declared subtype does not matter: the data is recognised by its content
-    return f'<img src="data:image/png;base64,{data}">'
-
-
-def prompt_template(model_dir: str) -> str:
+    if not os.path.isfile(path):
+        raise LlavaError(f"'{path}' is not a file")
     try:
-        with open(os.path.join(model_dir, "llava.json")) as f:
-            return json.load(f).get("prompt_template") or DEFAULT_TEMPLATE
-    except (OSError, ValueError):
-        return DEFAULT_TEMPLATE
+        with open(path, "rb") as f:
+            data = base64.b64encode(f.read()).decode("ascii")
+    except OSError as error:
+        raise LlavaError(f"cannot read '{path}': {error.strerror or error}") from None
+    # The declared subtype does not matter: the picture is recognised by its content.
+    url = f"data:image/png;base64,{data}"
+    try:
+        InlineImage.from_url(url, position).load()
+    except ImageError as error:
+        raise LlavaError(f"'{path}' cannot be used: {error.reason}") from None
+    return f'<img src="{url}">'
+
+
+def metadata_template(model_dir: str) -> str | None:
+    try:
+        with open(os.path.join(model_dir, METADATA_FILE)) as f:
+            template = json.load(f).get("prompt_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return template if isinstance(template, str) and "{question}" in template else None
 
 
 class Asker:
-    """A loaded model with its extension engine, ready for questions."""
+    """A loaded model with the extension's engine, ready for questions about pictures."""
 
     def __init__(self, model_dir: str = DEMO_MODEL, pipeline: str = "auto", device: str = "cpu",
                  embed_all: bool = False, log=lambda message: None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from .engine import LlavaEngine
+        from .pipelines import get_pipeline
         from .settings import Settings
-        if not os.path.isdir(model_dir):
-            raise LlavaError(f"no model folder at '{model_dir}'")
+
+        if pipeline != "auto":
+            get_pipeline(pipeline)  # an unknown name fails before the model loads
         settings = Settings.from_params({"pipeline": pipeline, "clip_device": device, "projector_device": device,
                                          "add_all_images_to_prompt": embed_all})
-        from .pipelines import get_pipeline
-        if pipeline != "auto":
-            get_pipeline(pipeline)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
-        except Exception as error:
-            raise LlavaError(f"'{model_dir}' does not load as a causal language model: "
-                             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+        if not os.path.isdir(model_dir):
+            raise LlavaError(f"no model folder at '{model_dir}'")
         self.model_dir = model_dir
-        self.template = prompt_template(model_dir)
+        self.tokenizer, self.model = load_language_model(model_dir, settings.clip_device)
         self.engine = LlavaEngine(settings, log=log)
 
+    def template(self) -> str:
+        own = metadata_template(self.model_dir)
+        if own:
+            return own
+        family = self.engine.choice_for(self.model, self.tokenizer, self.model_dir).pipeline.family
+        return FAMILY_TEMPLATES.get(family, FALLBACK_TEMPLATE)
+
     def prompt(self, tags: list[str], question: str) -> str:
-        return self.template.format(images="".join(tags), question=question)
+        return self.template().replace("{images}", "".join(tags)).replace("{question}", question)
 
-    def ask_tags(self, tags: list[str], question: str, max_new_tokens: int = 24) -> str:
+    def encode(self, text: str):
+        """Text → ids [1, n] with one BOS in front, as the webui encodes a prompt."""
         import torch
-        prompt = self.prompt(tags, question)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        bos = self.tokenizer.bos_token_id
+        return torch.tensor([([bos] if bos is not None else []) + ids])
 
-        def encode(text):
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-            return torch.tensor([[self.tokenizer.bos_token_id] + ids])
-
-        prepared = self.engine.prepare(prompt, model=self.model, tokenizer=self.tokenizer, encode=encode,
-                                       max_length=None, model_path=self.model_dir)
+    def ask_tags(self, tags: list[str], question: str, max_new_tokens: int = 64) -> str:
+        """The model's answer to ``question`` about the pictures behind ``<img>`` tags."""
+        import torch
+        prepared = self.engine.prepare(self.prompt(tags, question), model=self.model, tokenizer=self.tokenizer,
+                                       encode=self.encode, max_length=None, model_path=self.model_dir)
         if prepared is None:
-            ids, embeds = encode(prompt), None
-        else:
-            ids, embeds = prepared.input_ids, prepared.inputs_embeds
+            raise LlavaError("the prompt holds no picture")
+        ids = prepared.input_ids.to(self.model.device)
+        embeds = prepared.inputs_embeds.to(self.model.device, self.model.dtype)
+        pad = self.tokenizer.pad_token_id
         with torch.no_grad():
-            output = self.model.generate(inputs=ids.to(self.model.device), inputs_embeds=embeds,
+            output = self.model.generate(input_ids=ids, inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
                                          max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=self.tokenizer.eos_token_id)
-        new_tokens = output[0, ids.shape[1]:] if output.shape[1] > ids.shape[1] else output[0]
-        return self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip().split("\n")[0]
+                                         pad_token_id=pad if pad is not None else self.tokenizer.eos_token_id)
+        return self.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
-    def ask(self, image_paths: list[str], question: str, max_new_tokens: int = 24) -> str:
-        return self.ask_tags([picture_tag(path) for path in image_paths], question, max_new_tokens)
+    def ask(self, image_paths: list[str], question: str, max_new_tokens: int = 64) -> str:
+        tags = [picture_tag(path, position) for position, path in enumerate(image_paths, 1)]
+        return self.ask_tags(tags, question, max_new_tokens)
+
+
+def load_language_model(model_dir: str, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise LlavaError(f"'{model_dir}' is not a model folder (it has no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LlavaError(f"'{model_dir}' does not load as a causal language model: {first_line}") from None
+    return tokenizer, model
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m extensions.llava ask",
+                                description="Answer a question about one or more pictures with a LLaVA model.")
+    p.add_argument("question")
+    p.add_argument("--image", action="append", required=True, metavar="PATH",
+                   help="a picture file (PNG, JPEG, ...); repeat for several")
+    p.add_argument("--model", default=DEMO_MODEL, metavar="FOLDER",
+                   help="a model folder, for example a converted checkpoint (default: the bundled demo)")
+    p.add_argument("--pipeline", default="auto", metavar="NAME",
+                   help="auto (from the folder's llava.json or the model) or a pipeline name")
+    p.add_argument("--device", default="cpu", help="cpu, cuda:0, ... (default: cpu)")
+    p.add_argument("--embed-all", action="store_true",
+                   help="give every picture its features (default: only the last one, as the extension does)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N")
+    return p
+
+
+def quiet_transformers() -> None:
+    """No progress bars or advice on stderr: it carries only errors."""
+    try:
+        from transformers.utils import logging as transformers_logging
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m extensions.llava ask",
-                                     description="Answer a question about one or more pictures.")
-    parser.add_argument("question")
-    parser.add_argument("--image", action="append", required=True, help="a picture file (repeat for several)")
-    parser.add_argument("--model", default=DEMO_MODEL, help="a model folder (default: the bundled demo)")
-    parser.add_argument("--pipeline", default="auto", help="auto, or a pipeline name")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--embed-all", action="store_true", help="give every picture its features, not only the last")
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
+    quiet_transformers()
     try:
+        tags = [picture_tag(path, position) for position, path in enumerate(args.image, 1)]
         asker = Asker(args.model, args.pipeline, args.device, args.embed_all)
-        print(asker.ask(args.image, args.question, args.max_new_tokens))
+        print(asker.ask_tags(tags, args.question, args.max_new_tokens))
     except LlavaError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # anything unforeseen is still one line, not a traceback
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        print(f"error: {type(error).__name__}: {first_line}", file=sys.stderr)
         return 1
     return 0
