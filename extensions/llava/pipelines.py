@@ -66,7 +66,7 @@ PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
     Pipeline(name="llava-v1.5-13b", llm_hidden_size=5120, projector_repo="liuhaotian/llava-v1.5-13b", **_V15),
     Pipeline(name="bakllava-1", llm_hidden_size=4096, projector_repo="SkunkworksAI/BakLLaVA-1", **_V15),
     # The bundled demo (tools/train_demo.py): its tower and projector live in its own folder.
-    Pipeline(name="llava-demo", vision_repo="", image_size=64, feature_count=64, projector_type="mlp2x_gelu",
+    Pipeline(name="llava-demo", vision_repo="", image_size=64, feature_count=16, projector_type="mlp2x_gelu",
              image_token="<im_patch>", start_token="<im_start>", end_token="<im_end>", preprocess="crop",
              llm_hidden_size=96, projector_repo=None, projector_filename=None, family="demo"),
 )}
