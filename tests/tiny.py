@@ -123,8 +123,8 @@ def save_projector(path: str, projector_type: str = "linear", seed: int = 2, pre
 
 
 @dataclass
-class TinyV0:
-    """Everything the seed pipeline needs, on disk and in memory."""
+class TinyLlava:
+    """Everything one pipeline needs, on disk and in memory."""
 
     folder: str
     clip_dir: str
@@ -132,22 +132,23 @@ class TinyV0:
     tokenizer: PreTrainedTokenizerFast
     llm: LlamaForCausalLM
     projector_state: dict
+    pipeline: str
 
     @property
     def settings_params(self) -> dict:
         return {"clip_repo": self.clip_dir, "projector_repo": self.projector_dir,
                 "projector_filename": "mm_projector.bin", "clip_device": "cpu", "projector_device": "cpu",
-                "pipeline": "llava-v0-13b"}
+                "pipeline": self.pipeline}
 
 
-def build_v0(folder: str) -> TinyV0:
+def build_v0(folder: str) -> TinyLlava:
     clip_dir = os.path.join(folder, "clip")
     projector_dir = os.path.join(folder, "projector")
     save_clip(clip_dir, 224)
     state = save_projector(os.path.join(projector_dir, "mm_projector.bin"))
     tokenizer = make_tokenizer()
     llm = make_llm(len(tokenizer))
-    return TinyV0(folder, clip_dir, projector_dir, tokenizer, llm, state)
+    return TinyLlava(folder, clip_dir, projector_dir, tokenizer, llm, state, "llava-v0-13b")
 
 
 def reference_llava(clip_dir: str, llm: LlamaForCausalLM, projector_state: dict, image_token_id: int,

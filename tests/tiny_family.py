@@ -9,34 +9,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 
 import torch
-from transformers import LlamaForCausalLM, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
-from tests.tiny import (VISION_WIDTH, llama_config, make_llm, make_tokenizer, processor_config, reference_llava,
-                        save_clip, save_projector)
+from tests.tiny import (VISION_WIDTH, TinyLlava, llama_config, make_llm, make_tokenizer, processor_config,
+                        reference_llava, save_clip, save_projector)
 
 IMAGE_ID = 32000  # <image> right after the LLaMA vocabulary
 
 
-@dataclass
-class TinyV15:
-    folder: str
-    clip_dir: str
-    projector_dir: str
-    tokenizer: PreTrainedTokenizerFast
-    llm: LlamaForCausalLM
-    projector_state: dict
-
-    @property
-    def settings_params(self) -> dict:
-        return {"clip_repo": self.clip_dir, "projector_repo": self.projector_dir,
-                "projector_filename": "mm_projector.bin", "clip_device": "cpu", "projector_device": "cpu",
-                "pipeline": "llava-v1.5-7b"}
-
-
-def build_v15(folder: str) -> TinyV15:
+def build_v15(folder: str) -> TinyLlava:
     """A v1.5 model: 336 px CLIP (named like the real one), mlp2x_gelu projector, <image> = 32000."""
     clip_dir = os.path.join(folder, "clip-vit-large-patch14-336")
     projector_dir = os.path.join(folder, "projector")
@@ -44,10 +27,10 @@ def build_v15(folder: str) -> TinyV15:
     state = save_projector(os.path.join(projector_dir, "mm_projector.bin"), "mlp2x_gelu", seed=12)
     tokenizer = make_tokenizer(image_tokens=("<image>",))
     llm = make_llm(len(tokenizer), seed=13)
-    return TinyV15(folder, clip_dir, projector_dir, tokenizer, llm, state)
+    return TinyLlava(folder, clip_dir, projector_dir, tokenizer, llm, state, "llava-v1.5-7b")
 
 
-def reference_v15(v15: TinyV15) -> LlavaForConditionalGeneration:
+def reference_v15(v15: TinyLlava) -> LlavaForConditionalGeneration:
     return reference_llava(v15.clip_dir, v15.llm, v15.projector_state, IMAGE_ID, projector_type="mlp2x_gelu")
 
 
