@@ -6,7 +6,9 @@ left truncation (``truncation_length - max_new_tokens``), passes it through
 ``tokenizer_modifier`` and calls ``model.generate(inputs=..., inputs_embeds=...)``, then
 decodes the tokens after the returned ids; token counting goes through
 ``custom_tokenized_length``; a chat turn runs ``chat_input_modifier`` then
-``input_modifier`` on the user's text, and keeps internal and visible histories.
+``input_modifier`` on the user's text, and keeps internal and visible histories. In
+instruct mode a chat is rendered with the model's chat template, which writes BOS itself;
+pictures from the webui's attach button become ``<__media__>`` placeholders.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sys
 import types
 
 import torch
+
+from extensions.llava.chat_ui import picture_data_url
 
 SCRIPT = "extensions.llava.script"
 
@@ -51,6 +55,7 @@ class Host:
         self.script.setup()
         self.internal: list[list[str]] = []
         self.visible: list[list[str]] = []
+        self.attachments: list[dict] = []
         self.last_prompt_ids = None
 
     def close(self) -> None:
@@ -73,10 +78,11 @@ class Host:
         tokenizer = self.shared.tokenizer
         ids = tokenizer.encode(str(prompt), return_tensors="pt", add_special_tokens=add_special_tokens)
         bos = tokenizer.bos_token_id
-        if add_bos_token and bos is not None and (ids.numel() == 0 or ids[0][0] != bos):
-            ids = torch.cat((torch.tensor([[bos]]), ids), 1)
-        if not add_bos_token and ids.numel() and ids[0][0] == bos:
-            ids = ids[:, 1:]
+        if bos is not None:
+            if add_bos_token and (ids.numel() == 0 or ids[0][0] != bos):
+                ids = torch.cat((torch.tensor([[bos]]), ids), 1)
+            while ids.shape[1] > 1 and ids[0][0] == bos and ids[0][1] == bos:  # never two BOS
+                ids = ids[:, 1:]
         if truncation_length is not None:
             ids = ids[:, -truncation_length:]
         return ids
@@ -86,7 +92,8 @@ class Host:
         return length if length is not None else len(self.encode(prompt)[0])
 
     def state(self, **overrides) -> dict:
-        state = {"truncation_length": 2048, "max_new_tokens": 8, "add_bos_token": True, "mode": "chat"}
+        state = {"truncation_length": 2048, "max_new_tokens": 8, "add_bos_token": True, "mode": "chat",
+                 "skip_special_tokens": True}
         state.update(overrides)
         return self.script.state_modifier(state)
 
@@ -105,18 +112,30 @@ class Host:
             params["inputs_embeds"] = inputs_embeds
         with torch.no_grad():
             output = self.shared.model.generate(**params)[0]
-        return self.shared.tokenizer.decode(output[len(input_ids[0]):], skip_special_tokens=False)
+        return self.shared.tokenizer.decode(output[len(input_ids[0]):], skip_special_tokens=state["skip_special_tokens"])
 
-    def chat(self, text: str, state: dict | None = None) -> str:
-        """One chat turn: the extension's input modifiers, the history, a prompt, a reply."""
+    def chat(self, text: str, state: dict | None = None, attachments: list | None = None) -> str:
+        """One chat turn: the extension's input modifiers, the history, a prompt, a reply.
+
+        ``attachments`` are pictures given to the webui's own attach button: the message gets
+        a ``<__media__>`` placeholder each and ``state['image_attachments']`` lists the
+        pictures of the whole history.
+        """
         state = state or self.state()
         visible_text = html.escape(text)
         text, visible_text = self.script.chat_input_modifier(text, visible_text, state)
         text = self.script.input_modifier(text, state, is_chat=True)
+        if attachments:
+            text = "<__media__>" * len(attachments) + "\n\n" + text
+            self.attachments.extend({"type": "image", "image_data": picture_data_url(image)} for image in attachments)
+        if self.attachments:
+            state["image_attachments"] = list(self.attachments)
+        if state["mode"] == "instruct":
+            state["add_bos_token"] = False  # the instruction template writes BOS itself
         self.internal.append([text, ""])
         self.visible.append([visible_text, ""])
         prompt = self.chat_prompt(state)
-        reply = self.generate(prompt, state, is_chat=True)
+        reply = self.generate(prompt, state, is_chat=True).lstrip(" ")
         self.internal[-1][1] = reply
         self.visible[-1][1] = html.escape(reply)
         return reply
@@ -126,7 +145,19 @@ class Host:
         budget = state["truncation_length"] - state["max_new_tokens"]
         turns = list(self.internal)
         while True:
-            prompt = "".join(f"USER: {user}\nASSISTANT: {bot}" + ("\n" if bot else "") for user, bot in turns)
+            prompt = self.render(turns, state)
             if len(turns) <= 1 or self.get_encoded_length(prompt) <= budget:
                 return prompt
             turns = turns[1:]
+
+    def render(self, turns: list[list[str]], state: dict) -> str:
+        """Instruct mode renders the model's chat template (with BOS); otherwise a plain transcript."""
+        template = getattr(self.shared.tokenizer, "chat_template", None)
+        if state["mode"] != "instruct" or not template:
+            return "".join(f"USER: {user}\nASSISTANT: {bot}" + ("\n" if bot else "") for user, bot in turns)
+        messages = []
+        for user, bot in turns:
+            messages.append({"role": "user", "content": user.strip()})
+            if bot:
+                messages.append({"role": "assistant", "content": bot.strip()})
+        return self.shared.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -99,8 +99,12 @@ class Asker:
 
     def ask_tags(self, tags: list[str], question: str, max_new_tokens: int = 64) -> str:
         """The model's answer to ``question`` about the pictures behind ``<img>`` tags."""
+        return self.answer(self.prompt(tags, question), max_new_tokens)
+
+    def answer(self, prompt: str, max_new_tokens: int = 64) -> str:
+        """The model's greedy continuation of ``prompt``, a text with ``<img>`` tags (BOS is added)."""
         import torch
-        prepared = self.engine.prepare(self.prompt(tags, question), model=self.model, tokenizer=self.tokenizer,
+        prepared = self.engine.prepare(prompt, model=self.model, tokenizer=self.tokenizer,
                                        encode=self.encode, max_length=None, model_path=self.model_dir)
         if prepared is None:
             raise LlavaError("the prompt holds no picture")
