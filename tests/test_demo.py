@@ -1,6 +1,7 @@
 """Issue 7: the bundled demo model sees, and the `ask` command answers or fails clearly."""
 
 import base64
+import json
 import os
 import random
 import subprocess
@@ -11,7 +12,8 @@ import torch
 
 from extensions.llava.chat_ui import picture_data_url
 from extensions.llava.cli_ask import DEMO_MODEL, Asker, main
-from tools.train_demo import COLOURS, SHAPES, draw, make_tokenizer, train
+from tools.train_demo import (ASK_LAYOUT, CHAT_TEMPLATE, COLOUR_QUESTION, COLOURS, MESSAGE_LAYOUTS, SHAPES, draw,
+                              make_tokenizer, train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "red-circle.png")
@@ -47,6 +49,56 @@ def test_demo_names_held_out_pictures(asker):
     accuracy = right / (len(COMBINATIONS) * per_combination)
     print(f"demo accuracy on {len(COMBINATIONS) * per_combination} held-out pictures: {accuracy:.1%}")
     assert accuracy >= 0.9
+
+
+@pytest.mark.parametrize("layout", [layout for layout in MESSAGE_LAYOUTS if layout != ASK_LAYOUT])
+def test_demo_names_pictures_laid_out_as_the_webui_does(asker, layout):
+    """The attach button puts pictures first with a blank line, the upload field after the text."""
+    rng = random.Random(HELD_OUT_SEED + 3)
+    per_combination = 4
+    right = 0
+    for colour, shape in COMBINATIONS:
+        for _ in range(per_combination):
+            message = {"role": "user", "content": layout.format(images=tag(draw(colour, shape, rng)), question=QUESTION)}
+            prompt = asker.tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True,
+                                                         bos_token="")  # answer() adds BOS
+            right += names(asker.answer(prompt), colour, shape)
+    assert right >= 0.9 * len(COMBINATIONS) * per_combination
+
+
+def test_the_webui_renders_chats_as_the_demo_was_trained():
+    """The webui's instruct mode reads chat_template.jinja; `ask` reads llava.json: both are the training format."""
+    with open(os.path.join(DEMO_MODEL, "chat_template.jinja")) as f:
+        assert f.read() == CHAT_TEMPLATE
+    with open(os.path.join(DEMO_MODEL, "llava.json")) as f:
+        ask_template = json.load(f)["prompt_template"]
+    tokenizer = make_tokenizer()
+    message = {"role": "user", "content": ASK_LAYOUT.format(images="<im_start>", question="Q?")}
+    rendered = tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
+    assert rendered == "<s>" + ask_template.replace("{images}", "<im_start>").replace("{question}", "Q?")
+    assert rendered == "<s>USER: <im_start>\nQ?\nASSISTANT:"
+
+
+def test_demo_chats_in_the_webui(asker, host_factory):
+    """Instruct-mode chats in the webui: a picture from the upload field, a follow-up question without
+    one, then a new picture from the attach button; every answer is about the latest picture."""
+    models, name = os.path.split(DEMO_MODEL)
+    rng = random.Random(HELD_OUT_SEED + 4)
+    right = turns = 0
+    for i, (colour, shape) in enumerate(COMBINATIONS):
+        host = host_factory(model=asker.model, tokenizer=asker.tokenizer, model_dir=models, model_name=name,
+                            settings={"llava-clip_device": "cpu", "llava-projector_device": "cpu"})
+        state = host.state(mode="instruct", max_new_tokens=20, truncation_length=256)
+        host.script._pick(draw(colour, shape, rng))
+        right += names(host.chat(QUESTION, dict(state)), colour, shape)
+        right += host.chat(COLOUR_QUESTION, dict(state)) == f"{colour.capitalize()}."
+        new_colour, new_shape = COMBINATIONS[(i + len(SHAPES) + 1) % len(COMBINATIONS)]
+        answer = host.chat("What is in the picture?", dict(state), attachments=[draw(new_colour, new_shape, rng)])
+        right += names(answer, new_colour, new_shape) and colour not in answer and shape not in answer
+        turns += 3
+        assert host.script.engine().counters.vision_forwards == 2  # each picture encoded once
+        host.close()
+    assert right >= 0.9 * turns
 
 
 def test_demo_answers_the_colour_question(asker):

@@ -8,12 +8,14 @@ The test writes a tiny LLaVA v0 model (with its own vision tower and projector a
 ``llava.json``, so no setting is needed) into a temporary models folder, links this
 extension into the checkout (``user_data/extensions/llava`` in a current webui,
 ``extensions/llava_under_test`` in a 2023 one; the link is removed afterwards), starts
-``server.py`` on the CPU with the API on, and talks to it over HTTP.
+``server.py`` on the CPU with the API on, and talks to it over HTTP. A second server
+serves the bundled demo, which must answer about the example picture in a chat.
 The current webui runs API-only (``--nowebui``); the 2023 one starts its UI and serves the
 seed API from its own ``api`` extension on port 5000.
 """
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -21,17 +23,20 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
+from extensions.llava.cli_ask import DEMO_MODEL
 from tests import tiny
 
 WEBUI = os.environ.get("LLAVA_WEBUI_PATH")
 PYTHON = os.environ.get("LLAVA_WEBUI_PYTHON", sys.executable)
-EXTENSION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "extensions", "llava")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXTENSION = os.path.join(ROOT, "extensions", "llava")
 
 pytestmark = pytest.mark.skipif(not WEBUI, reason="set LLAVA_WEBUI_PATH to a text-generation-webui checkout")
 
@@ -83,26 +88,29 @@ def picture_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    current = os.path.isfile(os.path.join(WEBUI, "modules", "api", "script.py"))
-    models = tmp_path_factory.mktemp("models")
-    write_model(os.path.join(models, "tiny-llava"), current)
+def is_current(webui: str) -> bool:
+    return os.path.isfile(os.path.join(webui, "modules", "api", "script.py"))
+
+
+@contextlib.contextmanager
+def running_webui(models: str, model: str, current: bool, name: str = "llava"):
+    """server.py with the extension linked in as ``name``, serving ``model`` from ``models``;
+    stopped and unlinked after."""
     if current:
-        name, link = "llava", os.path.join(WEBUI, "user_data", "extensions", "llava")
+        link = os.path.join(WEBUI, "user_data", "extensions", name)
     else:
         name, link = "llava_under_test", os.path.join(WEBUI, "extensions", "llava_under_test")
     if os.path.lexists(link):
         pytest.skip(f"{link} already exists; remove it to run this test")
     os.symlink(EXTENSION, link)
     port = free_port() if current else 5000
-    command = [PYTHON, "server.py", "--cpu", "--model-dir", str(models), "--model", "tiny-llava",
-               "--loader", "transformers" if current else "", "--extensions", name, "--api"]
+    command = [PYTHON, "server.py", "--cpu", "--model-dir", str(models), "--model", model,
+               "--extensions", name, "--api"]
     if current:
-        command += ["--nowebui", "--api-port", str(port)]
+        command += ["--loader", "transformers", "--nowebui", "--api-port", str(port)]
     else:
-        command = [c for c in command if c not in ("--loader", "")] + ["--listen-port", str(free_port())]
-    log_path = os.path.join(models, "server.log")
+        command += ["--listen-port", str(free_port())]
+    log_path = os.path.join(tempfile.mkdtemp(prefix="webui-log-"), "server.log")
     log = open(log_path, "w")
     process = subprocess.Popen(command, cwd=WEBUI, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -128,6 +136,25 @@ def server(tmp_path_factory):
             process.kill()
         log.close()
         os.unlink(link)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    current = is_current(WEBUI)
+    models = tmp_path_factory.mktemp("models")
+    write_model(os.path.join(models, "tiny-llava"), current)
+    with running_webui(str(models), "tiny-llava", current) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    if not is_current(WEBUI):
+        pytest.skip("the 2023 webui loads every LLaMA with a sentencepiece tokenizer, which the demo does not have")
+    models, model = os.path.split(DEMO_MODEL)
+    # a second name: the module's other server still holds the link named llava
+    with running_webui(models, model, current=True, name="llava_demo") as running:
+        yield running
 
 
 def server_log(server) -> str:
@@ -176,3 +203,22 @@ def test_bad_picture_is_a_400_and_the_server_keeps_serving(server):
         assert "image 1 in the prompt: the data is not a picture" in answer["error"]["message"]
     status, _ = post(server["base"] + "/v1/completions", {"prompt": "still there?", "max_tokens": 2})
     assert status == 200
+
+
+def test_the_demo_answers_in_a_chat(demo_server):
+    """No setting and no template given: the webui renders the demo's own chat template."""
+    with open(os.path.join(ROOT, "examples", "red-circle.png"), "rb") as f:
+        url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+    question = {"role": "user", "content": [{"type": "text", "text": "What shape is in the picture?"},
+                                            {"type": "image_url", "image_url": {"url": url}}]}
+    status, body = post(demo_server["base"] + "/v1/chat/completions",
+                        {"max_tokens": 20, "temperature": 0, "messages": [question]})
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"].strip() == "A red circle."
+    assert "llava: pipeline llava-demo (named in llava.json)" in server_log(demo_server)
+    follow_up = [question, {"role": "assistant", "content": "A red circle."},
+                 {"role": "user", "content": "What colour is the shape?"}]
+    status, body = post(demo_server["base"] + "/v1/chat/completions",
+                        {"max_tokens": 20, "temperature": 0, "messages": follow_up})
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"].strip() == "Red."

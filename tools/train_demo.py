@@ -1,6 +1,7 @@
 """Train the bundled demo model: a tiny LLaVA that names coloured shapes.
 
-    python tools/train_demo.py [--out extensions/llava/demo] [--steps 4500] [--seed 1234] [--threads 2]
+    python tools/train_demo.py [--out extensions/llava/demo] [--steps 4000] [--batch-size 48] [--seed 1234]
+        [--threads 2]
 
 Every picture is drawn here (a coloured shape on a varied background, at a random size,
 place and angle) and the model is trained end to end through the same token layout and
@@ -8,10 +9,15 @@ splice as the extension: a small CLIP vision tower, an mlp2x_gelu projector and 
 LLaMA with a character-level tokenizer that holds the image tokens. Fresh pictures are
 drawn for every step, so the model never sees the same picture twice.
 
+Chats are rendered with the chat template the demo ships, which the webui's instruct mode
+reads, and they look like what the extension receives: pictures before or after the
+question, a follow-up question about the picture of the turn before, an earlier picture
+with or without features ("embed all" on or off) before the one asked about.
+
 The run is seeded: the same seed and thread count give the same weights (the bundled demo
-was made with the defaults: two threads, about eight minutes). It writes about 1.5 MB. At the
-end the saved folder is loaded the way `python -m extensions.llava ask` loads it and scored
-on freshly drawn pictures.
+was made with the defaults: two threads, TRAINING_TIME). It writes about 1.5 MB. At the end
+the saved folder is loaded the way `python -m extensions.llava ask` loads it and scored on
+freshly drawn pictures, for each place a picture can take in a message.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,19 +48,38 @@ SHAPES = ("circle", "square", "triangle")
 SHAPE_QUESTIONS = ("What shape is in the picture?", "What is in the picture?", "Describe the picture.",
                    "What do you see?")
 COLOUR_QUESTION = "What colour is the shape?"
-PROMPT_TEMPLATE = "USER: {images}\n{question}\nASSISTANT:"
+# The demo's conversation format, shipped as its tokenizer's chat template so that the webui's
+# instruct mode renders chats exactly as the training did. Other roles (system) are left out.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{- 'USER: ' + message['content'] + '\\n' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' + message['content'] + eos_token -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+# Where pictures stand in a user message: `ask` (and llava.json's template) puts them first,
+# the webui's attach button and chat API put them first with a blank line, the extension's
+# upload field appends them to the message.
+MESSAGE_LAYOUTS = ("{images}\n{question}", "{images}\n\n{question}", "{question}\n{images}")
+ASK_LAYOUT = MESSAGE_LAYOUTS[0]
 TOWER_WIDTH = 64
 TOWER_LAYERS = 4  # the pipeline reads the second to last layer's output, as LLaVA does
 LEARNING_RATE = 1e-3
-EARLIER_PICTURE_SHARE = 0.2  # prompts with an earlier, feature-less picture before the one asked about
+# Conversation kinds and the share of batches of each: one picture; an earlier picture in the
+# same message; a text-only follow-up about the picture of the turn before; a new picture in
+# a second turn.
+CONVERSATION_SHARES = {"single": 0.5, "earlier picture": 0.15, "follow-up": 0.15, "new picture": 0.2}
+EARLIER_FEATURES_SHARE = 0.5  # earlier pictures with features, as with "embed all" on
 MAX_TURN = math.pi / 18  # polygons are turned by up to 10 degrees either way
 EXAMPLE_PICTURE = os.path.join(ROOT, "examples", "red-circle.png")
 
 
 def answer_for(question: str, colour: str, shape: str) -> str:
     if question == COLOUR_QUESTION:
-        return f" {colour.capitalize()}."
-    return f" A {colour} {shape}."
+        return f"{colour.capitalize()}."
+    return f"A {colour} {shape}."
 
 
 # ---------------------------------------------------------------- drawing
@@ -135,6 +161,7 @@ def make_tokenizer():
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", pad_token="<unk>")
     fast.add_tokens([AddedToken(t, special=True, normalized=False) for t in PIPELINE.special_tokens])
+    fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
@@ -164,8 +191,22 @@ def processor_config() -> dict:
 # ---------------------------------------------------------------- training
 
 
+@dataclass
+class Conversation:
+    """One training example: chat messages whose pictures are image token runs, and its pictures."""
+
+    messages: list[dict]  # ends with an assistant answer about the last picture
+    pictures: list[tuple[str, str]]  # (colour, shape) of every picture, in prompt order
+    embed_all: bool  # earlier pictures get features too
+    learned: set[int]  # indices of the answers trained on: those whose picture has features
+
+
 class Batches:
-    """Freshly drawn pictures with their prompt and answer ids, every colour and shape equally often."""
+    """Freshly drawn conversations with their ids and labels, every colour and shape equally often.
+
+    A batch holds one kind of conversation, so single-turn batches stay short (no padding
+    to the length of a two-turn chat).
+    """
 
     def __init__(self, seed: int, processor, tokenizer):
         self.rng = random.Random(seed)
@@ -173,23 +214,59 @@ class Batches:
         self.tokenizer = tokenizer
         self.combos = [(colour, shape) for colour in COLOURS for shape in SHAPES]
 
-    def example_ids(self, question: str, colour: str, shape: str, images: int = 1) -> tuple[list[int], list[int]]:
-        """Token ids of one example and its labels (-100 everywhere but the answer)."""
-        prompt = PROMPT_TEMPLATE.format(images=PIPELINE.image_text() * images, question=question)
-        prompt_ids = [self.tokenizer.bos_token_id] + self.tokenizer.encode(prompt, add_special_tokens=False)
-        answer_ids = self.tokenizer.encode(answer_for(question, colour, shape), add_special_tokens=False)
-        answer_ids.append(self.tokenizer.eos_token_id)
-        return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+    def question(self) -> str:
+        return COLOUR_QUESTION if self.rng.random() < 0.25 else self.rng.choice(SHAPE_QUESTIONS)
+
+    def combo(self) -> tuple[str, str]:
+        return self.combos[self.rng.randrange(len(self.combos))]
+
+    def message(self, question: str, pictures: int) -> dict:
+        layout = self.rng.choice(MESSAGE_LAYOUTS) if pictures else "{question}"
+        return {"role": "user", "content": layout.format(images=PIPELINE.image_text() * pictures, question=question)}
+
+    def answer(self, question: str, about: tuple[str, str]) -> dict:
+        return {"role": "assistant", "content": answer_for(question, *about)}
+
+    def conversation(self, kind: str) -> Conversation:
+        """A chat whose last answer is about the last picture, whatever came before it."""
+        last, earlier = self.combo(), self.combo()
+        embed_all = self.rng.random() < EARLIER_FEATURES_SHARE
+        question = self.question()
+        if kind == "single":
+            return Conversation([self.message(question, 1), self.answer(question, last)], [last], embed_all, {1})
+        if kind == "earlier picture":
+            return Conversation([self.message(question, 2), self.answer(question, last)], [earlier, last],
+                                embed_all, {1})
+        first_question = self.question()
+        if kind == "follow-up":
+            return Conversation([self.message(first_question, 1), self.answer(first_question, last),
+                                 self.message(question, 0), self.answer(question, last)], [last], embed_all, {1, 3})
+        return Conversation([self.message(first_question, 1), self.answer(first_question, earlier),
+                             self.message(question, 1), self.answer(question, last)], [earlier, last], embed_all,
+                            {1, 3} if embed_all else {3})
+
+    def ids_and_labels(self, conversation: Conversation) -> tuple[list[int], list[int]]:
+        """Token ids of a rendered chat and its labels (-100 everywhere but the learned answers)."""
+        render = self.tokenizer.apply_chat_template
+        messages = conversation.messages
+        ids, labels, done = [], [], ""
+        for index in range(1, len(messages), 2):
+            before = render(messages[:index], tokenize=False, add_generation_prompt=True)
+            through = render(messages[:index + 1], tokenize=False)
+            assert before.startswith(done) and through.startswith(before)
+            prompt_ids = self.tokenizer.encode(before[len(done):], add_special_tokens=False)
+            answer_ids = self.tokenizer.encode(through[len(before):], add_special_tokens=False)
+            ids += prompt_ids + answer_ids
+            labels += [-100] * len(prompt_ids) + (answer_ids if index in conversation.learned else [-100] * len(answer_ids))
+            done = through
+        return ids, labels
 
     def next(self, size: int):
-        combos = [self.combos[self.rng.randrange(len(self.combos))] for _ in range(size)]
-        pictures = [draw(colour, shape, self.rng) for colour, shape in combos]
-        questions = [COLOUR_QUESTION if self.rng.random() < 0.25 else self.rng.choice(SHAPE_QUESTIONS)
-                     for _ in combos]
-        # Some prompts hold an earlier picture that, as with "embed all" off, keeps its plain
-        # image tokens: the answer is about the last picture, the one with features.
-        images = [2 if self.rng.random() < EARLIER_PICTURE_SHARE else 1 for _ in combos]
-        rows = [self.example_ids(q, c, s, n) for q, (c, s), n in zip(questions, combos, images)]
+        kind = self.rng.choices(list(CONVERSATION_SHARES), weights=list(CONVERSATION_SHARES.values()))[0]
+        conversations = [self.conversation(kind) for _ in range(size)]
+        featured = [c.pictures if c.embed_all else c.pictures[-1:] for c in conversations]
+        pictures = [draw(colour, shape, self.rng) for row in featured for colour, shape in row]
+        rows = [self.ids_and_labels(c) for c in conversations]
         width = max(len(ids) for ids, _ in rows)
         ids = torch.full((size, width), self.tokenizer.pad_token_id)
         labels = torch.full((size, width), -100)
@@ -198,17 +275,23 @@ class Batches:
             ids[row, :len(row_ids)] = torch.tensor(row_ids)
             labels[row, :len(row_labels)] = torch.tensor(row_labels)
             mask[row, :len(row_ids)] = 1
-        return preprocess(pictures, self.processor, PIPELINE), ids, labels, mask
+        embed_all = torch.tensor([c.embed_all for c in conversations])
+        return preprocess(pictures, self.processor, PIPELINE), ids, labels, mask, embed_all
 
 
-def spliced_embeddings(tower, projector, llm, pixels, ids, image_id):
-    """The extension's splice, differentiable: projected patch features at the image token slots."""
+def spliced_embeddings(tower, projector, llm, pixels, ids, image_id, embed_all):
+    """The extension's splice, differentiable: projected patch features at the image token slots.
+
+    ``pixels`` holds the featured pictures row by row: every picture of a row with
+    ``embed_all``, else only its last one (earlier ones keep their image token embeddings).
+    """
     hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[PIPELINE.vision_feature_layer]
     features = projector(hidden[:, 1:])  # the CLS position carries no patch
     embeds = llm.get_input_embeddings()(ids)
     slots = ids == image_id
-    # only each row's last picture gets features (earlier ones keep their image token embeddings)
-    slots &= slots.cumsum(1) > slots.sum(1, keepdim=True) - PIPELINE.feature_count
+    picture = (slots.cumsum(1) - 1) // PIPELINE.feature_count
+    last_picture = slots.sum(1, keepdim=True) // PIPELINE.feature_count - 1
+    slots &= embed_all.unsqueeze(1) | (picture == last_picture)
     return embeds.masked_scatter(slots.unsqueeze(-1).expand_as(embeds), features.to(embeds.dtype))
 
 
@@ -222,8 +305,8 @@ def train(steps: int, batch_size: int, seed: int, processor, tokenizer, log=prin
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=LEARNING_RATE, total_steps=steps, pct_start=0.1)
     started = time.perf_counter()
     for step in range(steps):
-        pixels, ids, labels, mask = batches.next(batch_size)
-        embeds = spliced_embeddings(tower, projector, llm, pixels, ids, image_id)
+        pixels, ids, labels, mask, embed_all = batches.next(batch_size)
+        embeds = spliced_embeddings(tower, projector, llm, pixels, ids, image_id, embed_all)
         loss = llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
         optimiser.zero_grad()
         loss.backward()
@@ -247,33 +330,46 @@ def save(folder: str, tower, projector, llm, tokenizer) -> None:
               os.path.join(folder, "mm_projector.safetensors"))
     with open(os.path.join(folder, "llava.json"), "w") as f:
         json.dump({"pipeline": PIPELINE.name, "vision_tower": "vision_tower", "projector": "mm_projector.safetensors",
-                   "prompt_template": PROMPT_TEMPLATE}, f, indent=2)
+                   "prompt_template": ask_template(tokenizer)}, f, indent=2)
 
 
-def held_out_accuracy(folder: str, seed: int, per_combination: int) -> tuple[float, list[str]]:
-    """Share of fresh pictures the saved model names right (colour and shape), asked as `ask` asks."""
+def ask_template(tokenizer) -> str:
+    """The chat template's one-message prompt, as `ask` fills it in (it adds BOS itself)."""
+    message = {"role": "user", "content": ASK_LAYOUT}
+    return tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True, bos_token="")
+
+
+def held_out_accuracy(folder: str, seed: int, per_combination: int) -> dict[str, tuple[float, list[str]]]:
+    """Per message layout, the share of fresh pictures the saved model names right (colour and
+    shape), the prompt rendered by its chat template as the webui renders it."""
     from extensions.llava.chat_ui import picture_data_url
     from extensions.llava.cli_ask import Asker
     asker = Asker(folder)
     rng = random.Random(seed)
-    right, mistakes = 0, []
-    for colour in COLOURS:
-        for shape in SHAPES:
-            for _ in range(per_combination):
-                tag = f'<img src="{picture_data_url(draw(colour, shape, rng))}">'
-                answer = asker.ask_tags([tag], SHAPE_QUESTIONS[0])
-                if colour in answer and shape in answer:
-                    right += 1
-                else:
-                    mistakes.append(f"{colour} {shape} → {answer!r}")
-    return right / (len(COLOURS) * len(SHAPES) * per_combination), mistakes
+    scores = {}
+    for layout in MESSAGE_LAYOUTS:
+        right, mistakes = 0, []
+        for colour in COLOURS:
+            for shape in SHAPES:
+                for _ in range(per_combination):
+                    tag = f'<img src="{picture_data_url(draw(colour, shape, rng))}">'
+                    message = {"role": "user", "content": layout.format(images=tag, question=SHAPE_QUESTIONS[0])}
+                    prompt = asker.tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True,
+                                                                 bos_token="")
+                    answer = asker.answer(prompt)
+                    if colour in answer and shape in answer:
+                        right += 1
+                    else:
+                        mistakes.append(f"{colour} {shape} → {answer!r}")
+        scores[layout] = right / (len(COLOURS) * len(SHAPES) * per_combination), mistakes
+    return scores
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(ROOT, "extensions", "llava", "demo"))
-    parser.add_argument("--steps", type=int, default=4500)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--batch-size", type=int, default=48)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (the result depends on it)")
     parser.add_argument("--no-example", action="store_true", help="do not (re)write examples/red-circle.png")
@@ -296,11 +392,11 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(EXAMPLE_PICTURE), exist_ok=True)
         example_picture().save(EXAMPLE_PICTURE)
     size = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(args.out) for n in names)
-    accuracy, mistakes = held_out_accuracy(args.out, seed=args.seed + 1, per_combination=25)
-    print(f"trained in {trained_in:.0f} s on {args.threads} thread(s); {args.out}: {size / 2**20:.2f} MB; "
-          f"held-out accuracy {accuracy:.1%}")
-    for mistake in mistakes[:10]:
-        print("  wrong:", mistake)
+    print(f"trained in {trained_in:.0f} s on {args.threads} thread(s); {args.out}: {size / 2**20:.2f} MB")
+    for layout, (accuracy, mistakes) in held_out_accuracy(args.out, seed=args.seed + 1, per_combination=25).items():
+        print(f"held-out accuracy with messages laid out as {layout!r}: {accuracy:.1%}")
+        for mistake in mistakes[:5]:
+            print("  wrong:", mistake)
     return 0
 
 
