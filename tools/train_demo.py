@@ -15,9 +15,9 @@ question, a follow-up question about the picture of the turn before, an earlier 
 with or without features ("embed all" on or off) before the one asked about.
 
 The run is seeded: the same seed and thread count give the same weights (the bundled demo
-was made with the defaults: two threads, TRAINING_TIME). It writes about 1.5 MB. At the end
-the saved folder is loaded the way `python -m extensions.llava ask` loads it and scored on
-freshly drawn pictures, for each place a picture can take in a message.
+was made with the defaults: two threads, about fifteen minutes). It writes about 1.5 MB.
+At the end the saved folder is loaded the way `python -m extensions.llava ask` loads it
+and scored on freshly drawn pictures, for each place a picture can take in a message.
 """
 
 from __future__ import annotations
