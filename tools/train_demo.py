@@ -59,11 +59,13 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
-# Where pictures stand in a user message: `ask` (and llava.json's template) puts them first,
-# the webui's attach button and chat API put them first with a blank line, the extension's
-# upload field appends them to the message.
-MESSAGE_LAYOUTS = ("{images}\n{question}", "{images}\n\n{question}", "{question}\n{images}")
-ASK_LAYOUT = MESSAGE_LAYOUTS[0]
+# Where pictures stand in a user message, by who puts them there.
+MESSAGE_LAYOUTS = {
+    "ask": "{images}\n{question}",  # also llava.json's prompt template
+    "attach button": "{images}\n\n{question}",  # the webui's own attachments and its chat API
+    "upload field": "{question}\n{images}",  # the extension's picture field appends to the message
+}
+ASK_LAYOUT = MESSAGE_LAYOUTS["ask"]
 TOWER_WIDTH = 64
 TOWER_LAYERS = 4  # the pipeline reads the second to last layer's output, as LLaVA does
 LEARNING_RATE = 1e-3
@@ -221,7 +223,7 @@ class Batches:
         return self.combos[self.rng.randrange(len(self.combos))]
 
     def message(self, question: str, pictures: int) -> dict:
-        layout = self.rng.choice(MESSAGE_LAYOUTS) if pictures else "{question}"
+        layout = self.rng.choice(list(MESSAGE_LAYOUTS.values())) if pictures else "{question}"
         return {"role": "user", "content": layout.format(images=PIPELINE.image_text() * pictures, question=question)}
 
     def answer(self, question: str, about: tuple[str, str]) -> dict:
@@ -333,35 +335,38 @@ def save(folder: str, tower, projector, llm, tokenizer) -> None:
                    "prompt_template": ask_template(tokenizer)}, f, indent=2)
 
 
-def ask_template(tokenizer) -> str:
-    """The chat template's one-message prompt, as `ask` fills it in (it adds BOS itself)."""
-    message = {"role": "user", "content": ASK_LAYOUT}
+def one_message_prompt(tokenizer, content: str) -> str:
+    """A chat of one user message rendered by the chat template, without BOS (encoders add it)."""
+    message = {"role": "user", "content": content}
     return tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True, bos_token="")
 
 
+def ask_template(tokenizer) -> str:
+    """The prompt template `ask` fills in."""
+    return one_message_prompt(tokenizer, ASK_LAYOUT)
+
+
 def held_out_accuracy(folder: str, seed: int, per_combination: int) -> dict[str, tuple[float, list[str]]]:
-    """Per message layout, the share of fresh pictures the saved model names right (colour and
+    """Per place of the pictures in the message, the share of fresh pictures the saved model names right (colour and
     shape), the prompt rendered by its chat template as the webui renders it."""
     from extensions.llava.chat_ui import picture_data_url
     from extensions.llava.cli_ask import Asker
     asker = Asker(folder)
     rng = random.Random(seed)
     scores = {}
-    for layout in MESSAGE_LAYOUTS:
+    for origin, layout in MESSAGE_LAYOUTS.items():
         right, mistakes = 0, []
         for colour in COLOURS:
             for shape in SHAPES:
                 for _ in range(per_combination):
                     tag = f'<img src="{picture_data_url(draw(colour, shape, rng))}">'
-                    message = {"role": "user", "content": layout.format(images=tag, question=SHAPE_QUESTIONS[0])}
-                    prompt = asker.tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True,
-                                                                 bos_token="")
-                    answer = asker.answer(prompt)
+                    content = layout.format(images=tag, question=SHAPE_QUESTIONS[0])
+                    answer = asker.answer(one_message_prompt(asker.tokenizer, content))
                     if colour in answer and shape in answer:
                         right += 1
                     else:
                         mistakes.append(f"{colour} {shape} → {answer!r}")
-        scores[layout] = right / (len(COLOURS) * len(SHAPES) * per_combination), mistakes
+        scores[origin] = right / (len(COLOURS) * len(SHAPES) * per_combination), mistakes
     return scores
 
 
@@ -393,8 +398,8 @@ def main(argv=None) -> int:
         example_picture().save(EXAMPLE_PICTURE)
     size = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(args.out) for n in names)
     print(f"trained in {trained_in:.0f} s on {args.threads} thread(s); {args.out}: {size / 2**20:.2f} MB")
-    for layout, (accuracy, mistakes) in held_out_accuracy(args.out, seed=args.seed + 1, per_combination=25).items():
-        print(f"held-out accuracy with messages laid out as {layout!r}: {accuracy:.1%}")
+    for origin, (accuracy, mistakes) in held_out_accuracy(args.out, seed=args.seed + 1, per_combination=25).items():
+        print(f"held-out accuracy, pictures placed as by the {origin}: {accuracy:.1%}")
         for mistake in mistakes[:5]:
             print("  wrong:", mistake)
     return 0
