@@ -23,7 +23,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -93,9 +92,9 @@ def is_current(webui: str) -> bool:
 
 
 @contextlib.contextmanager
-def running_webui(models: str, model: str, current: bool, name: str = "llava"):
-    """server.py with the extension linked in as ``name``, serving ``model`` from ``models``;
-    stopped and unlinked after."""
+def running_webui(models: str, model: str, current: bool, log_dir: str, name: str = "llava"):
+    """server.py with the extension linked in as ``name``, serving ``model`` from ``models``
+    and logging into ``log_dir``; stopped and unlinked after."""
     if current:
         link = os.path.join(WEBUI, "user_data", "extensions", name)
     else:
@@ -110,7 +109,7 @@ def running_webui(models: str, model: str, current: bool, name: str = "llava"):
         command += ["--loader", "transformers", "--nowebui", "--api-port", str(port)]
     else:
         command += ["--listen-port", str(free_port())]
-    log_path = os.path.join(tempfile.mkdtemp(prefix="webui-log-"), "server.log")
+    log_path = os.path.join(log_dir, "server.log")
     log = open(log_path, "w")
     process = subprocess.Popen(command, cwd=WEBUI, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -143,17 +142,18 @@ def server(tmp_path_factory):
     current = is_current(WEBUI)
     models = tmp_path_factory.mktemp("models")
     write_model(os.path.join(models, "tiny-llava"), current)
-    with running_webui(str(models), "tiny-llava", current) as running:
+    with running_webui(str(models), "tiny-llava", current, log_dir=str(models)) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def demo_server():
+def demo_server(tmp_path_factory):
     if not is_current(WEBUI):
         pytest.skip("the 2023 webui loads every LLaMA with a sentencepiece tokenizer, which the demo does not have")
     models, model = os.path.split(DEMO_MODEL)
     # a second name: the module's other server still holds the link named llava
-    with running_webui(models, model, current=True, name="llava_demo") as running:
+    with running_webui(models, model, current=True, log_dir=str(tmp_path_factory.mktemp("demo")),
+                       name="llava_demo") as running:
         yield running
 
 
