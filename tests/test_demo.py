@@ -62,6 +62,7 @@ def test_demo_names_pictures_placed_as_the_webui_places_them(asker, origin):
         for _ in range(per_combination):
             content = layout.format(images=tag(draw(colour, shape, rng)), question=QUESTION)
             right += names(asker.answer(one_message_prompt(asker.tokenizer, content)), colour, shape)
+    print(f"demo, pictures placed as by the {origin}: {right} of {len(COMBINATIONS) * per_combination} right")
     assert right >= 0.9 * len(COMBINATIONS) * per_combination
 
 
@@ -97,6 +98,7 @@ def test_demo_chats_in_the_webui(asker, host_factory):
         turns += 3
         assert host.script.engine().counters.vision_forwards == 2  # each picture encoded once
         host.close()
+    print(f"demo chat turns answered right: {right} of {turns}")
     assert right >= 0.9 * turns
 
 
