@@ -13,10 +13,16 @@ pictures from the webui's attach button become ``<__media__>`` placeholders.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
 import html
 import importlib
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import types
 
 import torch
@@ -28,7 +34,7 @@ SCRIPT = "extensions.llava.script"
 
 class Host:
     def __init__(self, model=None, tokenizer=None, settings: dict | None = None, loader: str = "Transformers",
-                 api: bool = False, model_dir: str = "", model_name: str = "None"):
+                 api: bool = False, model_dir: str = "", model_name: str = "None", gradio_sessions: bool = True):
         self.logger = logging.getLogger("fake-webui")
         shared = types.SimpleNamespace(
             args=types.SimpleNamespace(loader=loader, api=api, public_api=False, model_dir=model_dir, cpu=True),
@@ -44,8 +50,15 @@ class Host:
         modules.shared = shared
         modules.text_generation = text_generation
         modules.logging_colors = logging_colors
+        # gradio keeps each UI event's request (with its browser session) in a context variable
+        self.request_context = contextvars.ContextVar("request", default=None)
+        gradio = types.ModuleType("gradio")
+        gradio.context = types.ModuleType("gradio.context")
+        gradio.context.LocalContext = types.SimpleNamespace(request=self.request_context)
         self._modules = {"modules": modules, "modules.shared": shared, "modules.text_generation": text_generation,
                          "modules.logging_colors": logging_colors}
+        if gradio_sessions:  # the 2023 webui's gradio has no per-event request
+            self._modules.update({"gradio": gradio, "gradio.context": gradio.context})
         self._saved = {name: sys.modules.get(name) for name in self._modules}
         sys.modules.update(self._modules)
         for name in [n for n in sys.modules if n.startswith("extensions.llava.script")]:
@@ -53,12 +66,12 @@ class Host:
         self.script = importlib.import_module(SCRIPT)
         self.apply_settings()
         self.script.setup()
-        self.internal: list[list[str]] = []
-        self.visible: list[list[str]] = []
-        self.attachments: list[dict] = []
+        self.history = {"internal": [], "visible": [], "metadata": {}}
+        self.upload_dir = tempfile.mkdtemp(prefix="llava-uploads-")
         self.last_prompt_ids = None
 
     def close(self) -> None:
+        shutil.rmtree(self.upload_dir, ignore_errors=True)
         for name, module in self._saved.items():
             if module is None:
                 sys.modules.pop(name, None)
@@ -114,41 +127,85 @@ class Host:
             output = self.shared.model.generate(**params)[0]
         return self.shared.tokenizer.decode(output[len(input_ids[0]):], skip_special_tokens=state["skip_special_tokens"])
 
-    def chat(self, text: str, state: dict | None = None, attachments: list | None = None) -> str:
-        """One chat turn: the extension's input modifiers, the history, a prompt, a reply.
+    def pick(self, image, session=None) -> None:
+        """The user picks ``image`` (a PIL picture, or None to clear) in the extension's field."""
+        if image is None:
+            self.script._pick(None, session)
+            return
+        path = os.path.join(self.upload_dir, f"upload-{len(os.listdir(self.upload_dir))}.png")
+        image.save(path)
+        self.script._pick(path, session)
 
-        ``attachments`` are pictures given to the webui's own attach button: the message gets
-        a ``<__media__>`` placeholder each and ``state['image_attachments']`` lists the
-        pictures of the whole history.
+    def chat(self, text: str, state: dict | None = None, attachments: list | None = None, session=None) -> str:
+        """One chat turn as the current webui's chatbot_wrapper runs it.
+
+        The history is copied and handed to ``history_modifier``; ``attachments`` (pictures given to
+        the webui's own attach button) go into the new message's metadata; then ``state_modifier``,
+        ``chat_input_modifier`` and ``input_modifier`` run on the text; every image attachment of the
+        history is listed in ``state['image_attachments']`` and stands as a ``<__media__>`` placeholder
+        at the start of its message. ``session`` is the browser session the UI event belongs to.
         """
         state = state or self.state()
-        visible_text = html.escape(text)
-        text, visible_text = self.script.chat_input_modifier(text, visible_text, state)
-        text = self.script.input_modifier(text, state, is_chat=True)
-        if attachments:
-            text = "<__media__>" * len(attachments) + "\n\n" + text
-            self.attachments.extend({"type": "image", "image_data": picture_data_url(image)} for image in attachments)
-        if self.attachments:
-            state["image_attachments"] = list(self.attachments)
+        with self.browser_session(session):
+            history = self.script.history_modifier(copy.deepcopy(self.history))
+            row = len(history["internal"])
+            for image in attachments or []:
+                entry = history.setdefault("metadata", {}).setdefault(f"user_{row}", {})
+                entry.setdefault("attachments", []).append({"name": "image.png", "type": "image",
+                                                            "image_data": picture_data_url(image)})
+            state = self.script.state_modifier(state)
+            visible_text = html.escape(text)
+            text, visible_text = self.script.chat_input_modifier(text, visible_text, state)
+            text = self.script.input_modifier(text, state, is_chat=True)
+        history["internal"].append([text, ""])
+        history["visible"].append([visible_text, ""])
+        images = [a for i in range(len(history["internal"]))
+                  for a in history.get("metadata", {}).get(f"user_{i}", {}).get("attachments", [])
+                  if a.get("type") == "image"]
+        if images:
+            state["image_attachments"] = images
         if state["mode"] == "instruct":
             state["add_bos_token"] = False  # the instruction template writes BOS itself
-        self.internal.append([text, ""])
-        self.visible.append([visible_text, ""])
+        self.history = history
         prompt = self.chat_prompt(state)
         reply = self.generate(prompt, state, is_chat=True).lstrip(" ")
-        self.internal[-1][1] = reply
-        self.visible[-1][1] = html.escape(reply)
+        history["internal"][-1][1] = reply
+        history["visible"][-1][1] = html.escape(reply)
         return reply
+
+    @property
+    def internal(self) -> list[list[str]]:
+        return self.history["internal"]
+
+    @property
+    def visible(self) -> list[list[str]]:
+        return self.history["visible"]
+
+    def attachments_of(self, row: int) -> list[dict]:
+        return self.history.get("metadata", {}).get(f"user_{row}", {}).get("attachments", [])
+
+    @contextlib.contextmanager
+    def browser_session(self, session):
+        """gradio's per-event request, as the webui's UI events carry it."""
+        token = self.request_context.set(types.SimpleNamespace(session_hash=session) if session else None)
+        try:
+            yield
+        finally:
+            self.request_context.reset(token)
 
     def chat_prompt(self, state: dict) -> str:
         """Oldest turns are dropped until the prompt fits, counting tokens as the host does."""
         budget = state["truncation_length"] - state["max_new_tokens"]
-        turns = list(self.internal)
+        turns = [[self.with_placeholders(i, user), bot] for i, (user, bot) in enumerate(self.internal)]
         while True:
             prompt = self.render(turns, state)
             if len(turns) <= 1 or self.get_encoded_length(prompt) <= budget:
                 return prompt
             turns = turns[1:]
+
+    def with_placeholders(self, row: int, text: str) -> str:
+        count = sum(1 for a in self.attachments_of(row) if a.get("type") == "image")
+        return "<__media__>" * count + "\n\n" + text if count else text
 
     def render(self, turns: list[list[str]], state: dict) -> str:
         """Instruct mode renders the model's chat template (with BOS); otherwise a plain transcript."""

@@ -88,12 +88,15 @@ def test_demo_chats_in_the_webui(asker, host_factory):
     for i, (colour, shape) in enumerate(COMBINATIONS):
         host = host_factory(model=asker.model, tokenizer=asker.tokenizer, model_dir=models, model_name=name,
                             settings={"llava-clip_device": "cpu", "llava-projector_device": "cpu"})
-        state = host.state(mode="instruct", max_new_tokens=20, truncation_length=256)
-        host.script._pick(draw(colour, shape, rng))
-        right += names(host.chat(QUESTION, dict(state)), colour, shape)
-        right += host.chat(COLOUR_QUESTION, dict(state)) == f"{colour.capitalize()}."
+        # the webui's defaults: max_new_tokens 512, truncation_length from the model's config
+        state = host.state(mode="instruct", max_new_tokens=512,
+                           truncation_length=asker.model.config.max_position_embeddings)
+        host.pick(draw(colour, shape, rng), session="user")
+        right += names(host.chat(QUESTION, dict(state), session="user"), colour, shape)
+        right += host.chat(COLOUR_QUESTION, dict(state), session="user") == f"{colour.capitalize()}."
         new_colour, new_shape = COMBINATIONS[(i + len(SHAPES) + 1) % len(COMBINATIONS)]
-        answer = host.chat("What is in the picture?", dict(state), attachments=[draw(new_colour, new_shape, rng)])
+        answer = host.chat("What is in the picture?", dict(state), attachments=[draw(new_colour, new_shape, rng)],
+                           session="user")
         right += names(answer, new_colour, new_shape) and colour not in answer and shape not in answer
         turns += 3
         assert host.script.engine().counters.vision_forwards == 2  # each picture encoded once

@@ -101,6 +101,7 @@ def running_webui(models: str, model: str, current: bool, log_dir: str, name: st
         name, link = "llava_under_test", os.path.join(WEBUI, "extensions", "llava_under_test")
     if os.path.lexists(link):
         pytest.skip(f"{link} already exists; remove it to run this test")
+    os.makedirs(os.path.dirname(link), exist_ok=True)
     os.symlink(EXTENSION, link)
     port = free_port() if current else 5000
     command = [PYTHON, "server.py", "--cpu", "--model-dir", str(models), "--model", model,

@@ -23,20 +23,20 @@ def host(v0, host_factory):
     return host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=settings_for(v0))
 
 
-def test_upload_goes_with_the_next_message_and_persists(host):
+def test_upload_goes_with_the_next_message_as_an_attachment(host):
     photo = picture(120, 90, seed=11)
-    host.script._pick(photo)
-    host.chat("What is this?", host.state(max_new_tokens=2, truncation_length=4096))
-    internal, visible = host.internal[0][0], host.visible[0][0]
-    assert internal.startswith("What is this?\n<img src=\"data:image/png;base64,")
-    assert "data:image/jpeg;base64," in visible and len(visible) < len(internal)  # a thumbnail is shown
-    shown = parse_single_image(visible)
-    assert max(shown.size) <= 300
-    assert parse_single_image(internal).size == (120, 90)  # the model gets the full picture
+    host.pick(photo, session="a")
+    host.chat("What is this?", host.state(max_new_tokens=2, truncation_length=4096), session="a")
+    assert host.internal[0][0] == "What is this?"  # no picture data in the message text
+    [attachment] = host.attachments_of(0)
+    assert attachment["type"] == "image" and attachment["image_id"] == 1
+    assert attachment["image_data"].startswith("data:image/png;base64,")
+    shown = parse_single_image(f'<img src="{attachment["image_data"]}">')
+    assert shown.size == (120, 90) and shown.tobytes() == photo.convert("RGB").tobytes()  # the file as picked
     assert int((host.last_prompt_ids == PATCH_ID).sum()) == 256
     # the field was consumed: the next turn has no new picture, but the first stays in the history
-    host.chat("And now?", host.state(max_new_tokens=2, truncation_length=4096))
-    assert "<img" not in host.internal[1][0]
+    host.chat("And now?", host.state(max_new_tokens=2, truncation_length=4096), session="a")
+    assert host.attachments_of(1) == []
     assert int((host.last_prompt_ids == PATCH_ID).sum()) == 256
     assert host.script.engine().counters.vision_forwards == 1
 
@@ -48,28 +48,52 @@ def parse_single_image(text):
     return images[0].source.load().image
 
 
-def test_image_marker_places_the_picture(host):
-    host.script._pick(picture(seed=2))
-    host.chat("Compare <image> with the sky.", host.state(max_new_tokens=1))
-    assert host.internal[0][0].startswith("Compare <img src=") and host.internal[0][0].endswith("> with the sky.")
-    assert host.visible[0][0].startswith("Compare <img src=") and "&lt;image&gt;" not in host.visible[0][0]
-
-
 def test_clearing_the_field_cancels(host):
-    host.script._pick(picture(seed=3))
-    host.script._pick(None)
-    host.chat("no picture", host.state(max_new_tokens=1))
-    assert "<img" not in host.internal[0][0] and host.script.engine().counters.vision_forwards == 0
+    host.pick(picture(seed=3), session="a")
+    host.pick(None, session="a")
+    host.chat("no picture", host.state(max_new_tokens=1), session="a")
+    assert host.attachments_of(0) == [] and host.script.engine().counters.vision_forwards == 0
 
 
-def test_seed_era_input_hijack(host):
-    host.script._pick(picture(seed=4))
+def test_a_picture_goes_only_with_its_own_sessions_message(host):
+    host.pick(picture(seed=5), session="a")
+    host.chat("from b", host.state(max_new_tokens=1), session="b")
+    host.chat("over the API", host.state(max_new_tokens=1))  # no browser session at all
+    assert host.attachments_of(0) == [] and host.attachments_of(1) == []
+    host.chat("from a", host.state(max_new_tokens=1), session="a")
+    assert len(host.attachments_of(2)) == 1
+
+
+def test_embed_all_is_chosen_per_session(host):
+    host.script.sessions.set_embed_all("a", True)
+    with host.browser_session("a"):
+        assert host.state()["llava_embed_all"] is True
+    with host.browser_session("b"):
+        assert host.state()["llava_embed_all"] is False  # the setting's default
+    assert host.state()["llava_embed_all"] is False
+
+
+def test_a_file_that_is_not_a_picture_is_refused_when_picked(host, tmp_path, caplog):
+    path = tmp_path / "notes.png"
+    path.write_bytes(b"not a picture at all")
+    host.script._pick(str(path), "a")
+    host.chat("hello", host.state(max_new_tokens=1), session="a")
+    assert host.attachments_of(0) == []
+    assert "the picture 'notes.png' picked in the LLaVA field: the data is not a picture" in caplog.text
+
+
+def test_seed_era_input_hijack(v0, host_factory):
+    """The 2023 webui: no browser sessions, the picture goes into the message text through input_hijack."""
+    host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=settings_for(v0), gradio_sessions=False)
+    host.pick(picture(seed=4))
     hijack = host.script.input_hijack
     assert hijack["state"] is True and callable(hijack["value"])
     hijack["state"] = False  # what the seed-era host does before calling it
     text, visible = hijack["value"]("Hello <image>", "Hello <image>")
     assert text.startswith("Hello <img src=\"data:image/png") and visible.startswith("Hello <img src=\"data:image/jpeg")
-    assert host.script.uploads.take() is None
+    assert host.script.sessions.take(None) is None
+    text, visible = hijack["value"]("No <image> now", "No <image> now")
+    assert (text, visible) == ("No <image> now", "No <image> now")
 
 
 def test_webui_attachments_fill_media_placeholders_from_the_end(host):
@@ -147,6 +171,30 @@ def test_unsupported_loader_says_so(v0, host_factory):
     assert len(warnings) == 1 and "llama.cpp loader" in warnings[0] and "Transformers loader" in warnings[0]
     host.script.input_modifier("no picture here", host.state(), is_chat=True)
     assert len(warnings) == 1
+    host.pick(picture(), session="a")  # llama.cpp reads the webui's attachments itself: no warning
+    history = {"internal": [], "visible": []}
+    with host.browser_session("a"):
+        host.script.history_modifier(history)
+        host.script.chat_input_modifier("and this?", "and this?", host.state())
+    host.script.input_modifier("and this?", host.state(), is_chat=True)
+    assert len(warnings) == 1 and len(history["metadata"]["user_0"]["attachments"]) == 1
+
+
+@pytest.mark.parametrize("loader", ["ExLlamav3_HF", "TensorRT-LLM"])
+def test_loaders_that_drop_the_embeddings_are_warned(v0, host_factory, loader):
+    """ExLlamav3_HF calls the tokenizer hook, but its forward reads only input_ids."""
+    warnings = []
+    host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=settings_for(v0), loader=loader)
+    host.script._warn = warnings.append
+    host.script.input_modifier("see " + img_tag(picture()), host.state(), is_chat=False)
+    host.pick(picture(), session="a")
+    host.script.chat_input_modifier("and this?", "and this?", host.state())  # outside a session: no picture
+    with host.browser_session("a"):
+        host.script.history_modifier({"internal": [], "visible": []})
+        host.script.chat_input_modifier("and this?", "and this?", host.state())
+    host.script.input_modifier("and this?", host.state(), is_chat=True)
+    assert len(warnings) == 2 and all(f"the {loader} loader does not give" in w for w in warnings)
+    assert "1 picture(s)" in warnings[1]
 
 
 def test_no_model_loaded_does_not_crash(v0, host_factory):

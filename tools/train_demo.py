@@ -67,6 +67,9 @@ MESSAGE_LAYOUTS = {
 }
 ASK_LAYOUT = MESSAGE_LAYOUTS["ask"]
 TOWER_WIDTH = 64
+# The webui sets truncation_length from max_position_embeddings and defaults max_new_tokens to 512, so
+# the context must leave room for both. RoPE has no learned positions: the size changes no weight.
+DEMO_CONTEXT = 2048
 TOWER_LAYERS = 4  # the pipeline reads the second to last layer's output, as LLaVA does
 LEARNING_RATE = 1e-3
 # Conversation kinds and the share of batches of each: one picture; an earlier picture in the
@@ -175,7 +178,7 @@ def build_models(vocab_size: int):
                                              image_size=PIPELINE.image_size, patch_size=patch, projection_dim=32))
     llm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=PIPELINE.llm_hidden_size,
                                        intermediate_size=2 * PIPELINE.llm_hidden_size, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=DEMO_CONTEXT,
                                        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True))
     projector = build_projector(PIPELINE.projector_type, TOWER_WIDTH, PIPELINE.llm_hidden_size)
     return tower, projector, llm

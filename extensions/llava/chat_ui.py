@@ -1,7 +1,8 @@
 """What the chat UI and the host's state need from the core, with no webui import.
 
-The picture picked in the extension's field waits here until the next message takes it:
-the model sees the full picture, the chat shows a thumbnail.
+A picture picked in the extension's field waits, per browser session, until that session's
+next message takes it; it then becomes an image attachment of the message, exactly like
+one from the webui's own attach button.
 """
 
 from __future__ import annotations
@@ -11,13 +12,19 @@ import html
 import io
 import os
 import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 
-from .images import InlineImage, PilImage, UnreachableImage
+from .images import ImageSource, InlineImage, PilImage, UnreachableImage, sniff_header
 from .prompt import UI_IMAGE_MARKER, parse_prompt, place_image
 
 THUMBNAIL_SIDE = 300
 # Loaders whose generation goes through the tokenizer hook (the Transformers path).
-HOOKED_LOADERS = {"transformers", "exllamav3_hf", "autogptq", "gptq-for-llama", "hqq"}
+# Loaders whose generation passes the tokenizer hook's embeddings to the model. The webui's ExLlamav3_HF
+# calls the hook, but its forward reads only input_ids; the 2023 webui names no loader (None).
+HOOKED_LOADERS = {"transformers"}
+# Loaders that read the webui's image attachments themselves (a vision model in their own format).
+NATIVE_IMAGE_LOADERS = {"llama.cpp", "exllamav3"}
 
 
 def picture_data_url(image, fmt: str = "PNG", **save_args) -> str:
@@ -32,40 +39,113 @@ def thumbnail_tag(image) -> str:
     return f'<img src="{picture_data_url(small, "JPEG", quality=85)}">'
 
 
-class PendingUpload:
-    """The picture for the next message; thread-safe, taken once."""
+@dataclass(frozen=True)
+class Upload:
+    """A picture picked in the extension's field: the uploaded file, read when its message is sent."""
 
-    def __init__(self):
-        self._image = None
+    path: str
+    name: str
+
+
+def read_upload(path: str, name: str | None = None) -> Upload:
+    """Check an uploaded file by its header only (format and size; nothing is decoded)."""
+    name = name or os.path.basename(path)
+    source = FileUpload(path, name)
+    sniff_header(source.data(), source)
+    return Upload(path, name)
+
+
+@dataclass(frozen=True, eq=False)
+class FileUpload(ImageSource):
+    path: str
+    name: str
+    position: int = 0
+    origin: str = "picked in the LLaVA field"
+
+    @property
+    def label(self) -> str:
+        return f"the picture '{self.name}' {self.origin}"
+
+    def data(self) -> bytes:
+        try:
+            with open(self.path, "rb") as f:
+                return f.read()
+        except OSError:
+            raise self.error("the uploaded file is gone; pick the picture again") from None
+
+
+def upload_data_url(upload: Upload) -> str:
+    source = FileUpload(upload.path, upload.name)
+    data = source.data()
+    media_type = sniff_header(data, source)
+    return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def attach_to_new_message(history: dict, upload: Upload) -> dict:
+    """Add the picture to the message about to be appended to ``history``, as the webui's attach
+    button does: the webui then shows it, saves it once with the chat, and puts a ``<__media__>``
+    placeholder for it in the prompt."""
+    row = len(history.get("internal", []))
+    entry = history.setdefault("metadata", {}).setdefault(f"user_{row}", {})
+    attachments = entry.setdefault("attachments", [])
+    attachment = {"name": upload.name, "type": "image", "image_data": upload_data_url(upload),
+                  "image_id": sum(1 for a in attachments if a.get("type") == "image") + 1}
+    attachments.append(attachment)
+    return attachment
+
+
+class BrowserSessions:
+    """Per browser session: the picture waiting for its next message and the "embed all" choice.
+
+    Hosts without sessions (the 2023 webui) use the key None. The least recently used sessions
+    are forgotten beyond ``limit``; nothing decoded is held, only file paths.
+    """
+
+    def __init__(self, limit: int = 256):
+        self.limit = limit
+        self._pictures: OrderedDict = OrderedDict()
+        self._embed_all: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
-    def set(self, image) -> None:
+    def _put(self, table: OrderedDict, session, value) -> None:
+        table[session] = value
+        table.move_to_end(session)
+        while len(table) > self.limit:
+            table.popitem(last=False)
+
+    def pick(self, session, upload: Upload | None) -> None:
         with self._lock:
-            self._image = image
+            if upload is None:
+                self._pictures.pop(session, None)
+            else:
+                self._put(self._pictures, session, upload)
 
-    def take(self):
+    def take(self, session) -> Upload | None:
         with self._lock:
-            image, self._image = self._image, None
-            return image
+            return self._pictures.pop(session, None)
 
-    def attach(self, text: str, visible_text: str, escaped_visible: bool) -> tuple[str, str]:
-        """Put the pending picture into a message: full size for the model, a thumbnail to show.
+    def set_embed_all(self, session, value: bool) -> None:
+        with self._lock:
+            self._put(self._embed_all, session, bool(value))
 
-        It goes where the user wrote ``<image>``, else at the end. The current webui hands
-        over ``visible_text`` HTML-escaped, where the marker reads ``&lt;image&gt;``.
-        """
-        image = self.take()
-        if image is None:
-            return text, visible_text
-        full = f'<img src="{picture_data_url(image)}">'
-        text = place_image(text, full)
-        marker = html.escape(UI_IMAGE_MARKER) if escaped_visible else UI_IMAGE_MARKER
-        visible_text = visible_text or ""
-        if marker in visible_text:
-            visible_text = visible_text.replace(marker, thumbnail_tag(image), 1)
-        else:
-            visible_text = f"{visible_text}\n{thumbnail_tag(image)}" if visible_text else thumbnail_tag(image)
-        return text, visible_text
+    def embed_all(self, session, default: bool) -> bool:
+        with self._lock:
+            return self._embed_all.get(session, default)
+
+
+def inline_in_message(text: str, visible_text: str, upload: Upload, escaped_visible: bool) -> tuple[str, str]:
+    """The 2023 webui has no attachments: the picture goes into the message as an ``<img>`` tag
+    (where the user wrote ``<image>``, else at the end) and a thumbnail is shown."""
+    url = upload_data_url(upload)
+    text = place_image(text, f'<img src="{url}">')
+    marker = html.escape(UI_IMAGE_MARKER) if escaped_visible else UI_IMAGE_MARKER
+    thumbnail = thumbnail_tag(InlineImage.from_url(url).load().image)
+    visible_text = visible_text or ""
+    if marker in visible_text:
+        visible_text = visible_text.replace(marker, thumbnail, 1)
+    else:
+        visible_text = f"{visible_text}\n{thumbnail}" if visible_text else thumbnail
+    return text, visible_text
 
 
 def media_from_state(state: dict) -> list:
@@ -117,21 +197,31 @@ def model_folder(shared) -> str | None:
     return path if os.path.isdir(path) else None
 
 
+def _loader_key(loader: str | None) -> str:
+    return (loader or "").lower().replace(" ", "")
+
+
 def loader_sees_images(loader: str | None, model) -> bool:
     if model is None:
         return True  # nothing loaded: the host reports that itself
-    if loader and loader.lower().replace(" ", "") not in HOOKED_LOADERS:
+    if loader and _loader_key(loader) not in HOOKED_LOADERS:
         return False
     return hasattr(model, "get_input_embeddings")
 
 
-def warn_if_unsupported(text: str, state: dict, loader: str | None, model, warn) -> bool:
-    """Say so when pictures are sent to a loader that never calls the tokenizer hook."""
-    if "<" not in text or loader_sees_images(loader, model):
+def warn_if_unsupported(text: str, loader: str | None, model, warn, attached: int = 0) -> bool:
+    """Say so when pictures are sent to a loader whose model will not see them.
+
+    ``attached`` counts the field's pictures that went into this message as attachments; the
+    webui's llama.cpp and ExLlamaV3 loaders read attachments themselves, others drop them.
+    """
+    if loader_sees_images(loader, model):
         return False
-    count = len(parse_prompt(text).images)
+    count = len(parse_prompt(text).images) if "<" in text else 0
+    if _loader_key(loader) not in NATIVE_IMAGE_LOADERS:
+        count += attached
     if count:
-        warn(f"llava: the {loader or 'current'} loader does not pass through the extension's tokenizer hook, "
-             f"so the {count} picture(s) in this message are not seen by the model; load the model with the "
+        warn(f"llava: the {loader or 'current'} loader does not give the extension's image features to the "
+             f"model, so the {count} picture(s) in this message are not seen by it; load the model with the "
              "Transformers loader to use the llava extension")
     return bool(count)

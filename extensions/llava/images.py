@@ -150,7 +150,8 @@ def decode_base64(payload: str, source: ImageSource) -> bytes:
         raise source.error("the data after 'base64,' is not valid base64") from None
 
 
-def open_picture(data: bytes, source: ImageSource) -> Picture:
+def _open_header(data: bytes, source: ImageSource) -> Image.Image:
+    """Pillow's lazy open: the header is read, no pixel is decoded; size limits are checked here."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -164,6 +165,18 @@ def open_picture(data: bytes, source: ImageSource) -> Picture:
         raise source.error("the picture has no pixels")
     if width * height > MAX_PIXELS:
         raise source.error(f"the picture is {width}×{height} pixels; the limit is {MAX_PIXELS:,} pixels")
+    return image
+
+
+def sniff_header(data: bytes, source: ImageSource) -> str:
+    """The picture's media type, from its header alone; refuses what ``open_picture`` would refuse
+    before decoding."""
+    image = _open_header(data, source)
+    return image.get_format_mimetype() or "image/png"
+
+
+def open_picture(data: bytes, source: ImageSource) -> Picture:
+    image = _open_header(data, source)
     notes = []
     if getattr(image, "n_frames", 1) > 1:
         notes.append(f"{source.label} is animated; its first frame is used")

@@ -7,6 +7,7 @@ never import the webui). ``modules.*`` is imported lazily, inside the hooks.
 import importlib
 import importlib.util
 import sys
+import threading
 from pathlib import Path
 
 
@@ -32,10 +33,11 @@ LlavaError = _core("errors").LlavaError
 
 params = {"display_name": "LLaVA", "is_tab": False, **settings_module.DEFAULTS}
 
-# The seed-era webui takes the next message's picture through input_hijack; the current
-# one calls chat_input_modifier. Each host uses one of the two, never both.
+# The 2023 webui takes the next message's picture through input_hijack; the current one calls
+# history_modifier then chat_input_modifier. Each host uses one of the two, never both.
 input_hijack = {"state": False, "value": ["", ""]}
-uploads = chat_ui.PendingUpload()
+sessions = chat_ui.BrowserSessions()
+_turn = threading.local()  # the history copy that the message being sent is added to
 _engine = None
 
 
@@ -107,19 +109,49 @@ def _request_problem(path: str, body: dict):
     return engine().request_problem(path, body)
 
 
+def _request_context():
+    """gradio's per-event request holder; absent from the 2023 webui's gradio."""
+    try:
+        from gradio.context import LocalContext
+    except ImportError:
+        return None
+    return getattr(LocalContext, "request", None)
+
+
+def _browser_session():
+    """The browser session of the UI event being handled; None over the API or on the 2023 webui."""
+    context = _request_context()
+    return getattr(context.get() if context is not None else None, "session_hash", None)
+
+
 def state_modifier(state):
-    state["llava_embed_all"] = bool(params["add_all_images_to_prompt"])
+    state["llava_embed_all"] = sessions.embed_all(_browser_session(), bool(params["add_all_images_to_prompt"]))
     return state
 
 
+def history_modifier(history):
+    _turn.history = history
+    return history
+
+
 def chat_input_modifier(text, visible_text, state):
+    history, _turn.history = getattr(_turn, "history", None), None
     input_hijack["state"] = False
-    return uploads.attach(text, visible_text, escaped_visible=True)
+    upload = sessions.take(_browser_session())
+    _turn.attached = 0
+    if upload is not None and history is not None:
+        try:
+            chat_ui.attach_to_new_message(history, upload)
+            _turn.attached = 1
+        except LlavaError as error:
+            _warn(f"llava: {error}")
+    return text, visible_text
 
 
 def input_modifier(string, state=None, is_chat=False):  # the 2023 webui passes only the text
     from modules import shared
-    chat_ui.warn_if_unsupported(string, state, getattr(shared.args, "loader", None), shared.model, _warn)
+    attached, _turn.attached = getattr(_turn, "attached", 0) if is_chat else 0, 0
+    chat_ui.warn_if_unsupported(string, getattr(shared.args, "loader", None), shared.model, _warn, attached)
     return string
 
 
@@ -171,19 +203,53 @@ def ui():
     import gradio as gr
     from modules import shared
     with gr.Accordion("LLaVA", open=True):
-        picture = gr.Image(label="Picture for the next message", type="pil")
-        embed_all = gr.Checkbox(value=bool(params["add_all_images_to_prompt"]),
+        picture = gr.File(label="Picture for the next message", file_types=["image"], type="filepath",
+                          elem_id="llava-picture")
+        embed_all = gr.Checkbox(value=bool(params["add_all_images_to_prompt"]), elem_id="llava-embed-all",
                                 label="Embed all images, not only the last one")
-    picture.change(lambda image: _pick(image), picture, None)
-    embed_all.change(lambda value: params.update(add_all_images_to_prompt=bool(value)), embed_all, None)
-    for name in ("Generate", "textbox"):
-        component = shared.gradio.get(name)
-        event = getattr(component, "click" if name == "Generate" else "submit", None)
-        if event is not None:
-            event(lambda: None, None, picture)  # the picture went with the message: clear the field
+
+    # gradio hands a handler its gr.Request when the parameter is annotated with the type.
+    def pick(path, request: gr.Request):
+        _pick(path, _session_of(request))
+
+    def cancel(request: gr.Request):
+        _pick(None, _session_of(request))
+
+    def choose_embed_all(value, request: gr.Request):
+        sessions.set_embed_all(_session_of(request), value)
+
+    # upload and clear are the user's own actions; emptying the field after a send fires neither.
+    picture.upload(pick, picture, None)
+    picture.clear(cancel, None, None)
+    embed_all.change(choose_embed_all, embed_all, None)
+    for name, event in (("Generate", "click"), ("textbox", "submit")):
+        listener = getattr(shared.gradio.get(name), event, None)
+        if listener is not None:
+            listener(lambda: None, None, picture)  # the picture went with the message: empty the field
 
 
-def _pick(image) -> None:
-    uploads.set(image)
-    input_hijack.update(state=image is not None,
-                        value=lambda text, visible: uploads.attach(text, visible, escaped_visible=False))
+def _session_of(request):
+    """Hooks see the session only where gradio keeps the request per event (not the 2023 webui)."""
+    return getattr(request, "session_hash", None) if _request_context() is not None else None
+
+
+def _pick(path, session=None) -> None:
+    if path is None:
+        sessions.pick(session, None)
+        return
+    try:
+        upload = chat_ui.read_upload(path)
+    except LlavaError as error:
+        sessions.pick(session, None)
+        _warn(f"llava: {error}")
+        return
+    sessions.pick(session, upload)
+    if _request_context() is None:  # the 2023 webui: the picture goes into the message text
+        input_hijack.update(state=True, value=_inline)
+
+
+def _inline(text, visible_text):
+    upload = sessions.take(None)
+    if upload is None:
+        return text, visible_text
+    return chat_ui.inline_in_message(text, visible_text, upload, escaped_visible=False)
