@@ -37,3 +37,12 @@ def host_factory():
     yield make
     for host in hosts:
         host.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Let fixtures know whether the test itself failed (the browser tests keep a screenshot then)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        item.failed_call = True

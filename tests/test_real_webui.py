@@ -5,54 +5,27 @@
     python -m pytest -q tests/test_real_webui.py
 
 The test writes a tiny LLaVA v0 model (with its own vision tower and projector and a
-``llava.json``, so no setting is needed) into a temporary models folder, links this
-extension into the checkout (``user_data/extensions/llava`` in a current webui,
-``extensions/llava_under_test`` in a 2023 one; the link is removed afterwards), starts
-``server.py`` on the CPU with the API on, and talks to it over HTTP. A second server
+``llava.json``, so no setting is needed) into a temporary models folder, installs this
+extension as ``tests/real_host.py`` describes, starts ``server.py`` on the CPU with the
+API on, and talks to it over HTTP. A second server
 serves the bundled demo, which must answer about the example picture in a chat.
 The current webui runs API-only (``--nowebui``); the 2023 one starts its UI and serves the
 seed API from its own ``api`` extension on port 5000.
 """
 
 import base64
-import contextlib
 import io
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from extensions.llava.cli_ask import DEMO_MODEL
 from tests import tiny
+from tests.real_host import ROOT, WEBUI, is_current, needs_webui, post, running_webui
 
-WEBUI = os.environ.get("LLAVA_WEBUI_PATH")
-PYTHON = os.environ.get("LLAVA_WEBUI_PYTHON", sys.executable)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXTENSION = os.path.join(ROOT, "extensions", "llava")
-
-pytestmark = pytest.mark.skipif(not WEBUI, reason="set LLAVA_WEBUI_PATH to a text-generation-webui checkout")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url: str, body: dict, timeout: float = 300):
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
+pytestmark = needs_webui
 
 
 def write_model(folder: str, current: bool) -> None:
@@ -91,59 +64,12 @@ def is_current(webui: str) -> bool:
     return os.path.isfile(os.path.join(webui, "modules", "api", "script.py"))
 
 
-@contextlib.contextmanager
-def running_webui(models: str, model: str, current: bool, log_dir: str, name: str = "llava"):
-    """server.py with the extension linked in as ``name``, serving ``model`` from ``models``
-    and logging into ``log_dir``; stopped and unlinked after."""
-    if current:
-        link = os.path.join(WEBUI, "user_data", "extensions", name)
-    else:
-        name, link = "llava_under_test", os.path.join(WEBUI, "extensions", "llava_under_test")
-    if os.path.lexists(link):
-        pytest.skip(f"{link} already exists; remove it to run this test")
-    os.makedirs(os.path.dirname(link), exist_ok=True)
-    os.symlink(EXTENSION, link)
-    port = free_port() if current else 5000
-    command = [PYTHON, "server.py", "--cpu", "--model-dir", str(models), "--model", model,
-               "--extensions", name, "--api"]
-    if current:
-        command += ["--loader", "transformers", "--nowebui", "--api-port", str(port)]
-    else:
-        command += ["--listen-port", str(free_port())]
-    log_path = os.path.join(log_dir, "server.log")
-    log = open(log_path, "w")
-    process = subprocess.Popen(command, cwd=WEBUI, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if process.poll() is not None:
-                break
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(1)
-        if process.poll() is not None:
-            pytest.fail("the webui exited:\n" + open(log_path).read()[-4000:])
-        yield {"base": base, "current": current, "log": log_path}
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-        os.unlink(link)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     current = is_current(WEBUI)
     models = tmp_path_factory.mktemp("models")
     write_model(os.path.join(models, "tiny-llava"), current)
-    with running_webui(str(models), "tiny-llava", current, log_dir=str(models)) as running:
+    with running_webui(str(models), "tiny-llava", str(tmp_path_factory.mktemp("tiny-server"))) as running:
         yield running
 
 
@@ -152,15 +78,12 @@ def demo_server(tmp_path_factory):
     if not is_current(WEBUI):
         pytest.skip("the 2023 webui loads every LLaMA with a sentencepiece tokenizer, which the demo does not have")
     models, model = os.path.split(DEMO_MODEL)
-    # a second name: the module's other server still holds the link named llava
-    with running_webui(models, model, current=True, log_dir=str(tmp_path_factory.mktemp("demo")),
-                       name="llava_demo") as running:
+    with running_webui(models, model, str(tmp_path_factory.mktemp("demo"))) as running:
         yield running
 
 
 def server_log(server) -> str:
-    with open(server["log"]) as f:
-        return f.read()
+    return server.log_text()
 
 
 def test_seed_generate_with_a_picture(server):

@@ -3,8 +3,9 @@
 The webui keeps its style sheets and ``user_data`` (default character, presets) in folders that
 its own ``.gitignore`` names, and a copy made by honouring that file lacks them; the server then
 cannot even import ``modules.html_generator``. This writes what the server reads at start-up:
-empty style sheets (the page works unstyled), an empty ``extensions`` package, and a default character and the default ``Top-P``
-preset holding the values the webui ships. Files that exist are never touched.
+empty style sheets (the page works unstyled), an empty ``extensions`` package, a default
+character, the default ``Top-P`` preset with the value the webui ships, and the Alpaca
+instruction template it falls back on. Files that exist are never touched.
 
     python -m tests.webui_standins WEBUI_DIR
 """
@@ -18,6 +19,15 @@ USER_DATA = {
     "characters/Assistant.yaml": "name: AI\ngreeting: How can I help you today?\n"
                                  "context: A chat between a user and a helpful AI assistant.\n",
     "presets/Top-P.yaml": "top_p: 0.95\n",
+    # The webui's fallback when a model has no chat template: the Alpaca layout.
+    "instruction-templates/Alpaca.yaml": (
+        "instruction_template: |-\n"
+        "  {%- for m in messages -%}\n"
+        "  {%- if m['role'] == 'system' -%}{{ m['content'] + '\\n\\n' }}\n"
+        "  {%- elif m['role'] == 'user' -%}{{ '### Instruction:\\n' + m['content'] + '\\n\\n' }}\n"
+        "  {%- else -%}{{ '### Response:\\n' + m['content'] + '\\n\\n' }}{%- endif -%}\n"
+        "  {%- endfor -%}\n"
+        "  {%- if add_generation_prompt -%}{{ '### Response:\\n' }}{%- endif -%}\n"),
 }
 USER_DATA_FOLDERS = ["extensions", "models", "loras", "instruction-templates", "logs", "cache", "grammars",
                      "mmproj", "image_models", "tools", "training/datasets", "training/formats", "users"]

@@ -1,0 +1,148 @@
+"""Running the real text-generation-webui around this extension, for the real-host tests.
+
+``LLAVA_WEBUI_PATH`` names a webui checkout and ``LLAVA_WEBUI_PYTHON`` its Python (both printed by
+the hosts' ``prepare.sh``). Each server gets its own copy of the checkout's ``user_data`` (saved
+chats, settings) with the extension linked in as ``user_data/extensions/NAME``, exactly where a
+user installs it, so servers never see each other's chats and the checkout is left untouched.
+A 2023 checkout has no ``user_data``: the extension is linked into its ``extensions`` folder.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+WEBUI = os.environ.get("LLAVA_WEBUI_PATH")
+PYTHON = os.environ.get("LLAVA_WEBUI_PYTHON", sys.executable)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXTENSION = os.path.join(ROOT, "extensions", "llava")
+
+needs_webui = pytest.mark.skipif(not WEBUI, reason="no real webui: set LLAVA_WEBUI_PATH and LLAVA_WEBUI_PYTHON "
+                                                   "(the hosts' prepare.sh prints both)")
+
+
+def is_current(webui: str) -> bool:
+    return os.path.isfile(os.path.join(webui, "modules", "api", "script.py"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(url: str, body=None, headers: dict | None = None, method: str | None = None, timeout: float = 300):
+    """(status, headers, body bytes) of one HTTP request; a JSON body is sent as JSON."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    all_headers = {"Content-Type": "application/json"} if data is not None and not isinstance(body, bytes) else {}
+    all_headers.update(headers or {})
+    req = urllib.request.Request(url, data=data, headers=all_headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def post(url: str, body: dict, headers: dict | None = None, timeout: float = 300):
+    """(status, parsed JSON) of a JSON POST."""
+    status, _, raw = request(url, body, headers, timeout=timeout)
+    return status, json.loads(raw or b"null")
+
+
+class Server:
+    def __init__(self, base: str, log: str, current: bool, process: subprocess.Popen, user_data: str | None):
+        self.base, self.log, self.current, self.process, self.user_data = base, log, current, process, user_data
+
+    def log_text(self) -> str:
+        with open(self.log, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def count(self, line: str) -> int:
+        return self.log_text().count(line)
+
+    def wait_for_count(self, line: str, count: int, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while self.count(line) < count:
+            if time.time() > deadline or self.process.poll() is not None:
+                raise AssertionError(f"the server log never had {count} × {line!r}:\n{self.log_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def __getitem__(self, key):  # the older tests read server["base"] and server["current"]
+        return getattr(self, key)
+
+
+@contextlib.contextmanager
+def running_webui(models: str, model: str, work_dir: str, *, ui: bool = False, api: bool = True,
+                  extra_args: tuple = (), env: dict | None = None):
+    """server.py with this extension, serving ``model`` from ``models``, its log and user data in
+    ``work_dir``; stopped after."""
+    current = is_current(WEBUI)
+    user_data = None
+    command = [PYTHON, "server.py", "--cpu", "--model-dir", str(models), "--model", model]
+    if current:
+        user_data = os.path.join(work_dir, "user_data")
+        shutil.copytree(os.path.join(WEBUI, "user_data"), user_data, symlinks=True,
+                        ignore=shutil.ignore_patterns("models", "logs", "cache"))
+        link = os.path.join(user_data, "extensions", "llava")
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        if os.path.lexists(link):  # another copy of the extension installed in the checkout
+            shutil.rmtree(link) if os.path.isdir(link) and not os.path.islink(link) else os.unlink(link)
+        os.symlink(EXTENSION, link)
+        command += ["--user-data-dir", user_data, "--loader", "transformers", "--extensions", "llava"]
+        ui_port, api_port = free_port(), free_port()
+        if api:
+            command += ["--api", "--api-port", str(api_port)]
+        if ui:
+            command += ["--listen-port", str(ui_port)]
+        else:
+            command += ["--nowebui"]
+    else:
+        link = os.path.join(WEBUI, "extensions", "llava_under_test")
+        if os.path.lexists(link):
+            pytest.skip(f"{link} already exists; remove it to run this test")
+        os.symlink(EXTENSION, link)
+        ui_port, api_port = free_port(), 5000
+        command += ["--extensions", "llava_under_test", "--api", "--listen-port", str(ui_port)]
+    command += list(extra_args)
+    log_path = os.path.join(work_dir, "server.log")
+    log = open(log_path, "w")
+    process = subprocess.Popen(command, cwd=WEBUI, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    port = ui_port if ui else api_port
+    server = Server(f"http://127.0.0.1:{port}", log_path, current, process, user_data)
+    server.api_base = f"http://127.0.0.1:{api_port}"
+    try:
+        deadline = time.time() + 300
+        ready = "Running on local URL" if ui else None
+        while time.time() < deadline and process.poll() is None:
+            if ready is not None:
+                if ready in server.log_text():
+                    break
+            else:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    pass
+            time.sleep(0.5)
+        if process.poll() is not None or time.time() >= deadline:
+            pytest.fail("the webui did not start:\n" + server.log_text()[-4000:])
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+        if not current:
+            os.unlink(link)

@@ -1,0 +1,253 @@
+"""The extension in the real webui's UI, driven in headless Chromium as a person would use it.
+
+Needs a webui checkout with its Python (``LLAVA_WEBUI_PATH`` / ``LLAVA_WEBUI_PYTHON``), selenium in
+that Python's environment or this one, and ``/usr/bin/chromium`` with ``/usr/bin/chromedriver``;
+the hosts' ``prepare.sh DIR --browser`` sets all of it up. The servers run the bundled demo with the
+webui's default settings (instruct mode, the Top-P preset, max_new_tokens 512). A failing test leaves a
+screenshot in ``test-artifacts/`` (see conftest.py).
+"""
+
+import os
+import shutil
+import time
+
+import pytest
+from PIL import Image, ImageDraw
+
+from extensions.llava.cli_ask import DEMO_MODEL
+from tests.real_host import ROOT, WEBUI, is_current, needs_webui, running_webui
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (prepare.sh --browser)")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+
+CHROMEDRIVER = "/usr/bin/chromedriver"
+pytestmark = [
+    needs_webui,
+    pytest.mark.skipif(not os.path.exists(CHROMEDRIVER), reason="no chromedriver (prepare.sh --browser installs it)"),
+    pytest.mark.skipif(bool(WEBUI) and not is_current(WEBUI), reason="the browser tests follow the current webui's UI"),
+]
+RED_CIRCLE = os.path.join(ROOT, "examples", "red-circle.png")
+EMBEDDED_ONE = "llava: 1 image(s) in the prompt, 1 embedded"
+
+
+def shape_picture(path: str, colour: tuple, shape: str) -> str:
+    canvas = Image.new("RGB", (128, 128), (150, 150, 150))
+    pen = ImageDraw.Draw(canvas)
+    if shape == "square":
+        pen.rectangle((34, 34, 94, 94), fill=colour)
+    else:
+        pen.polygon([(64, 28), (100, 96), (28, 96)], fill=colour)
+    canvas.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pictures")
+    return {"red circle": RED_CIRCLE,
+            "blue square": shape_picture(str(folder / "blue-square.png"), (40, 70, 215), "square"),
+            "green triangle": shape_picture(str(folder / "green-triangle.png"), (35, 165, 50), "triangle")}
+
+
+def start_demo(tmp_path_factory, name: str, *extra_args):
+    models, model = os.path.split(DEMO_MODEL)
+    return running_webui(models, model, str(tmp_path_factory.mktemp(name)), ui=True, api=False, extra_args=extra_args)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with start_demo(tmp_path_factory, "ui-server") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def multi_user_server(tmp_path_factory):
+    with start_demo(tmp_path_factory, "multi-user-server", "--multi-user") as running:
+        yield running
+
+
+class Page:
+    """One browser session on the webui's chat page."""
+
+    def __init__(self, server):
+        options = webdriver.ChromeOptions()
+        for argument in ("--headless=new", "--no-sandbox", "--window-size=1400,1000", "--disable-gpu",
+                         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                         "--no-first-run", "--disable-dev-shm-usage"):
+            options.add_argument(argument)
+        if os.path.exists("/usr/bin/chromium"):
+            options.binary_location = "/usr/bin/chromium"
+        self.server = server
+        self.driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
+        self.driver.get(server.base)
+        self.wait_for(lambda: self.driver.find_elements(By.CSS_SELECTOR, "#llava-picture input[type=file]"),
+                      "the LLaVA field")
+
+    def wait_for(self, condition, what: str, timeout: float = 60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                value = condition()
+            except StaleElementReferenceException:  # the page re-rendered under our feet
+                value = None
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"waited {timeout} s for {what}")
+
+    def new_chat(self) -> None:
+        self.driver.find_element(By.ID, "new-chat-btn").click()
+        self.wait_for(lambda: not self.messages(), "an empty chat")
+
+    def pick(self, path: str) -> None:
+        """Choose a picture in the extension's field, and wait until the field shows it."""
+        self.driver.find_element(By.CSS_SELECTOR, "#llava-picture input[type=file]").send_keys(path)
+        name = os.path.basename(path)
+        self.wait_for(lambda: name in self.field_files(), f"{name} in the LLaVA field")
+        time.sleep(0.5)  # the upload event reaches the server after the field shows the file
+
+    def field_files(self) -> list[str]:
+        return [cell.get_attribute("aria-label")
+                for cell in self.driver.find_elements(By.CSS_SELECTOR, "#llava-picture td.filename")]
+
+    def clear_field(self) -> None:
+        self.driver.find_element(By.CSS_SELECTOR, "#llava-picture button[aria-label='Clear']").click()
+        self.wait_for(lambda: not self.field_files(), "an empty LLaVA field")
+        time.sleep(0.5)
+
+    def attach(self, path: str) -> None:
+        """The webui's own attach button (the chat box's file input)."""
+        self.driver.find_element(By.CSS_SELECTOR, "#chat-input input[type=file]").send_keys(path)
+        name = os.path.basename(path)
+        self.wait_for(lambda: name in self.driver.find_element(By.ID, "chat-input").text or
+                      self.driver.find_elements(By.CSS_SELECTOR, "#chat-input .thumbnail-item, #chat-input img"),
+                      f"{name} attached")
+
+    def set_embed_all(self, on: bool) -> None:
+        box = self.driver.find_element(By.CSS_SELECTOR, "#llava-embed-all input[type=checkbox]")
+        if box.is_selected() != on:
+            box.click()
+        time.sleep(0.5)
+
+    def messages(self):
+        return self.driver.find_elements(By.CSS_SELECTOR, "#chat .user-message, #chat .assistant-message")
+
+    def send(self, text: str) -> str:
+        """Type ``text``, press Send, and return the reply once generation has ended."""
+        replies = len(self.driver.find_elements(By.CSS_SELECTOR, "#chat .assistant-message"))
+        done = self.server.count("Output generated in")
+        self.driver.find_element(By.CSS_SELECTOR, "#chat-input textarea").send_keys(text)
+        self.driver.find_element(By.ID, "Generate").click()
+        self.server.wait_for_count("Output generated in", done + 1)
+
+        def reply():
+            found = self.driver.find_elements(By.CSS_SELECTOR, "#chat .assistant-message")
+            text = found[-1].find_element(By.CSS_SELECTOR, ".message-body").text.strip() if len(found) > replies else ""
+            return text if text and "typing" not in text.lower() else None
+        first = self.wait_for(reply, "the reply on the page")
+        time.sleep(0.5)
+        return self.wait_for(reply, "the reply on the page") or first
+
+    def last_user_message(self):
+        return self.driver.find_elements(By.CSS_SELECTOR, "#chat .user-message")[-1]
+
+    def screenshot(self, path: str) -> None:
+        self.driver.save_screenshot(path)
+
+    def close(self) -> None:
+        self.driver.quit()
+
+
+@pytest.fixture
+def open_page(request):
+    pages = []
+
+    def make(server) -> Page:
+        page = Page(server)
+        pages.append(page)
+        return page
+
+    yield make
+    failed = getattr(request.node, "failed_call", False)
+    for i, page in enumerate(pages):
+        if failed:
+            folder = os.path.join(ROOT, "test-artifacts")
+            os.makedirs(folder, exist_ok=True)
+            page.screenshot(os.path.join(folder, f"{request.node.name}-{i}.png"))
+            shutil.copy(page.server.log, os.path.join(folder, f"{request.node.name}-server.log"))
+        page.close()
+
+
+def shows_picture(message) -> bool:
+    return bool(message.find_elements(By.CSS_SELECTOR, "img.image-preview"))
+
+
+def test_the_llava_field_goes_with_the_message_and_a_follow_up_is_about_it(server, open_page):
+    page = open_page(server)
+    page.new_chat()
+    seen = server.count(EMBEDDED_ONE)
+    page.pick(RED_CIRCLE)
+    assert page.send("What shape is in the picture?") == "A red circle."
+    assert shows_picture(page.last_user_message())  # the picture is shown in the message
+    assert server.count(EMBEDDED_ONE) == seen + 1
+    assert page.field_files() == []  # the field was emptied for the next message
+    # a text-only follow-up in the same chat is answered about the earlier picture
+    assert page.send("What colour is the shape?") == "Red."
+    assert not shows_picture(page.last_user_message())
+    assert server.count(EMBEDDED_ONE) == seen + 2
+
+
+def test_the_attach_button(server, open_page, pictures):
+    page = open_page(server)
+    page.new_chat()
+    page.attach(pictures["blue square"])
+    assert page.send("What shape is in the picture?") == "A blue square."
+    assert shows_picture(page.last_user_message())
+
+
+def test_clearing_the_field_cancels_the_picture(server, open_page, pictures):
+    page = open_page(server)
+    page.new_chat()
+    seen = server.log_text().count("image(s) in the prompt")
+    page.pick(pictures["green triangle"])
+    page.clear_field()
+    page.send("Hello")
+    assert not shows_picture(page.last_user_message())
+    assert server.log_text().count("image(s) in the prompt") == seen  # no picture reached the model
+
+
+def test_embed_all_changes_what_is_embedded(server, open_page, pictures):
+    page = open_page(server)
+    page.new_chat()
+    page.pick(pictures["green triangle"])
+    assert page.send("What shape is in the picture?") == "A green triangle."
+    page.pick(pictures["blue square"])
+    seen_one = server.count("llava: 2 image(s) in the prompt, 1 embedded")
+    assert page.send("What shape is in the picture?") == "A blue square."
+    assert server.count("llava: 2 image(s) in the prompt, 1 embedded") == seen_one + 1
+    page.set_embed_all(True)
+    seen_two = server.count("llava: 2 image(s) in the prompt, 2 embedded")
+    page.send("What colour is the shape?")
+    assert server.count("llava: 2 image(s) in the prompt, 2 embedded") == seen_two + 1
+    page.set_embed_all(False)
+
+
+def test_two_browser_sessions_stay_apart(multi_user_server, open_page, pictures):
+    server = multi_user_server
+    alice, bob = open_page(server), open_page(server)
+    alice.pick(RED_CIRCLE)
+    alice.set_embed_all(True)
+    seen = server.log_text().count("image(s) in the prompt")
+    bob.send("Hello")  # Alice's picture must not go with Bob's message
+    assert not shows_picture(bob.last_user_message())
+    assert server.log_text().count("image(s) in the prompt") == seen
+    assert alice.send("What shape is in the picture?") == "A red circle."
+    assert shows_picture(alice.last_user_message())
+    # Alice's "embed all" is hers: Bob's chat with two pictures embeds only the last
+    bob.pick(pictures["green triangle"])
+    bob.send("What shape is in the picture?")
+    bob.pick(pictures["blue square"])
+    seen_one = server.count("llava: 2 image(s) in the prompt, 1 embedded")
+    assert bob.send("What shape is in the picture?") == "A blue square."
+    assert server.count("llava: 2 image(s) in the prompt, 1 embedded") == seen_one + 1
