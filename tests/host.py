@@ -34,7 +34,8 @@ SCRIPT = "extensions.llava.script"
 
 class Host:
     def __init__(self, model=None, tokenizer=None, settings: dict | None = None, loader: str = "Transformers",
-                 api: bool = False, model_dir: str = "", model_name: str = "None", gradio_sessions: bool = True):
+                 api: bool = False, model_dir: str = "", model_name: str = "None", gradio_sessions: bool = True,
+                 extra_modules: dict | None = None):
         self.logger = logging.getLogger("fake-webui")
         shared = types.SimpleNamespace(
             args=types.SimpleNamespace(loader=loader, api=api, public_api=False, model_dir=model_dir, cpu=True),
@@ -59,6 +60,7 @@ class Host:
                          "modules.logging_colors": logging_colors}
         if gradio_sessions:  # the 2023 webui's gradio has no per-event request
             self._modules.update({"gradio": gradio, "gradio.context": gradio.context})
+        self._modules.update(extra_modules or {})  # e.g. a stand-in for the webui's API server
         self._saved = {name: sys.modules.get(name) for name in self._modules}
         sys.modules.update(self._modules)
         for name in [n for n in sys.modules if n.startswith("extensions.llava.script")]:

@@ -8,6 +8,7 @@ import torch
 
 from extensions.llava.cache import FeatureCache
 from extensions.llava.engine import LlavaEngine
+from extensions.llava.errors import LlavaError
 from extensions.llava.settings import Settings
 from tests.tiny import BosEncoder, img_tag, picture
 
@@ -133,16 +134,21 @@ def test_counting_tokens_never_decodes_base64(v0, host_factory, monkeypatch):
     assert max(calls) < 2000  # the tokenizer never saw the 1 MB payloads
 
 
-def test_http_check_and_generation_decode_a_picture_once(v0, monkeypatch):
+def test_http_check_reads_headers_and_generation_decodes_a_picture_once(v0, monkeypatch):
     from extensions.llava import images
+    from extensions.llava.api import check_pictures, pictures_in_body
     engine = LlavaEngine(Settings.from_params(v0.settings_params), log=lambda m: None)
     decoded = []
     real = images.open_picture
     monkeypatch.setattr(images, "open_picture", lambda data, source: decoded.append(1) or real(data, source))
     prompt = "q " + img_tag(picture(seed=61)) + " and " + img_tag(picture(seed=62))
-    assert engine.request_problem("/v1/completions", {"prompt": prompt}) is None
-    assert len(decoded) == 1  # "embed all" off: only the last picture is checked
-    engine.prepare(prompt, model=v0.llm, tokenizer=v0.tokenizer, encode=BosEncoder(v0.tokenizer), max_length=None)
-    assert len(decoded) == 1 and engine.counters.vision_forwards == 1
-    assert engine.request_problem("/v1/completions", {"prompt": 'x <img src="data:image/png;base64,AAAA">'}) == \
+    check_pictures(pictures_in_body("/v1/completions", {"prompt": prompt}), embed_all=True)
+    assert decoded == []  # the check reads headers only
+    for _ in range(2):  # the second time the features come from the cache, keyed on the data
+        engine.prepare(prompt, model=v0.llm, tokenizer=v0.tokenizer, encode=BosEncoder(v0.tokenizer), max_length=None)
+        assert len(decoded) == 1 and engine.counters.vision_forwards == 1
+    with pytest.raises(LlavaError) as error:
+        check_pictures(pictures_in_body("/v1/completions", {"prompt": 'x <img src="data:image/png;base64,AAAA">'}),
+                       embed_all=False)
+    assert str(error.value) == \
         "image 1 in the prompt: the data is not a picture in a supported format (PNG, JPEG, GIF, WebP, BMP or TIFF)"

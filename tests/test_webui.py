@@ -129,7 +129,7 @@ def test_chat_completions_history_messages(host):
                                              {"type": "text", "text": "first"}]},
                 {"role": "assistant", "content": "ok"},
                 {"role": "user", "content": [{"type": "text", "text": "second"},
-                                             {"type": "image_url", "image_url": data_url(second)}]}]
+                                             {"type": "image_url", "image_url": {"url": data_url(second)}}]}]
     state = host.state(history={"internal": [], "visible": [], "messages": messages})
     prompt = "### Instruction:\n<__media__>\n\nfirst\n### Response:\nok\n### Instruction:\n<__media__>\n\nsecond"
     _, ids, embeds = host.script.tokenizer_modifier(state, prompt, host.encode(prompt), None)
@@ -140,6 +140,11 @@ def test_chat_completions_history_messages(host):
     with pytest.raises(LlavaError) as error:
         host.script.tokenizer_modifier(host.state(history={"messages": web}), "<__media__>\nx", host.encode("x"), None)
     assert "image 1 in the request" in str(error.value) and "never fetches" in str(error.value)
+    # the webui rejects a bare string as image_url; so do we, instead of dropping the picture
+    bare = [{"role": "user", "content": [{"type": "image_url", "image_url": data_url(second)}]}]
+    with pytest.raises(LlavaError) as error:
+        host.script.tokenizer_modifier(host.state(history={"messages": bare}), "<__media__>\nx", host.encode("x"), None)
+    assert "message 1 has an image_url part without a text 'url'" in str(error.value)
 
 
 def test_history_trimming_drops_an_early_image(host):
@@ -209,7 +214,7 @@ def test_no_model_loaded_does_not_crash(v0, host_factory):
 def seed_app(host, fail_with=None):
     app = FastAPI()
 
-    def complete(body):
+    def complete(body, stop_event):
         if fail_with is not None:
             raise fail_with
         state = host.state(max_new_tokens=body["max_tokens"])
@@ -229,6 +234,9 @@ def test_seed_generate_contract(host):
     assert len(results) == 1 and isinstance(results[0]["text"], str)
     assert api.completion_body({"prompt": "p", "max_new_tokens": 3, "stopping_strings": ["a"], "top_p": 0.5}) == \
         {"prompt": "p", "stream": False, "max_tokens": 3, "stop": ["a"], "top_p": 0.5}
+    # both stop lists count, neither replaces the other
+    assert api.completion_body({"prompt": "p", "stopping_strings": ["a", "b"], "custom_stopping_strings": ["c", "a"]}) \
+        == {"prompt": "p", "stream": False, "stop": ["a", "b", "c"], "max_tokens": 200}
 
 
 def test_seed_generate_bad_image_is_400_and_server_keeps_serving(host):
@@ -238,8 +246,12 @@ def test_seed_generate_bad_image_is_400_and_server_keeps_serving(host):
     assert bad.status_code == 400
     assert bad.json()["error"]["message"] == "image 1 in the prompt: the data after 'base64,' is not valid base64"
     assert client.post("/api/v1/generate", json={"prompt": "hello", "max_new_tokens": 2}).status_code == 200
-    assert client.post("/api/v1/generate", content=b"{not json").status_code == 400
+    not_json = client.post("/api/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert not_json.status_code == 422
     assert client.post("/api/v1/generate", json={"no": "prompt"}).status_code == 400
+    # a cross-site form or text/plain POST (no CORS preflight) is refused before any work
+    plain = client.post("/api/v1/generate", content=b'{"prompt": "hello"}', headers={"content-type": "text/plain"})
+    assert plain.status_code == 422
 
 
 def test_host_request_errors_keep_their_status(host):
@@ -250,35 +262,3 @@ def test_host_request_errors_keep_their_status(host):
     client = TestClient(seed_app(host, fail_with=InvalidRequest()))
     response = client.post("/api/v1/generate", json={"prompt": "x", "max_new_tokens": 1})
     assert response.status_code == 400 and "SVG" in response.json()["error"]["message"]
-
-
-def test_image_check_refuses_bad_streamed_requests_before_the_endpoint():
-    from fastapi.responses import StreamingResponse
-    app = FastAPI()
-    reached = []
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: dict):
-        reached.append(body)
-        return StreamingResponse(iter([b"data: ok\n\n"]), media_type="text/event-stream")
-
-    @app.post("/v1/completions")
-    async def completions(body: dict):
-        reached.append(body)
-        return {"choices": [{"text": "fine"}]}
-
-    from extensions.llava.engine import LlavaEngine
-    app.add_middleware(api.ImageCheckMiddleware, check=LlavaEngine(log=lambda m: None).request_problem,
-                       paths=("/v1/completions", "/v1/chat/completions"))
-    client = TestClient(app)
-    svg = "data:image/svg+xml;base64," + base64.b64encode(b"<svg/>").decode()
-    bad = client.post("/v1/chat/completions", json={"stream": True, "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {"url": svg}}]}]})
-    assert bad.status_code == 400 and bad.json()["error"]["message"].startswith("image 1 in the request: SVG")
-    assert reached == []
-    good = client.post("/v1/chat/completions", json={"stream": True, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(picture())}}]}]})
-    assert good.status_code == 200 and good.text == "data: ok\n\n" and len(reached) == 1
-    bad_prompt = client.post("/v1/completions", json={"prompt": 'a <img src="data:image/png;base64,AAAA">'})
-    assert bad_prompt.status_code == 400 and "image 1 in the prompt" in bad_prompt.json()["error"]["message"]
-    assert client.post("/v1/completions", json={"prompt": "text only"}).json() == {"choices": [{"text": "fine"}]}

@@ -15,7 +15,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .images import ImageSource, InlineImage, PilImage, UnreachableImage, sniff_header
+from .api import message_pictures
+from .images import ImageSource, InlineImage, PilImage, sniff_header
 from .prompt import UI_IMAGE_MARKER, parse_prompt, place_image
 
 THUMBNAIL_SIDE = 300
@@ -77,7 +78,7 @@ class FileUpload(ImageSource):
 def upload_data_url(upload: Upload) -> str:
     source = FileUpload(upload.path, upload.name)
     data = source.data()
-    media_type = sniff_header(data, source)
+    media_type, _ = sniff_header(data, source)
     return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
@@ -149,7 +150,12 @@ def inline_in_message(text: str, visible_text: str, upload: Upload, escaped_visi
 
 
 def media_from_state(state: dict) -> list:
-    """Pictures of the ``<__media__>`` placeholders: chat attachments, or the chat API's images."""
+    """Pictures of the ``<__media__>`` placeholders: chat attachments, or an API request's images.
+
+    An API request's pictures are taken from its messages' data URLs when the state has them (the
+    features cache is keyed on that data, so a cached picture is never decoded); the host's decoded
+    ``raw_images`` otherwise.
+    """
     attachments = state.get("image_attachments") or []
     if attachments:
         sources = []
@@ -159,32 +165,12 @@ def media_from_state(state: dict) -> list:
                 url = data if data[:5].lower() == "data:" else f"data:image/png;base64,{data}"
                 sources.append(InlineImage.from_url(url, origin="attached to the chat"))
         return sources
-    if state.get("raw_images"):
-        return [PilImage(image) for image in state["raw_images"]]
     history = state.get("history")
     messages = history.get("messages") if isinstance(history, dict) else None
-    return [source_of_url(url) for url in image_urls(messages or [])]
-
-
-def image_urls(messages) -> list[str]:
-    """The ``image_url`` parts of OpenAI chat messages, in order."""
-    urls = []
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        for part in content if isinstance(content, list) else []:
-            if isinstance(part, dict) and part.get("type") == "image_url":
-                url = part.get("image_url")
-                url = url.get("url") if isinstance(url, dict) else url
-                if isinstance(url, str):
-                    urls.append(url)
-    return urls
-
-
-def source_of_url(url: str):
-    """A data URL is opened; any other address is refused, never fetched."""
-    if url[:5].lower() == "data:":
-        return InlineImage.from_url(url, origin="in the request")
-    return UnreachableImage(url[:200], origin="in the request")
+    messages = messages or state.get("messages")
+    if messages:
+        return message_pictures(messages)
+    return [PilImage(image) for image in state.get("raw_images") or []]
 
 
 def model_folder(shared) -> str | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -19,18 +18,17 @@ import torch
 from .cache import FeatureCache
 from .detect import Choice, choose_pipeline
 from .errors import LlavaError
-from .chat_ui import image_urls, source_of_url
-from .images import ImageError, ImageSource, Picture
-from .pipelines import Pipeline, PipelineError
-from .prompt import MEDIA_PLACEHOLDER, ImageRef, expand_prompt, parse_prompt
+from .images import ImageSource
+from .pipelines import PIPELINES, Pipeline, PipelineError
+from .prompt import MEDIA_PLACEHOLDER, ImageRef, escape_special_tokens, expand_prompt, parse_prompt
 from .settings import Settings
 from .splice import TokenLayout, find_images, shift_spans, splice, truncation_cut
 from .vision import VisionLoadError, VisionParts, load_vision_parts
 
 logger = logging.getLogger("llava")
-CHECKED_PICTURES_KEPT = 16
 
 Encode = Callable[[str], torch.Tensor]
+IMAGE_TOKENS = tuple(sorted({token for pipeline in PIPELINES.values() for token in pipeline.special_tokens}))
 
 
 @dataclass
@@ -75,9 +73,6 @@ class LlavaEngine:
         self._load_lock = threading.Lock()
         self._encode_lock = threading.Lock()
         self._choices: dict[tuple, Choice] = {}
-        # Pictures the HTTP check already opened, handed to the encoder instead of decoding again.
-        self._checked: OrderedDict[str, Picture] = OrderedDict()
-        self._checked_lock = threading.Lock()
 
     @staticmethod
     def _cache_bytes(settings: Settings) -> int:
@@ -119,7 +114,7 @@ class LlavaEngine:
                            feature_count=pipeline.feature_count)
 
     def token_count(self, prompt: str, model, tokenizer, encode: Encode, media_count: int | None = None,
-                    model_path: str | None = None) -> int | None:
+                    model_path: str | None = None, references: dict | None = None) -> int | None:
         """Tokens ``prompt`` takes, each image counted at its full length; None without images.
 
         Images are replaced by a one-slot stand-in before tokenizing: image tokens are added
@@ -128,7 +123,7 @@ class LlavaEngine:
         """
         if media_count is None:  # unknown: every placeholder stands for a picture
             media_count = prompt.count(MEDIA_PLACEHOLDER)
-        parsed = parse_prompt(prompt, [_Placeholder()] * media_count)
+        parsed = parse_prompt(prompt, [_Placeholder()] * media_count, references)
         if not parsed.images:
             return None
         pipeline = self.choice_for(model, tokenizer, model_path).pipeline
@@ -140,11 +135,11 @@ class LlavaEngine:
 
     def prepare(self, prompt: str, *, model, tokenizer, encode: Encode, max_length: int | None,
                 media: Sequence[ImageSource] | None = None, embed_all: bool | None = None,
-                model_path: str | None = None) -> Prepared | None:
-        """ids and embeddings for ``prompt``; None when it holds no image (the host's ids stand)."""
-        parsed = parse_prompt(prompt, media)
+                model_path: str | None = None, references: dict | None = None) -> Prepared | None:
+        """ids and embeddings for ``prompt``; None when the host's ids stand as they are."""
+        parsed = parse_prompt(prompt, media, references)
         if not parsed.images:
-            return None
+            return self._without_images(prompt, tokenizer, encode, max_length)
         choice = self.choice_for(model, tokenizer, model_path)
         pipeline = choice.pipeline
         layout = self.token_layout(tokenizer, pipeline)
@@ -179,6 +174,23 @@ class LlavaEngine:
             self.log(f"llava: {note}")
         return Prepared(prompt, ids.to(embeds.device), embeds, notes, len(parsed.images), dropped, len(chosen))
 
+    @staticmethod
+    def _without_images(prompt: str, tokenizer, encode: Encode, max_length: int | None) -> Prepared | None:
+        """A prompt without pictures keeps the host's ids, unless the user typed an image token:
+        that stays text, as it does beside pictures, so that no image slot appears out of nothing."""
+        typed = [token for token in IMAGE_TOKENS if token in prompt]
+        if typed and hasattr(tokenizer, "get_vocab"):
+            vocab = tokenizer.get_vocab()
+            typed = [token for token in typed if token in vocab]
+        if not typed:
+            return None
+        ids = encode(escape_special_tokens(prompt, typed))
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if max_length:
+            ids = ids[:, -max_length:]
+        return Prepared(prompt, ids, None)
+
     # ------------------------------------------------------------ features
 
     def features_for(self, images: Sequence[ImageRef], choice: Choice, width: int,
@@ -205,7 +217,7 @@ class LlavaEngine:
                 if todo:
                     pictures = []
                     for _, image in todo:
-                        picture = self._open(image.source)
+                        picture = image.source.load()
                         if notes is not None:
                             notes.extend(picture.notes)
                         pictures.append(picture.image)
@@ -249,37 +261,6 @@ class LlavaEngine:
                 self.counters.loads += 1
             return self._vision
 
-    # ------------------------------------------------------------ HTTP requests
-
-    def request_problem(self, path: str, body: dict) -> str | None:
-        """Why a completion request's pictures cannot be used, or None.
-
-        Opens only the pictures that will be embedded (without truncation: the last one, or all
-        with "embed all" on) and keeps them for the encoder, so none is decoded twice.
-        """
-        if path.endswith("/chat/completions"):
-            sources = [source_of_url(url) for url in image_urls(body.get("messages") or [])]
-        else:
-            prompts = body.get("prompt")
-            sources = [image.source for prompt in (prompts if isinstance(prompts, list) else [prompts])
-                       if isinstance(prompt, str) and "<" in prompt for image in parse_prompt(prompt).images]
-        sources = [source.at_position(i) for i, source in enumerate(sources, 1)]
-        try:
-            for source in sources if self.settings.add_all_images_to_prompt else sources[-1:]:
-                picture = source.load()
-                with self._checked_lock:
-                    self._checked[source.digest()] = picture
-                    while len(self._checked) > CHECKED_PICTURES_KEPT:
-                        self._checked.popitem(last=False)
-        except ImageError as error:
-            return str(error)
-        return None
-
-    def _open(self, source: ImageSource) -> Picture:
-        with self._checked_lock:
-            picture = self._checked.pop(source.digest(), None)
-        return picture if picture is not None else source.load()
-
     @staticmethod
     def _check_projector_type(vision: VisionParts, pipeline: Pipeline) -> None:
         if vision.projector_type != pipeline.projector_type:
@@ -298,7 +279,7 @@ class _Placeholder(ImageSource):
         return ""
 
 
-
-
-def holds_images(prompt: str, media: Sequence[ImageSource] | None = None) -> bool:
-    return bool(parse_prompt(prompt, media).images)
+def has_work(prompt: str, media: Sequence[ImageSource] | None = None, references: dict | None = None) -> bool:
+    """Whether ``prepare`` may change the host's ids: pictures, or typed image tokens to keep as text."""
+    return "<" in prompt and (any(token in prompt for token in IMAGE_TOKENS)
+                              or bool(parse_prompt(prompt, media, references).images))

@@ -56,6 +56,10 @@ class ImageSource:
     def load(self) -> Picture:
         raise NotImplementedError
 
+    def header(self) -> tuple[int, int]:
+        """The picture's size, read from its header; refuses what ``load`` would refuse before decoding."""
+        raise NotImplementedError
+
     @property
     def label(self) -> str:
         return f"image {self.position} {self.origin}" if self.position else f"an image {self.origin}"
@@ -83,6 +87,9 @@ class InlineImage(ImageSource):
 
     def load(self) -> Picture:
         return open_picture(self._data(), self)
+
+    def header(self) -> tuple[int, int]:
+        return sniff_header(self._data(), self)[1]
 
     def _data(self) -> bytes:
         if self.end - self.start > MAX_ENCODED_CHARS:
@@ -118,6 +125,9 @@ class PilImage(ImageSource):
     def load(self) -> Picture:
         return normalise(self.image, self)
 
+    def header(self) -> tuple[int, int]:
+        return self.image.size
+
 
 @dataclass(frozen=True, eq=False)
 class UnreachableImage(ImageSource):
@@ -129,6 +139,9 @@ class UnreachableImage(ImageSource):
 
     def digest(self) -> str:
         return hashlib.sha256(self.src.encode("utf-8", "surrogatepass")).hexdigest()
+
+    def header(self) -> tuple[int, int]:
+        self.load()
 
     def load(self) -> Picture:
         shown = self.src if len(self.src) <= 60 else self.src[:57] + "..."
@@ -168,11 +181,11 @@ def _open_header(data: bytes, source: ImageSource) -> Image.Image:
     return image
 
 
-def sniff_header(data: bytes, source: ImageSource) -> str:
-    """The picture's media type, from its header alone; refuses what ``open_picture`` would refuse
-    before decoding."""
+def sniff_header(data: bytes, source: ImageSource) -> tuple[str, tuple[int, int]]:
+    """The picture's media type and size, from its header alone; refuses what ``open_picture``
+    would refuse before decoding."""
     image = _open_header(data, source)
-    return image.get_format_mimetype() or "image/png"
+    return image.get_format_mimetype() or "image/png", image.size
 
 
 def open_picture(data: bytes, source: ImageSource) -> Picture:

@@ -17,6 +17,9 @@ from typing import Sequence
 from .images import ImageSource, InlineImage, UnreachableImage
 
 MEDIA_PLACEHOLDER = "<__media__>"
+# ``<img src="llava-ref:N">``: a picture of the current HTTP request body, kept beside the prompt
+# so that the webui never tokenizes its data (see api.py).
+REFERENCE_SCHEME = "llava-ref:"
 UI_IMAGE_MARKER = "<image>"
 
 # After "<img": the attributes up to src=, bounded so that a run of broken tags stays linear.
@@ -83,20 +86,27 @@ def _find_img_tags(prompt: str):
         cursor = end
 
 
-def _source_for(prompt: str, src_start: int, src_end: int, position: int) -> ImageSource:
+def _source_for(prompt: str, src_start: int, src_end: int, position: int,
+                references: dict[str, ImageSource] | None = None) -> ImageSource:
     if prompt[src_start:src_start + 5].lower() == "data:":
         return InlineImage(prompt, src_start, src_end, position)
+    if references and prompt.startswith(REFERENCE_SCHEME, src_start):
+        source = references.get(prompt[src_start + len(REFERENCE_SCHEME):src_end])
+        if source is not None:
+            return source
     return UnreachableImage(prompt[src_start:min(src_end, src_start + 200)], position)
 
 
-def parse_prompt(prompt: str, media: Sequence[ImageSource] | None = None) -> ParsedPrompt:
+def parse_prompt(prompt: str, media: Sequence[ImageSource] | None = None,
+                 references: dict[str, ImageSource] | None = None) -> ParsedPrompt:
     """Find the images of ``prompt``.
 
-    ``media`` are the pictures of the webui's ``<__media__>`` placeholders, oldest first.
+    ``media`` are the pictures of the webui's ``<__media__>`` placeholders, oldest first;
+    ``references`` the pictures that ``llava-ref:`` sources stand for.
     History trimming can drop early messages, so placeholders take the *last* pictures;
     placeholders with no picture left over stay text.
     """
-    spans = [(start, end, _source_for(prompt, a, b, 0)) for start, end, a, b in _find_img_tags(prompt)]
+    spans = [(start, end, _source_for(prompt, a, b, 0, references)) for start, end, a, b in _find_img_tags(prompt)]
     if media:
         placeholders = []
         cursor = prompt.find(MEDIA_PLACEHOLDER)

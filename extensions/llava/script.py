@@ -27,6 +27,7 @@ def _core(name: str):
 
 
 settings_module = _core("settings")
+api = _core("api")
 engine_module = _core("engine")
 chat_ui = _core("chat_ui")
 LlavaError = _core("errors").LlavaError
@@ -83,14 +84,30 @@ def _serve_api() -> None:
     try:
         from modules.api import script as api_script
     except ImportError:
-        return  # the seed-era webui serves /api/v1/generate from its own api extension
-    api = _core("api")
-    api.add_generate_route(api_script.app, _complete)
-    api_script.app.add_middleware(api.ImageCheckMiddleware, check=_request_problem,
-                                  paths=("/v1/completions", "/v1/chat/completions", api.GENERATE_PATH))
+        return  # the 2023 webui serves /api/v1/generate from its own api extension
+    from starlette.middleware import Middleware
+    app = api_script.app
+    if app.middleware_stack is not None:
+        _log("llava: the API server was already running when the extension was enabled; restart the webui "
+             "with --extensions llava to use pictures over the API", "warning")
+        return
+    api.add_generate_route(app, _complete, dependencies=api_script.check_key)
+    # Innermost: after the webui's host and CORS checks, with its key check done before any work.
+    app.user_middleware.append(Middleware(api.PictureRequestMiddleware, authorized=_authorized,
+                                          embed_all=lambda: bool(params["add_all_images_to_prompt"])))
 
 
-def _complete(body: dict) -> dict:
+def _authorized(scope) -> bool:
+    from modules.api import script as api_script
+    header = dict(scope.get("headers", [])).get(b"authorization")
+    try:
+        api_script.verify_api_key(authorization=header.decode("latin-1") if header is not None else None)
+    except Exception:
+        return False
+    return True
+
+
+def _complete(body: dict, stop_event) -> dict:
     """Run a seed-style request through the host's own completion endpoint logic."""
     from modules.api import completions
     from modules.api.typing import CompletionRequest, to_dict
@@ -98,15 +115,7 @@ def _complete(body: dict) -> dict:
         request = CompletionRequest(**body)
     except ValueError as error:
         raise LlavaError(f"the request is not valid: {error}") from None
-    return completions.completions(to_dict(request))
-
-
-def _request_problem(path: str, body: dict):
-    try:
-        engine().configure(settings_module.Settings.from_params(params))
-    except LlavaError:
-        pass  # the generation reports bad settings itself
-    return engine().request_problem(path, body)
+    return completions.completions(to_dict(request), stop_event=stop_event)
 
 
 def _request_context():
@@ -158,23 +167,36 @@ def input_modifier(string, state=None, is_chat=False):  # the 2023 webui passes 
 def tokenizer_modifier(state, prompt, input_ids, input_embeds):
     from modules import shared
     from modules.text_generation import encode, get_max_prompt_length
-    media = chat_ui.media_from_state(state)
-    if not engine_module.holds_images(prompt, media):
-        return prompt, input_ids, input_embeds
+    media, references = chat_ui.media_from_state(state), api.request_references()
+    prepared = None
+    if engine_module.has_work(prompt, media, references):
+        try:
+            engine().configure(settings_module.Settings.from_params(params))
+            prepared = engine().prepare(
+                prompt, model=shared.model, tokenizer=shared.tokenizer,
+                encode=lambda text: encode(text, add_bos_token=state["add_bos_token"]),
+                max_length=get_max_prompt_length(state), media=media, embed_all=state.get("llava_embed_all"),
+                model_path=chat_ui.model_folder(shared), references=references)
+        except LlavaError as error:
+            raise _refusal(error) from None
+    if prepared is not None:
+        for note in prepared.notes:
+            _warn(f"llava: {note}")
+        prompt, input_ids, input_embeds = prepared.prompt, prepared.input_ids, prepared.inputs_embeds
+    _record_prompt_length(shared.model, int(input_ids.shape[-1]), state)
+    return prompt, input_ids, input_embeds
+
+
+def _record_prompt_length(model, length: int, state) -> None:
+    """The true prompt length, pictures expanded: the webui's chat API reads it from the model (as its
+    llama.cpp and ExLlamaV3 loaders provide it), the completion API's usage from the request."""
     try:
-        engine().configure(settings_module.Settings.from_params(params))
-        prepared = engine().prepare(
-            prompt, model=shared.model, tokenizer=shared.tokenizer,
-            encode=lambda text: encode(text, add_bos_token=state["add_bos_token"]),
-            max_length=get_max_prompt_length(state), media=media,
-            embed_all=state.get("llava_embed_all"), model_path=chat_ui.model_folder(shared))
-    except LlavaError as error:
-        raise _refusal(error) from None
-    if prepared is None:
-        return prompt, input_ids, input_embeds
-    for note in prepared.notes:
-        _warn(f"llava: {note}")
-    return prepared.prompt, prepared.input_ids, prepared.inputs_embeds
+        model.last_prompt_token_count = length
+    except Exception:
+        pass
+    request = api.current_request.get()
+    if request is not None:
+        request.record_generation(length, int(state.get("truncation_length") or 0))
 
 
 def _refusal(error: Exception) -> Exception:
@@ -194,7 +216,7 @@ def custom_tokenized_length(prompt):
         return None
     try:
         return engine().token_count(prompt, shared.model, shared.tokenizer, lambda text: encode(text),
-                                    model_path=chat_ui.model_folder(shared))
+                                    model_path=chat_ui.model_folder(shared), references=api.request_references())
     except LlavaError:
         return None
 

@@ -1,0 +1,276 @@
+"""The extension's HTTP layer wired into a stand-in of the webui's API server by ``setup()`` itself.
+
+The stand-in has what the real one (modules/api/script.py) has around the extension: a key check as a
+route dependency, CORS for every origin, a host check middleware, its error handler, streamed answers as
+server-sent events, and a completion endpoint that tokenizes the whole prompt for its usage count. The
+same cases run against the real webui in test_real_webui.py.
+"""
+
+import asyncio
+import base64
+import io
+import json
+import types
+
+import pytest
+from fastapi import Body, Depends, FastAPI, Header, HTTPException, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from extensions.llava import api, images
+from tests.tiny import data_url, img_tag, picture
+
+KEY = "secret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PATCH_ID = 32000
+
+
+class InvalidRequestError(Exception):
+    def __init__(self, message, param=None):
+        self.message, self.param, self.code = message, param, 400
+        super().__init__(message)
+
+
+def webui_api(host) -> dict:
+    """Modules standing in for the webui's ``modules.api``; ``calls`` records what its endpoints saw."""
+    app = FastAPI()
+    calls = types.SimpleNamespace(encoded=[], prompts=[])
+
+    def verify_api_key(authorization: str = Header(None)):
+        if authorization != f"Bearer {KEY}":
+            raise HTTPException(status_code=401, detail="Unauthorized")
+
+    check_key = [Depends(verify_api_key)]
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"],
+                       allow_headers=["*"])
+
+    @app.exception_handler(InvalidRequestError)
+    async def invalid(request, error):
+        return JSONResponse(status_code=400, content=api.error_body(error.message))
+
+    @app.middleware("http")
+    async def validate_host(request, call_next):
+        if request.headers.get("host", "").split(":")[0] not in ("localhost", "127.0.0.1", "testserver"):
+            return JSONResponse(status_code=400, content={"detail": "Invalid host header"})
+        return await call_next(request)
+
+    def completions(body, stop_event=None):
+        prompt = body["prompt"]
+        calls.prompts.append(prompt)
+        token_count = len(host.encode(prompt)[0])  # the webui's usage count, before the hook
+        calls.encoded.append(len(prompt))
+        state = host.state(max_new_tokens=body.get("max_tokens") or 4, truncation_length=4096,
+                           messages=body.get("messages"))
+        text = host.generate(prompt, state)
+        completion_tokens = len(host.encode(text, add_bos_token=False)[0])
+        return {"choices": [{"index": 0, "text": text, "finish_reason":
+                             "length" if token_count + completion_tokens >= 4096 else "stop"}],
+                "usage": {"prompt_tokens": token_count, "completion_tokens": completion_tokens,
+                          "total_tokens": token_count + completion_tokens}}
+
+    def chat(body):
+        parts = body["messages"][-1]["content"]
+        count = sum(1 for p in parts if p.get("type") == "image_url")
+        text = " ".join(p["text"] for p in parts if p.get("type") == "text")
+        state = host.state(max_new_tokens=2, history={"internal": [], "visible": [], "messages": body["messages"]})
+        return host.generate("<__media__>" * count + "\n\n" + text, state)
+
+    @app.post("/v1/completions", dependencies=check_key)
+    async def completions_route(request: Request, body: dict = Body(...)):
+        if body.get("stream"):
+            def events():
+                yield "data: {}\n\n"
+                result = completions(body)
+                yield f"data: {json.dumps(result)}\n\n"
+            return StreamingResponse(iterate(events()), media_type="text/event-stream")
+        return await asyncio.to_thread(completions, body)
+
+    @app.post("/v1/chat/completions", dependencies=check_key)
+    async def chat_route(body: dict = Body(...)):
+        return {"choices": [{"message": {"content": await asyncio.to_thread(chat, body)}}]}
+
+    script = types.ModuleType("modules.api.script")
+    script.app, script.check_key, script.verify_api_key = app, check_key, verify_api_key
+    completions_module = types.ModuleType("modules.api.completions")
+    completions_module.completions = completions
+    typing = types.ModuleType("modules.api.typing")
+    typing.CompletionRequest, typing.to_dict = (lambda **body: body), (lambda body: body)
+    errors = types.ModuleType("modules.api.errors")
+    errors.InvalidRequestError = InvalidRequestError
+    package = types.ModuleType("modules.api")
+    package.script, package.completions, package.typing, package.errors = script, completions_module, typing, errors
+    modules = {"modules.api": package, "modules.api.script": script, "modules.api.completions": completions_module,
+               "modules.api.typing": typing, "modules.api.errors": errors}
+    return {"modules": modules, "app": app, "calls": calls}
+
+
+async def iterate(generator):
+    """Run a blocking generator's steps in threads, copying the context as the webui's server does."""
+    while True:
+        item = await asyncio.to_thread(next, generator, None)
+        if item is None:
+            return
+        yield item
+
+
+@pytest.fixture
+def served(v0, host_factory):
+    holder = {}
+
+    stand_in = webui_api(types.SimpleNamespace(encode=lambda *a, **k: holder["host"].encode(*a, **k),
+                                               state=lambda **k: holder["host"].state(**k),
+                                               generate=lambda *a, **k: holder["host"].generate(*a, **k)))
+    settings = {f"llava-{k}": v for k, v in v0.settings_params.items()}
+    holder["host"] = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=settings, api=True,
+                                  extra_modules=stand_in["modules"])
+    return types.SimpleNamespace(host=holder["host"], client=TestClient(stand_in["app"], raise_server_exceptions=False),
+                                 calls=stand_in["calls"])
+
+
+def png_header_of(width, height) -> bytes:
+    """A PNG whose header claims ``width`` × ``height`` (its pixel data is a tiny stub)."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    import zlib
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+def chat_body(*urls, text="What is this?"):
+    return {"messages": [{"role": "user", "content": [{"type": "text", "text": text}] +
+                          [{"type": "image_url", "image_url": {"url": u}} for u in urls]}]}
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Fail on any decode or header read of a picture (``header`` is the check's only work)."""
+    seen = []
+    real_open, real_sniff = images.open_picture, images.sniff_header
+    monkeypatch.setattr(images, "open_picture", lambda data, source: seen.append("decode") or real_open(data, source))
+    monkeypatch.setattr(images, "sniff_header", lambda data, source: seen.append("header") or real_sniff(data, source))
+    return seen
+
+
+def test_every_route_needs_the_webuis_key_and_no_work_is_done_without_it(served, no_decoding):
+    bomb = "data:image/png;base64," + base64.b64encode(png_header_of(7000, 7000)).decode()
+    for path, body in [("/api/v1/generate", {"prompt": "x <img src=\"" + bomb + "\">"}),
+                       ("/v1/completions", {"prompt": "x <img src=\"" + bomb + "\">"}),
+                       ("/v1/chat/completions", chat_body(bomb))]:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            response = served.client.post(path, json=body, headers=headers)
+            assert response.status_code == 401, (path, response.text)
+    assert no_decoding == []  # not even a header was read for a request that failed the key check
+    assert served.calls.prompts == []
+
+
+def test_generate_takes_json_only_and_answers_with_the_key(served):
+    plain = served.client.post("/api/v1/generate", content=b'{"prompt": "hi"}',
+                               headers={**AUTH, "content-type": "text/plain"})
+    assert plain.status_code == 422  # a page on another site cannot send this without a preflight
+    ok = served.client.post("/api/v1/generate", json={"prompt": "Describe " + img_tag(picture(seed=1)),
+                                                      "max_new_tokens": 2}, headers=AUTH)
+    assert ok.status_code == 200 and isinstance(ok.json()["results"][0]["text"], str)
+    assert int((served.host.last_prompt_ids == PATCH_ID).sum()) == 256
+
+
+def test_the_host_check_still_applies(served):
+    response = served.client.post("/v1/completions", json={"prompt": "x"}, headers={**AUTH, "host": "evil.example"})
+    assert response.status_code == 400 and response.json() == {"detail": "Invalid host header"}
+
+
+def test_the_webuis_tokenizer_never_sees_picture_data(served):
+    photo = picture(300, 200, seed=3)
+    prompt = "Look: " + img_tag(photo) + " what is it?"
+    response = served.client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    [seen] = served.calls.prompts
+    assert seen.startswith('Look: <img src="llava-ref:1">') and len(seen) <= len("Look:  what is it?") + 100
+    assert int((served.host.last_prompt_ids == PATCH_ID).sum()) == 256  # the reference was the picture
+    usage = response.json()["usage"]
+    assert usage["prompt_tokens"] == served.host.last_prompt_ids.shape[1]  # pictures at their token length
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert response.json()["choices"][0]["finish_reason"] == "length"  # max_tokens 2 was reached
+
+
+@pytest.mark.parametrize("url", [123, None, {}, ""])
+def test_an_image_url_that_is_not_a_text_url_is_refused(served, url):
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                       {"type": "image_url", "image_url": {"url": url}}]}]}
+    response = served.client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert response.status_code == 400
+    assert "message 1 has an image_url part without a text 'url'" in response.json()["error"]["message"]
+
+
+def test_malformed_messages_are_a_400(served):
+    response = served.client.post("/v1/chat/completions", json={"messages": 5}, headers=AUTH)
+    assert response.status_code == 400 and response.json()["error"]["message"] == "'messages' must be a list of messages"
+    response = served.client.post("/v1/chat/completions", json={"messages": [5]}, headers=AUTH)
+    assert response.status_code == 400 and "message 1 of 'messages' is not an object" in response.text
+
+
+def test_completions_with_messages_are_checked_too(served):
+    cut = data_url(picture(seed=4))[:-200]  # its header is whole: it fails when it is decoded
+    for url, reason in [(cut, "image 1 in the request: the picture's data is damaged or cut short"),
+                        ("http://example.com/a.png", "never fetches web addresses")]:
+        response = served.client.post("/v1/completions", json={"prompt": "<__media__> x", **chat_body(url)},
+                                      headers=AUTH)
+        assert response.status_code == 400 and reason in response.json()["error"]["message"], response.text
+    response = served.client.post("/v1/completions", json={"prompt": "x", **chat_body(data_url(picture()))},
+                                  headers=AUTH)
+    assert response.status_code == 400  # a picture with no place in the prompt is not silently dropped
+    assert "carry 1 picture(s) and its prompt has 0 '<__media__>' placeholder(s)" in response.json()["error"]["message"]
+    assert served.calls.prompts == ["<__media__> x"]  # the web address never reached the webui
+
+
+def test_a_bomb_is_refused_from_its_header(served, no_decoding):
+    bomb = "data:image/png;base64," + base64.b64encode(png_header_of(10000, 10000)).decode()
+    response = served.client.post("/v1/completions", json={"prompt": f'x <img src="{bomb}">'}, headers=AUTH)
+    assert response.status_code == 400
+    assert "larger than 50,000,000 pixels" in response.json()["error"]["message"]
+    assert "decode" not in no_decoding
+
+
+def test_pixels_to_embed_are_bounded_per_request(served):
+    big = "data:image/png;base64," + base64.b64encode(png_header_of(7000, 7000)).decode()
+    served.host.script.params["add_all_images_to_prompt"] = True
+    response = served.client.post("/v1/chat/completions", json=chat_body(big, big, big), headers=AUTH)
+    assert response.status_code == 400 and "one request may hold 100,000,000" in response.json()["error"]["message"]
+    served.host.script.params["add_all_images_to_prompt"] = False  # only the last is decoded: allowed
+    response = served.client.post("/v1/chat/completions", json=chat_body(big, big, data_url(picture())), headers=AUTH)
+    assert response.status_code == 200, response.text
+
+
+def test_a_cache_hit_decodes_nothing(served, no_decoding):
+    url = data_url(picture(seed=7))
+    for _ in range(2):
+        assert served.client.post("/v1/chat/completions", json=chat_body(url), headers=AUTH).status_code == 200
+    assert no_decoding.count("decode") == 1 and served.host.script.engine().counters.vision_forwards == 1
+
+
+def test_a_refusal_after_a_stream_started_is_an_error_event(served):
+    served.host.script.params["add_all_images_to_prompt"] = False
+    cut = data_url(picture(seed=8))[:-300]  # its header is whole: it fails when it is decoded
+    response = served.client.post("/v1/completions", json={"prompt": f'x <img src="{cut}">', "stream": True},
+                                  headers=AUTH)
+    assert response.status_code == 200
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["message"] == "image 1 in the prompt: the picture's data is damaged or cut short"
+
+
+def test_typed_image_tokens_stay_text_without_a_picture(served):
+    host = served.host
+    prompt = "I typed <im_patch> and <im_start> myself"
+    ids = host.encode(prompt)
+    assert int((ids == PATCH_ID).sum()) == 1  # what the webui's encode makes of it
+    _, ids, embeds = host.script.tokenizer_modifier(host.state(), prompt, ids, None)
+    assert int((ids == PATCH_ID).sum()) == 0 and embeds is None
+    assert int((ids == PATCH_ID + 1).sum()) == 0
+    plain = "nothing special here"
+    same = host.encode(plain)
+    assert host.script.tokenizer_modifier(host.state(), plain, same, None)[1] is same
