@@ -95,6 +95,7 @@ def webui_api(host) -> dict:
     script.app, script.check_key, script.verify_api_key = app, check_key, verify_api_key
     completions_module = types.ModuleType("modules.api.completions")
     completions_module.completions = completions
+    completions_module.stream_completions = lambda body, stop_event=None: iter([completions(body)])
     typing = types.ModuleType("modules.api.typing")
     typing.CompletionRequest, typing.to_dict = (lambda **body: body), (lambda body: body)
     errors = types.ModuleType("modules.api.errors")
@@ -170,7 +171,7 @@ def test_every_route_needs_the_webuis_key_and_no_work_is_done_without_it(served,
 def test_generate_takes_json_only_and_answers_with_the_key(served):
     plain = served.client.post("/api/v1/generate", content=b'{"prompt": "hi"}',
                                headers={**AUTH, "content-type": "text/plain"})
-    assert plain.status_code == 422  # a page on another site cannot send this without a preflight
+    assert plain.status_code == 415  # a page on another site cannot send JSON without a preflight
     ok = served.client.post("/api/v1/generate", json={"prompt": "Describe " + img_tag(picture(seed=1)),
                                                       "max_new_tokens": 2}, headers=AUTH)
     assert ok.status_code == 200 and isinstance(ok.json()["results"][0]["text"], str)

@@ -28,7 +28,8 @@ from tests.real_host import ROOT, WEBUI, is_current, needs_webui, post, running_
 pytestmark = needs_webui
 
 
-def write_model(folder: str, current: bool) -> None:
+def write_model(folder: str, current: bool):
+    """The tiny v0 model as a webui model folder; returns its parts (tokenizer included)."""
     v0 = tiny.build_v0(folder + "-parts")
     if current:
         v0.llm.save_pretrained(folder)
@@ -52,16 +53,13 @@ def write_model(folder: str, current: bool) -> None:
     shutil.copy(os.path.join(v0.projector_dir, "mm_projector.bin"), folder)
     with open(os.path.join(folder, "llava.json"), "w") as f:
         json.dump({"pipeline": "llava-v0-13b", "vision_tower": "vision_tower", "projector": "mm_projector.bin"}, f)
+    return v0
 
 
 def picture_url(seed: int) -> str:
     buffer = io.BytesIO()
     tiny.picture(64, 48, seed=seed).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def is_current(webui: str) -> bool:
-    return os.path.isfile(os.path.join(webui, "modules", "api", "script.py"))
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +144,7 @@ def test_the_demo_answers_in_a_chat(demo_server):
                         {"max_tokens": 20, "temperature": 0, "messages": follow_up})
     assert status == 200, body
     assert body["choices"][0]["message"]["content"].strip() == "Red."
+    # the webui's own defaults: no max_tokens (512), no temperature (the Top-P preset samples)
+    status, body = post(demo_server["base"] + "/v1/chat/completions", {"messages": [question]})
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"].strip() == "A red circle."

@@ -199,14 +199,20 @@ def add_generate_route(app, complete: Callable[[dict, threading.Event], dict], d
     """Serve the seed's endpoint on ``app``, behind the webui's own ``dependencies`` (its key check).
 
     ``complete(body, stop_event)`` runs a completion request body; ``stop_event`` is set when the
-    client goes away, which stops the generation as the webui's own routes do. The body must be a
-    JSON object sent as JSON: FastAPI refuses any other content type, so a page on another site cannot
-    send one without the browser asking first.
+    client goes away, which stops the generation. The body must be a JSON object sent as JSON: a page on
+    another site cannot send that without the browser asking the server first (CORS preflight).
     """
-    from fastapi import Body, Request
+    from fastapi import Request
     from fastapi.responses import JSONResponse
 
-    async def generate(request: Request, seed_request: dict = Body(...)):
+    async def generate(request: Request):
+        if not _is_json(request.scope):
+            return JSONResponse(status_code=415, content=error_body("send the request as JSON "
+                                                                    "(Content-Type: application/json)"))
+        try:
+            seed_request = json.loads(await request.body())
+        except ValueError:
+            return JSONResponse(status_code=400, content=error_body("the request body is not valid JSON"))
         stop_event = threading.Event()
         monitor = asyncio.create_task(_set_on_disconnect(request, stop_event))
         try:

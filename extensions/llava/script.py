@@ -108,14 +108,16 @@ def _authorized(scope) -> bool:
 
 
 def _complete(body: dict, stop_event) -> dict:
-    """Run a seed-style request through the host's own completion endpoint logic."""
+    """Run a seed-style request through the host's own completion logic. Its streamed form is used:
+    only that one checks ``stop_event`` between tokens, so a client that leaves stops the generation."""
     from modules.api import completions
     from modules.api.typing import CompletionRequest, to_dict
     try:
-        request = CompletionRequest(**body)
+        request = CompletionRequest(**{**body, "stream": True})
     except ValueError as error:
         raise LlavaError(f"the request is not valid: {error}") from None
-    return completions.completions(to_dict(request), stop_event=stop_event)
+    chunks = completions.stream_completions(to_dict(request), stop_event=stop_event)
+    return {"choices": [{"text": "".join(chunk["choices"][0].get("text") or "" for chunk in chunks)}]}
 
 
 def _request_context():

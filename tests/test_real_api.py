@@ -1,0 +1,165 @@
+"""The API hardening cases against the real current webui, started with ``--api-key``.
+
+Each case is what a hostile or careless client tries; see extensions/llava/api.py for what the
+extension promises. Memory is reported (printed with -s), never asserted on.
+"""
+
+import base64
+import io
+import json
+import os
+import socket
+import time
+import zlib
+
+import pytest
+from PIL import Image
+
+from tests import tiny
+from tests.real_host import WEBUI, is_current, needs_webui, request, running_webui
+from tests.test_real_webui import picture_url, write_model
+
+KEY = "a-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+pytestmark = [needs_webui, pytest.mark.skipif(bool(WEBUI) and not is_current(WEBUI),
+                                              reason="the hardening cases follow the current webui's API server")]
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    v0 = write_model(os.path.join(models, "tiny-llava"), current=True)
+    with running_webui(str(models), "tiny-llava", str(tmp_path_factory.mktemp("keyed-server")),
+                       extra_args=("--api-key", KEY)) as server:
+        server.tokenizer = v0.tokenizer
+        yield server
+
+
+def call(server, path, body, headers=AUTH, **kwargs):
+    status, response_headers, raw = request(server.base + path, body, headers, **kwargs)
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = raw.decode("utf-8", "replace")
+    return status, response_headers, parsed
+
+
+def header_only_png(width: int, height: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return "data:image/png;base64," + base64.b64encode(bytes(data)).decode()
+
+
+def chat(*urls, text="What is this?"):
+    return {"max_tokens": 2, "messages": [{"role": "user", "content": [{"type": "text", "text": text}] + [
+        {"type": "image_url", "image_url": {"url": u} if not isinstance(u, dict) else u} for u in urls]}]}
+
+
+def rss_mb(server) -> float:
+    with open(f"/proc/{server.process.pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def test_1_every_route_needs_the_key(keyed):
+    for path, body in [("/api/v1/generate", {"prompt": "hi", "max_new_tokens": 2}),
+                       ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                       ("/v1/chat/completions", chat())]:
+        assert call(keyed, path, body, headers={})[0] == 401, path
+        assert call(keyed, path, body, headers={"Authorization": "Bearer wrong"})[0] == 401, path
+        assert call(keyed, path, body)[0] == 200, path
+
+
+def test_2_json_only_and_the_webuis_own_cors(keyed):
+    status, _, body = call(keyed, "/api/v1/generate", b'{"prompt": "hi"}', headers={**AUTH, "Content-Type": "text/plain"})
+    assert status == 415, body
+    origin = {"Origin": "https://elsewhere.example"}
+    ours = call(keyed, "/api/v1/generate", {"prompt": "hi", "max_new_tokens": 1}, headers={**AUTH, **origin})[1]
+    theirs = call(keyed, "/v1/completions", {"prompt": "hi", "max_tokens": 1}, headers={**AUTH, **origin})[1]
+    assert ours.get("access-control-allow-origin") == theirs.get("access-control-allow-origin")
+
+
+def test_3_and_4_no_work_and_nothing_held_for_unauthenticated_requests(keyed):
+    big = header_only_png(7000, 7000)
+    before = rss_mb(keyed)
+    for _ in range(20):
+        status, _, _ = call(keyed, "/v1/completions", {"prompt": f'x <img src="{big}">'}, headers={})
+        assert status == 401
+    after = rss_mb(keyed)
+    print(f"\nRSS over 20 unauthenticated requests with a 7000x7000 PNG: {before:.0f} -> {after:.0f} MB")
+    assert "llava:" not in keyed.log_text().split("Loading the extension")[-1].replace(
+        'Loading the extension "llava"', "")  # the extension logged nothing: it did nothing
+
+
+def test_5_a_bomb_is_refused_without_decoding(keyed):
+    start = time.time()
+    status, _, body = call(keyed, "/v1/completions", {"prompt": f'x <img src="{header_only_png(10000, 10000)}">'})
+    print(f"\n10000x10000 bomb refused in {time.time() - start:.3f} s")
+    assert status == 400 and "larger than 50,000,000 pixels" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("url", [123, None, {}])
+def test_6_a_malformed_image_url_is_a_400(keyed, url):
+    status, _, body = call(keyed, "/v1/chat/completions", chat({"url": url}))
+    assert status == 400 and "image_url part without a text 'url'" in body["error"]["message"]
+
+
+def test_6_malformed_messages_and_completions_with_messages(keyed):
+    status, _, body = call(keyed, "/v1/chat/completions", {"messages": 5})
+    assert status == 400 and body["error"]["message"] == "'messages' must be a list of messages"
+    cut = picture_url(5)[:-120]
+    for url, reason in [(cut, "damaged or cut short"), ("http://127.0.0.1:9/a.png", "never fetches")]:
+        status, _, body = call(keyed, "/v1/completions", {"prompt": "<__media__> what?", "max_tokens": 2, **chat(url)})
+        assert status == 400 and reason in body["error"]["message"], body
+    assert "Failed to fetch external image" not in keyed.log_text()
+
+
+def test_7_a_streamed_refusal_is_an_error_event(keyed):
+    body = {"prompt": f'x <img src="{picture_url(6)}">', "max_tokens": 4000, "stream": True}
+    status, _, raw = request(keyed.base + "/v1/completions", body, AUTH)
+    events = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")]
+    assert status == 200 and events[-1] == "[DONE]", raw
+    assert "the context is too short for this prompt's last image" in json.loads(events[-2])["error"]["message"]
+    status, _, answer = call(keyed, "/v1/completions", {**body, "stream": False})
+    assert status == 400 and "the context is too short" in answer["error"]["message"]
+
+
+def test_8_the_seed_route_stops_when_the_client_leaves(keyed):
+    done = keyed.count("Output generated in")
+    payload = json.dumps({"prompt": "count", "max_new_tokens": 3000}).encode()
+    with socket.create_connection(("127.0.0.1", int(keyed.base.rsplit(":", 1)[1]))) as connection:
+        connection.sendall(b"POST /api/v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        time.sleep(1.0)
+    keyed.wait_for_count("Output generated in", done + 1)
+    last = keyed.log_text().rsplit("Output generated in", 1)[1]
+    generated = int(last.split(" tokens,")[0].rsplit("(", 1)[1].split(",")[-1].split()[-1])
+    print(f"\nthe seed route generated {generated} of 3000 tokens before the client left")
+    assert generated < 3000
+
+
+def test_10_usage_counts_pictures_at_their_token_length(keyed):
+    prompt = f'Look: <img src="{picture_url(7)}"> says'
+    status, _, body = call(keyed, "/v1/completions", {"prompt": prompt, "max_tokens": 3})
+    expected = len(keyed.tokenizer("Look: <im_start>" + "<im_patch>" * 256 + "<im_end> says")["input_ids"]) + 1
+    assert status == 200 and body["usage"]["prompt_tokens"] == expected, body
+    assert body["choices"][0]["finish_reason"] == "length"  # the 3 tokens asked for were used
+    status, _, body = call(keyed, "/v1/chat/completions", chat(picture_url(8)))
+    assert status == 200 and body["usage"]["prompt_tokens"] >= 258, body
+
+
+def test_11_typed_image_tokens_stay_text(keyed):
+    typed = "I typed <im_patch> here"
+    status, _, body = call(keyed, "/v1/completions", {"prompt": typed, "max_tokens": 1})
+    escaped = len(keyed.tokenizer("I typed &lt;im_patch> here")["input_ids"]) + 1
+    assert status == 200 and body["usage"]["prompt_tokens"] == escaped, body
+
+
+def test_memory_over_many_requests(keyed):
+    """A report, not a limit: RSS over 100 requests with pictures."""
+    before = rss_mb(keyed)
+    for i in range(100):
+        call(keyed, "/v1/chat/completions", chat(picture_url(100 + i)))
+    print(f"\nRSS over 100 picture requests: {before:.0f} -> {rss_mb(keyed):.0f} MB")
