@@ -82,16 +82,18 @@ class Server:
 
 @contextlib.contextmanager
 def running_webui(models: str, model: str, work_dir: str, *, ui: bool = False, api: bool = True,
-                  extra_args: tuple = (), env: dict | None = None):
+                  extra_args: tuple = (), env: dict | None = None, log_name: str = "server.log"):
     """server.py with this extension, serving ``model`` from ``models``, its log and user data in
-    ``work_dir``; stopped after."""
+    ``work_dir`` (a second server in the same ``work_dir`` finds the first one's saved chats);
+    stopped after."""
     current = is_current(WEBUI)
     user_data = None
     command = [PYTHON, "server.py", "--cpu", "--model-dir", str(models), "--model", model]
     if current:
         user_data = os.path.join(work_dir, "user_data")
-        shutil.copytree(os.path.join(WEBUI, "user_data"), user_data, symlinks=True,
-                        ignore=shutil.ignore_patterns("models", "logs", "cache"))
+        if not os.path.isdir(user_data):
+            shutil.copytree(os.path.join(WEBUI, "user_data"), user_data, symlinks=True,
+                            ignore=shutil.ignore_patterns("models", "logs", "cache"))
         link = os.path.join(user_data, "extensions", "llava")
         os.makedirs(os.path.dirname(link), exist_ok=True)
         if os.path.lexists(link):  # another copy of the extension installed in the checkout
@@ -113,7 +115,7 @@ def running_webui(models: str, model: str, work_dir: str, *, ui: bool = False, a
         ui_port, api_port = free_port(), 5000
         command += ["--extensions", "llava_under_test", "--api", "--listen-port", str(ui_port)]
     command += list(extra_args)
-    log_path = os.path.join(work_dir, "server.log")
+    log_path = os.path.join(work_dir, log_name)
     log = open(log_path, "w")
     process = subprocess.Popen(command, cwd=WEBUI, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})

@@ -251,3 +251,27 @@ def test_two_browser_sessions_stay_apart(multi_user_server, open_page, pictures)
     seen_one = server.count("llava: 2 image(s) in the prompt, 1 embedded")
     assert bob.send("What shape is in the picture?") == "A blue square."
     assert server.count("llava: 2 image(s) in the prompt, 1 embedded") == seen_one + 1
+
+
+def test_a_saved_chat_shows_and_gives_its_picture_after_a_restart(tmp_path_factory, open_page):
+    work = str(tmp_path_factory.mktemp("restart"))
+    models, model = os.path.split(DEMO_MODEL)
+    with running_webui(models, model, work, ui=True, api=False) as first:
+        page = open_page(first)
+        page.new_chat()
+        page.pick(RED_CIRCLE)
+        assert page.send("What shape is in the picture?") == "A red circle."
+    chats = {}
+    for root, _, names in os.walk(os.path.join(work, "user_data", "logs", "instruct")):
+        for name in names:
+            with open(os.path.join(root, name), encoding="utf-8") as f:
+                chats[os.path.join(root, name)] = f.read()
+    [saved] = [path for path, text in chats.items() if "What shape" in text]
+    assert chats[saved].count("data:image/png;base64,") == 1  # stored once, as the message's attachment
+    print(f"\nsaved chat with a {os.path.getsize(RED_CIRCLE)}-byte picture: {os.path.getsize(saved)} bytes")
+    with running_webui(models, model, work, ui=True, api=False, log_name="server-2.log") as second:
+        page = open_page(second)
+        page.wait_for(lambda: page.driver.find_elements(By.CSS_SELECTOR, "#chat .user-message img.image-preview"),
+                      "the saved chat's picture")
+        assert page.send("What colour is the shape?") == "Red."
+        assert second.count(EMBEDDED_ONE) == 1  # the picture went to the model again

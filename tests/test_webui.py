@@ -262,3 +262,17 @@ def test_host_request_errors_keep_their_status(host):
     client = TestClient(seed_app(host, fail_with=InvalidRequest()))
     response = client.post("/api/v1/generate", json={"prompt": "x", "max_new_tokens": 1})
     assert response.status_code == 400 and "SVG" in response.json()["error"]["message"]
+
+
+def test_notebook_prompt_reaches_the_webuis_tokenizer_without_picture_data(host, monkeypatch):
+    """Default and Notebook tabs: the webui encodes the prompt before the tokenizer hook runs."""
+    seen = []
+    real = host.encode
+    monkeypatch.setattr(host, "encode", lambda prompt, *a, **k: seen.append(prompt) or real(prompt, *a, **k))
+    photo = picture(200, 150, seed=70)
+    prompt = "Describe " + img_tag(photo) + " in a word:"
+    host.generate(prompt, host.state(max_new_tokens=1))
+    assert seen == ['Describe <img src="llava-ref:1"> in a word:']
+    assert int((host.last_prompt_ids == PATCH_ID).sum()) == 256
+    alone = host.script.tokenizer_modifier(host.state(), prompt, real(prompt), None)
+    assert torch.equal(alone[1], host.last_prompt_ids)  # the same ids as from the full data URL

@@ -27,7 +27,7 @@ from typing import Awaitable, Callable
 
 from .errors import LlavaError
 from .images import ImageError, ImageSource, InlineImage, UnreachableImage
-from .prompt import MEDIA_PLACEHOLDER, REFERENCE_SCHEME, parse_prompt
+from .prompt import MEDIA_PLACEHOLDER, parse_prompt, reference_pictures
 
 GENERATE_PATH = "/api/v1/generate"
 CHECKED_PATHS = ("/v1/completions", "/v1/chat/completions", GENERATE_PATH)
@@ -125,26 +125,12 @@ def pictures_in_body(path: str, body: dict) -> list[ImageSource]:
 
 def reference_prompts(body: dict, scope: RequestScope) -> dict:
     """The body with each ``data:`` URL of its prompts replaced by a short reference kept in ``scope``."""
-    def shorten(prompt: str) -> str:
-        if "<" not in prompt:
-            return prompt
-        pieces = []
-        for piece in parse_prompt(prompt).pieces():
-            if isinstance(piece, str):
-                pieces.append(piece)
-            elif isinstance(piece.source, InlineImage):
-                reference = f"{len(scope.references) + 1}"
-                scope.references[reference] = piece.source
-                pieces.append(f'<img src="{REFERENCE_SCHEME}{reference}">')
-            else:
-                pieces.append(prompt[piece.start:piece.end])
-        return "".join(pieces)
-
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return {**body, "prompt": shorten(prompt)}
+        return {**body, "prompt": reference_pictures(prompt, scope.references)}
     if isinstance(prompt, list):
-        return {**body, "prompt": [shorten(p) if isinstance(p, str) else p for p in prompt]}
+        return {**body, "prompt": [reference_pictures(p, scope.references) if isinstance(p, str) else p
+                                   for p in prompt]}
     return body
 
 

@@ -123,6 +123,22 @@ def parse_prompt(prompt: str, media: Sequence[ImageSource] | None = None,
     return ParsedPrompt(prompt, images)
 
 
+def reference_pictures(prompt: str, references: dict[str, ImageSource]) -> str:
+    """``prompt`` with each ``data:`` URL replaced by a short ``llava-ref:`` source; the pictures go
+    into ``references``, which the caller keeps beside the prompt. The picture's data is not copied."""
+    if "<" not in prompt:
+        return prompt
+    pieces = []
+    for piece in parse_prompt(prompt).pieces():
+        if isinstance(piece, ImageRef) and isinstance(piece.source, InlineImage):
+            name = str(len(references) + 1)
+            references[name] = piece.source
+            pieces.append(f'<img src="{REFERENCE_SCHEME}{name}">')
+        else:
+            pieces.append(piece if isinstance(piece, str) else prompt[piece.start:piece.end])
+    return "".join(pieces)
+
+
 def _inside(spans):
     def test(offset: int) -> bool:
         return any(start <= offset < end for start, end, _ in spans)

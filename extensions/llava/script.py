@@ -28,6 +28,8 @@ def _core(name: str):
 
 settings_module = _core("settings")
 api = _core("api")
+prompt_module = _core("prompt")
+REFERENCES_KEY = "llava_references"  # the state's pictures behind the prompt's llava-ref: sources
 engine_module = _core("engine")
 chat_ui = _core("chat_ui")
 LlavaError = _core("errors").LlavaError
@@ -160,7 +162,11 @@ def chat_input_modifier(text, visible_text, state):
 
 
 def input_modifier(string, state=None, is_chat=False):  # the 2023 webui passes only the text
+    """Default and Notebook tabs: the webui tokenizes this text before the tokenizer hook, so each
+    picture's data URL becomes a short reference, resolved from the state by the hook."""
     from modules import shared
+    if not is_chat and isinstance(state, dict) and isinstance(string, str) and "data:" in string:
+        string = prompt_module.reference_pictures(string, state.setdefault(REFERENCES_KEY, {}))
     attached, _turn.attached = getattr(_turn, "attached", 0) if is_chat else 0, 0
     chat_ui.warn_if_unsupported(string, getattr(shared.args, "loader", None), shared.model, _warn, attached)
     return string
@@ -169,7 +175,8 @@ def input_modifier(string, state=None, is_chat=False):  # the 2023 webui passes 
 def tokenizer_modifier(state, prompt, input_ids, input_embeds):
     from modules import shared
     from modules.text_generation import encode, get_max_prompt_length
-    media, references = chat_ui.media_from_state(state), api.request_references()
+    media = chat_ui.media_from_state(state)
+    references = api.request_references() or state.get(REFERENCES_KEY)
     prepared = None
     if engine_module.has_work(prompt, media, references):
         try:
