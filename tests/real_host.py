@@ -76,16 +76,25 @@ class Server:
                 raise AssertionError(f"the server log never had {count} × {line!r}:\n{self.log_text()[-3000:]}")
             time.sleep(0.2)
 
+    def encoded(self) -> list[int]:
+        """The length of each text the webui's ``encode`` received so far (with ``probe_encode``)."""
+        if not os.path.exists(self.probe_log):
+            return []
+        with open(self.probe_log) as f:
+            return [int(line) for line in f if line.strip()]
+
     def __getitem__(self, key):  # the older tests read server["base"] and server["current"]
         return getattr(self, key)
 
 
 @contextlib.contextmanager
 def running_webui(models: str, model: str, work_dir: str, *, ui: bool = False, api: bool = True,
-                  extra_args: tuple = (), env: dict | None = None, log_name: str = "server.log"):
+                  extra_args: tuple = (), env: dict | None = None, log_name: str = "server.log",
+                  probe_encode: bool = False):
     """server.py with this extension, serving ``model`` from ``models``, its log and user data in
     ``work_dir`` (a second server in the same ``work_dir`` finds the first one's saved chats);
-    stopped after."""
+    stopped after. ``probe_encode`` also installs tests/encode_probe, which records the length of every
+    text the webui tokenizes (``Server.encoded()``)."""
     current = is_current(WEBUI)
     user_data = None
     command = [PYTHON, "server.py", "--cpu", "--model-dir", str(models), "--model", model]
@@ -99,7 +108,13 @@ def running_webui(models: str, model: str, work_dir: str, *, ui: bool = False, a
         if os.path.lexists(link):  # another copy of the extension installed in the checkout
             shutil.rmtree(link) if os.path.isdir(link) and not os.path.islink(link) else os.unlink(link)
         os.symlink(EXTENSION, link)
-        command += ["--user-data-dir", user_data, "--loader", "transformers", "--extensions", "llava"]
+        extensions = ["llava"]
+        if probe_encode:
+            probe = os.path.join(user_data, "extensions", "encode_probe")
+            if not os.path.lexists(probe):
+                os.symlink(os.path.join(ROOT, "tests", "encode_probe"), probe)
+            extensions.append("encode_probe")
+        command += ["--user-data-dir", user_data, "--loader", "transformers", "--extensions", *extensions]
         ui_port, api_port = free_port(), free_port()
         if api:
             command += ["--api", "--api-port", str(api_port)]
@@ -117,10 +132,13 @@ def running_webui(models: str, model: str, work_dir: str, *, ui: bool = False, a
     command += list(extra_args)
     log_path = os.path.join(work_dir, log_name)
     log = open(log_path, "w")
+    probe_log = os.path.join(work_dir, log_name + ".encoded")
     process = subprocess.Popen(command, cwd=WEBUI, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "LLAVA_ENCODE_PROBE_LOG": probe_log,
+                                    **(env or {})})
     port = ui_port if ui else api_port
     server = Server(f"http://127.0.0.1:{port}", log_path, current, process, user_data)
+    server.probe_log = probe_log
     server.api_base = f"http://127.0.0.1:{api_port}"
     try:
         deadline = time.time() + 300

@@ -1,0 +1,101 @@
+"""Phone photos in the real webui: on every path, the webui's tokenizer never reads picture data.
+
+One server (UI and API, the bundled demo, the webui's defaults) with tests/encode_probe installed,
+which records the length of every text the webui's ``encode`` receives. A 12-megapixel JPEG of about
+4 MB is about 6 million characters of base64: any of it reaching ``encode`` shows at once.
+"""
+
+import base64
+import os
+
+import pytest
+
+from extensions.llava.cli_ask import DEMO_MODEL
+from tests.photos import make_photo
+from tests.real_host import WEBUI, is_current, needs_webui, post, running_webui
+from tests.test_real_browser import open_page  # noqa: F401  (a fixture)
+
+pytestmark = [needs_webui, pytest.mark.skipif(bool(WEBUI) and not is_current(WEBUI),
+                                              reason="the photo paths follow the current webui")]
+QUESTION = "What shape is in the picture?"
+# The text around a picture on these paths is under 200 characters; a picture may add 100 (its reference).
+MOST_CHARACTERS = 300
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    models, model = os.path.split(DEMO_MODEL)
+    with running_webui(models, model, str(tmp_path_factory.mktemp("photo-server")), ui=True, api=True,
+                       probe_encode=True) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    return [make_photo(str(folder / f"photo-{seed}.jpg"), seed=seed) for seed in range(3)]
+
+
+def data_url(path: str) -> str:
+    with open(path, "rb") as f:
+        return "data:image/jpeg;base64," + base64.b64encode(f.read()).decode()
+
+
+def encoded_during(server, action):
+    before = len(server.encoded())
+    result = action()
+    lengths = server.encoded()[before:]
+    assert lengths, "the probe saw no call of encode"
+    return result, lengths
+
+
+def test_the_apis_never_tokenize_picture_data(server, photos):
+    prompt = "USER: <img src=\"{}\">\n" + QUESTION + "\nASSISTANT:"
+    cases = [
+        ("/v1/completions", {"prompt": prompt.format(data_url(photos[0])), "max_tokens": 16, "temperature": 0},
+         lambda body: body["choices"][0]["text"]),
+        ("/api/v1/generate", {"prompt": prompt.format(data_url(photos[1])), "max_new_tokens": 16, "do_sample": False},
+         lambda body: body["results"][0]["text"]),
+        ("/v1/chat/completions", {"max_tokens": 16, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(photos[2])}}, {"type": "text", "text": QUESTION}]}]},
+         lambda body: body["choices"][0]["message"]["content"]),
+    ]
+    for path, body, answer_of in cases:
+        (status, answer), lengths = encoded_during(server, lambda: post(server.api_base + path, body))
+        assert status == 200, (path, answer)
+        assert answer_of(answer).strip() == "A red circle.", (path, answer)
+        assert max(lengths) <= MOST_CHARACTERS, (path, lengths)
+
+
+def test_the_chat_ui_never_tokenizes_picture_data(server, photos, open_page):
+    page = open_page(server)
+    page.new_chat()
+    page.pick(photos[0])
+    reply, lengths = encoded_during(server, lambda: page.send(QUESTION))
+    assert reply == "A red circle." and max(lengths) <= MOST_CHARACTERS, lengths
+    reply, lengths = encoded_during(server, lambda: page.send("What colour is the shape?"))
+    assert reply == "Red." and max(lengths) <= MOST_CHARACTERS, lengths
+    page.new_chat()
+    page.attach(photos[1])
+    reply, lengths = encoded_during(server, lambda: page.send(QUESTION))
+    assert reply == "A red circle." and max(lengths) <= MOST_CHARACTERS, lengths
+
+
+def test_the_notebook_never_tokenizes_picture_data(server, photos, open_page):
+    from selenium.webdriver.common.by import By
+    page = open_page(server)
+    page.driver.find_element(By.XPATH, "//button[normalize-space()='Notebook']").click()
+    box = page.wait_for(lambda: page.driver.find_element(By.CSS_SELECTOR, "#textbox-notebook textarea"), "the notebook")
+    tab = page.driver.find_element(By.ID, "notebook-parent-tab")
+    # a fresh user_data folder has no notebook prompt to save into yet: start one, as a user would
+    next(b for b in tab.find_elements(By.XPATH, ".//button[normalize-space()='New']") if b.is_displayed()).click()
+    page.wait_for(lambda: box.get_attribute("value"), "a new notebook prompt")
+    text = "USER: <img src=\"" + data_url(photos[2]) + "\">\n" + QUESTION + "\nASSISTANT:"
+    page.driver.execute_script("arguments[0].value = arguments[1];"
+                               "arguments[0].dispatchEvent(new Event('input', {bubbles: true}));", box, text)
+    done = server.count("Output generated in")
+    generate = next(button for button in page.driver.find_elements(
+        By.XPATH, "//*[@id='notebook-parent-tab']//button[normalize-space()='Generate']") if button.is_displayed())
+    _, lengths = encoded_during(server, lambda: (generate.click(), server.wait_for_count("Output generated in", done + 1)))
+    assert max(lengths) <= MOST_CHARACTERS, lengths
+    page.wait_for(lambda: box.get_attribute("value").rstrip().endswith("A red circle."), "the notebook's answer")
