@@ -22,7 +22,7 @@ from .images import ImageSource
 from .pipelines import PIPELINES, Pipeline, PipelineError
 from .prompt import MEDIA_PLACEHOLDER, ImageRef, escape_special_tokens, expand_prompt, parse_prompt
 from .settings import Settings
-from .splice import TokenLayout, find_images, shift_spans, splice, truncation_cut
+from .splice import TokenLayout, find_images, shift_spans, splice, truncation_cut, widen_image_slots
 from .vision import VisionLoadError, VisionParts, load_vision_parts
 
 logger = logging.getLogger("llava")
@@ -127,8 +127,7 @@ class LlavaEngine:
         if not parsed.images:
             return None
         pipeline = self.choice_for(model, tokenizer, model_path).pipeline
-        stand_in = (pipeline.start_token or "") + pipeline.image_token + (pipeline.end_token or "")
-        ids = encode(expand_prompt(parsed, stand_in, pipeline.special_tokens))
+        ids = encode(expand_prompt(parsed, pipeline.image_stand_in(), pipeline.special_tokens))
         return int(ids.shape[-1]) + len(parsed.images) * (pipeline.feature_count - 1)
 
     # ------------------------------------------------------------ the tokenizer hook
@@ -143,9 +142,12 @@ class LlavaEngine:
         choice = self.choice_for(model, tokenizer, model_path)
         pipeline = choice.pipeline
         layout = self.token_layout(tokenizer, pipeline)
-        ids = encode(expand_prompt(parsed, pipeline.image_text(), pipeline.special_tokens))
+        # Each picture is tokenized as one slot and widened to its full length in the ids: the
+        # tokenizer reads a few characters per picture, never hundreds of image tokens as text.
+        ids = encode(expand_prompt(parsed, pipeline.image_stand_in(), pipeline.special_tokens))
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
+        ids = widen_image_slots(ids, layout)
         spans = find_images(ids[0], layout, len(parsed.images))
         cut, dropped = truncation_cut(ids.shape[1], max_length, spans)
         notes = []

@@ -39,6 +39,10 @@ class Pipeline:
         """Token texts that only the extension may put into a prompt."""
         return tuple(t for t in (self.image_token, self.start_token, self.end_token) if t)
 
+    def image_stand_in(self) -> str:
+        """An image as one slot between its start and end tokens (widened to all slots in the ids)."""
+        return (self.start_token or "") + self.image_token + (self.end_token or "")
+
     def image_text(self) -> str:
         """The text an image becomes before tokenization."""
         return (self.start_token or "") + self.image_token * self.feature_count + (self.end_token or "")

@@ -44,6 +44,12 @@ class ImageSpans:
         return self.slots.shape[0]
 
 
+def widen_image_slots(ids: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """[1, length] ids with one image token per image → the same ids with ``feature_count`` of them."""
+    repeats = torch.where(ids[0] == layout.image_id, layout.feature_count, 1)
+    return ids[0].repeat_interleave(repeats).unsqueeze(0)
+
+
 def find_images(ids: torch.Tensor, layout: TokenLayout, expected: int) -> ImageSpans:
     """Locate ``expected`` images in 1-D ``ids``; anything else is a layout error."""
     slots = torch.nonzero(ids == layout.image_id).flatten()
