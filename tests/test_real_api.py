@@ -29,8 +29,11 @@ pytestmark = [needs_webui, pytest.mark.skipif(bool(WEBUI) and not is_current(WEB
 def keyed(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     v0 = write_model(os.path.join(models, "tiny-llava"), current=True)
-    with running_webui(str(models), "tiny-llava", str(tmp_path_factory.mktemp("keyed-server")),
-                       extra_args=("--api-key", KEY)) as server:
+    work = tmp_path_factory.mktemp("keyed-server")
+    settings = work / "settings.yaml"  # "embed all" on: every picture of a request counts
+    settings.write_text("llava-add_all_images_to_prompt: true\n")
+    with running_webui(str(models), "tiny-llava", str(work), extra_args=("--api-key", KEY, "--settings", str(settings))) \
+            as server:
         server.tokenizer = v0.tokenizer
         yield server
 
@@ -127,7 +130,9 @@ def test_7_a_streamed_refusal_is_an_error_event(keyed):
 
 def test_8_the_seed_route_stops_when_the_client_leaves(keyed):
     done = keyed.count("Output generated in")
-    payload = json.dumps({"prompt": "count", "max_new_tokens": 3000}).encode()
+    # greedy: a sampled token of the random model can be a lone byte, after which the webui yields
+    # (and so looks at the stop signal) only at the end of the generation
+    payload = json.dumps({"prompt": "count", "max_new_tokens": 3000, "do_sample": False}).encode()
     with socket.create_connection(("127.0.0.1", int(keyed.base.rsplit(":", 1)[1]))) as connection:
         connection.sendall(b"POST /api/v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                            + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
@@ -137,6 +142,14 @@ def test_8_the_seed_route_stops_when_the_client_leaves(keyed):
     generated = int(last.split(" tokens,")[0].rsplit("(", 1)[1].split(",")[-1].split()[-1])
     print(f"\nthe seed route generated {generated} of 3000 tokens before the client left")
     assert generated < 3000
+
+
+def test_9_pixels_to_embed_are_bounded_per_request(keyed):
+    big = header_only_png(7000, 7000)  # 49 million pixels each: allowed alone, not three at once
+    start = time.time()
+    status, _, body = call(keyed, "/v1/chat/completions", chat(big, big, big))
+    print(f"\n3 pictures of 7000x7000 with embed all on refused in {time.time() - start:.3f} s")
+    assert status == 400 and "one request may hold 100,000,000" in body["error"]["message"], body
 
 
 def test_10_usage_counts_pictures_at_their_token_length(keyed):

@@ -119,7 +119,15 @@ def _complete(body: dict, stop_event) -> dict:
     except ValueError as error:
         raise LlavaError(f"the request is not valid: {error}") from None
     chunks = completions.stream_completions(to_dict(request), stop_event=stop_event)
-    return {"choices": [{"text": "".join(chunk["choices"][0].get("text") or "" for chunk in chunks)}]}
+    texts = []
+    try:
+        for chunk in chunks:
+            texts.append(chunk["choices"][0].get("text") or "")
+            if stop_event.is_set():
+                break
+    finally:
+        chunks.close()  # ends the generation thread now, not whenever the generator is collected
+    return {"choices": [{"text": "".join(texts)}]}
 
 
 def _request_context():
