@@ -95,7 +95,10 @@ def webui_api(host) -> dict:
     script.app, script.check_key, script.verify_api_key = app, check_key, verify_api_key
     completions_module = types.ModuleType("modules.api.completions")
     completions_module.completions = completions
-    completions_module.stream_completions = lambda body, stop_event=None: iter([completions(body)])
+    def stream_completions(body, stop_event=None):
+        yield completions(body)
+
+    completions_module.stream_completions = stream_completions
     typing = types.ModuleType("modules.api.typing")
     typing.CompletionRequest, typing.to_dict = (lambda **body: body), (lambda body: body)
     errors = types.ModuleType("modules.api.errors")
