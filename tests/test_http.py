@@ -278,3 +278,13 @@ def test_typed_image_tokens_stay_text_without_a_picture(served):
     plain = "nothing special here"
     same = host.encode(plain)
     assert host.script.tokenizer_modifier(host.state(), plain, same, None)[1] is same
+
+
+def test_a_streamed_completion_reports_the_true_usage(served):
+    prompt = "Look: " + img_tag(picture(200, 100, seed=9)) + " what is it?"
+    response = served.client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2, "stream": True},
+                                  headers=AUTH)
+    assert response.status_code == 200
+    last = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")][-1]
+    assert last["usage"]["prompt_tokens"] == served.host.last_prompt_ids.shape[1] > 256
+    assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]

@@ -130,9 +130,10 @@ def test_7_a_streamed_refusal_is_an_error_event(keyed):
 
 def test_8_the_seed_route_stops_when_the_client_leaves(keyed):
     done = keyed.count("Output generated in")
-    # greedy: a sampled token of the random model can be a lone byte, after which the webui yields
-    # (and so looks at the stop signal) only at the end of the generation
-    payload = json.dumps({"prompt": "count", "max_new_tokens": 3000, "do_sample": False}).encode()
+    # The random model's byte tokens are banned: after a lone byte the webui yields (and so looks at the
+    # stop signal) only once the text decodes again, which with random tokens can be never.
+    byte_tokens = ",".join(str(keyed.tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>")) for b in range(256))
+    payload = json.dumps({"prompt": "count", "max_new_tokens": 3000, "custom_token_bans": byte_tokens}).encode()
     with socket.create_connection(("127.0.0.1", int(keyed.base.rsplit(":", 1)[1]))) as connection:
         connection.sendall(b"POST /api/v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                            + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
@@ -158,6 +159,10 @@ def test_10_usage_counts_pictures_at_their_token_length(keyed):
     expected = len(keyed.tokenizer("Look: <im_start>" + "<im_patch>" * 256 + "<im_end> says")["input_ids"]) + 1
     assert status == 200 and body["usage"]["prompt_tokens"] == expected, body
     assert body["choices"][0]["finish_reason"] == "length"  # the 3 tokens asked for were used
+    status, _, raw = request(keyed.base + "/v1/completions", {"prompt": prompt, "max_tokens": 3, "stream": True,
+                                                               "stream_options": {"include_usage": True}}, AUTH)
+    usage = [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: {")][-1]["usage"]
+    assert status == 200 and usage["prompt_tokens"] == expected, usage
     status, _, body = call(keyed, "/v1/chat/completions", chat(picture_url(8)))
     assert status == 200 and body["usage"]["prompt_tokens"] >= 258, body
 

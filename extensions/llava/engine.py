@@ -201,13 +201,13 @@ class LlavaEngine:
         pipeline = choice.pipeline
         if not images:
             return torch.empty(0, pipeline.feature_count, width)
-        vision = self.vision_parts(choice)
+        vision, vision_key = self._vision_and_key(choice)
         if vision.output_size != width:
             raise PipelineError(f"the projector gives {vision.output_size}-wide features but the loaded model's "
                                 f"embeddings are {width} wide: wrong model or wrong pipeline ({pipeline.name}); "
                                 "set llava-pipeline or llava-projector_repo to the projector of this model, or "
                                 "convert the checkpoint with `python -m extensions.llava convert`")
-        keys = [(image.source.digest(),) + self._vision_key for image in images]
+        keys = [(image.source.digest(),) + vision_key for image in images]
         found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
         if any(v is None for v in found.values()):
             with self._encode_lock:
@@ -235,6 +235,11 @@ class LlavaEngine:
         return torch.stack([found[key] for key in keys])
 
     def vision_parts(self, choice: Choice) -> VisionParts:
+        return self._vision_and_key(choice)[0]
+
+    def _vision_and_key(self, choice: Choice) -> tuple[VisionParts, tuple]:
+        """The vision parts for ``choice`` under the current settings, with the key of what they are
+        (the features cache keys on it: a reconfigure during this call cannot mix the two)."""
         s = self.settings
         pipeline = choice.pipeline
         vision_source = s.clip_repo or choice.vision_source or pipeline.vision_repo
@@ -261,7 +266,7 @@ class LlavaEngine:
                 self._check_projector_type(vision, pipeline)
                 self._vision, self._vision_key = vision, key
                 self.counters.loads += 1
-            return self._vision
+            return self._vision, key
 
     @staticmethod
     def _check_projector_type(vision: VisionParts, pipeline: Pipeline) -> None:
