@@ -67,13 +67,6 @@ class FeatureCache:
         self.stats.stored_bytes = self._bytes
         self.stats.entries = len(self._entries)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-            self.stats.stored_bytes = 0
-            self.stats.entries = 0
-
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -39,7 +39,6 @@ class Prepared:
     input_ids: torch.Tensor  # [1, length]
     inputs_embeds: torch.Tensor | None  # [1, length, hidden]
     notes: list[str] = field(default_factory=list)  # things the user should be told
-    images_in_prompt: int = 0
     images_dropped: int = 0
     images_embedded: int = 0
 
@@ -53,10 +52,6 @@ class Counters:
     loads: int = 0  # times the vision parts were loaded
 
 
-def model_width(model) -> int:
-    return model.get_input_embeddings().weight.shape[-1]
-
-
 def model_path_of(model) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "_name_or_path", None) or None
@@ -64,7 +59,7 @@ def model_path_of(model) -> str | None:
 
 class LlavaEngine:
     def __init__(self, settings: Settings | None = None, log: Callable[[str], None] | None = None):
-        self.settings = settings or Settings()
+        self.settings = settings or Settings.from_params({})
         self.log = log or logger.info
         self.cache = FeatureCache(self._cache_bytes(self.settings))
         self.counters = Counters()
@@ -174,7 +169,7 @@ class LlavaEngine:
         self.log(f"llava: {len(parsed.images)} image(s) in the prompt, {len(chosen)} embedded")
         for note in notes:
             self.log(f"llava: {note}")
-        return Prepared(prompt, ids.to(embeds.device), embeds, notes, len(parsed.images), dropped, len(chosen))
+        return Prepared(prompt, ids.to(embeds.device), embeds, notes, dropped, len(chosen))
 
     @staticmethod
     def _without_images(prompt: str, tokenizer, encode: Encode, max_length: int | None) -> Prepared | None:

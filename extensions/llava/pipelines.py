@@ -30,11 +30,6 @@ class Pipeline:
     family: str = ""
 
     @property
-    def image_token_count(self) -> int:
-        """Tokens one image takes in the prompt."""
-        return self.feature_count + (self.start_token is not None) + (self.end_token is not None)
-
-    @property
     def special_tokens(self) -> tuple[str, ...]:
         """Token texts that only the extension may put into a prompt."""
         return tuple(t for t in (self.image_token, self.start_token, self.end_token) if t)

@@ -27,11 +27,6 @@ DEFAULTS = {
     "cache_size_mb": 256,
 }
 
-# What the settings mean when left unset: the seed pipeline's sources.
-SEED_CLIP_REPO = "openai/clip-vit-large-patch14"
-SEED_PROJECTOR_REPO = "liuhaotian/LLaVA-13b-delta-v0"
-SEED_PROJECTOR_FILENAME = "mm_projector.bin"
-
 ALLOWED_BITS = (16, 32)
 
 
@@ -118,16 +113,18 @@ def _cache_size(name: str, value) -> float:
 
 @dataclass(frozen=True)
 class Settings:
-    pipeline: str = "auto"
-    clip_bits: int = 32
-    clip_device: torch.device = torch.device("cpu")
-    clip_repo: str | None = None
-    projector_bits: int = 32
-    projector_device: torch.device = torch.device("cpu")
-    projector_repo: str | None = None
-    projector_filename: str | None = None
-    add_all_images_to_prompt: bool = False
-    cache_size_mb: float = 256
+    """Validated settings. ``DEFAULTS`` is the one source of defaults: ``Settings.from_params({})``."""
+
+    pipeline: str
+    clip_bits: int
+    clip_device: torch.device
+    clip_repo: str | None
+    projector_bits: int
+    projector_device: torch.device
+    projector_repo: str | None
+    projector_filename: str | None
+    add_all_images_to_prompt: bool
+    cache_size_mb: float
 
     @property
     def clip_dtype(self) -> torch.dtype:

@@ -39,10 +39,6 @@ class ImageSpans:
     starts: torch.Tensor  # [n_images] first token of the image (its start token, if any)
     ends: torch.Tensor  # [n_images] one past its last token
 
-    @property
-    def count(self) -> int:
-        return self.slots.shape[0]
-
 
 def widen_image_slots(ids: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """[1, length] ids with one image token per image → the same ids with ``feature_count`` of them."""
