@@ -166,7 +166,7 @@ def test_module_entry_point_as_in_the_readme():
 
 def test_training_is_seeded():
     """Two short runs with the same seed give the same weights (the demo's recipe is reproducible)."""
-    from extensions.llava.vision import load_image_processor
+    from extensions.llava.weights import load_image_processor
     processor = load_image_processor(os.path.join(DEMO_MODEL, "vision_tower"))
     tokenizer = make_tokenizer()
     threads = torch.get_num_threads()

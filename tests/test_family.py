@@ -17,7 +17,8 @@ from extensions.llava.engine import LlavaEngine
 from extensions.llava.errors import LlavaError
 from extensions.llava.pipelines import PIPELINES, PipelineError
 from extensions.llava.settings import Settings
-from extensions.llava.vision import fill_colour, load_image_processor
+from extensions.llava.vision import fill_colour
+from extensions.llava.weights import load_image_processor
 from tests.tiny import BosEncoder, img_tag, make_llm, make_tokenizer, picture, save_projector
 from tests.tiny_family import (IMAGE_ID, build_v15, expand2square, llava_mean_colour, reference_v15,
                                save_llava_hf, save_original, with_vocab)

@@ -6,7 +6,7 @@ import torch
 from extensions.llava.engine import LlavaEngine
 from extensions.llava.errors import LlavaError
 from extensions.llava.settings import Settings, SettingsError
-from extensions.llava.vision import load_image_processor
+from extensions.llava.weights import load_image_processor
 from tests.tiny import BosEncoder, img_tag, make_llm, make_tokenizer, picture
 
 PATCH_ID, START_ID, END_ID = 32000, 32001, 32002

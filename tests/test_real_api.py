@@ -15,7 +15,6 @@ import zlib
 import pytest
 from PIL import Image
 
-from tests import tiny
 from tests.real_host import WEBUI, is_current, needs_webui, request, running_webui
 from tests.test_real_webui import picture_url, write_model
 

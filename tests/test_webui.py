@@ -1,6 +1,5 @@
 """Issue 3: what a webui user does — chat uploads, attachments, the APIs, other loaders."""
 
-import base64
 
 import pytest
 import torch

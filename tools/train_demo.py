@@ -40,7 +40,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from extensions.llava.pipelines import get_pipeline  # noqa: E402
-from extensions.llava.vision import build_projector, load_image_processor, preprocess  # noqa: E402
+from extensions.llava.projector import build_projector  # noqa: E402
+from extensions.llava.vision import preprocess  # noqa: E402
+from extensions.llava.weights import load_image_processor  # noqa: E402
 
 PIPELINE = get_pipeline("llava-demo")
 COLOURS = {"red": (215, 35, 35), "green": (35, 165, 50), "blue": (40, 70, 215), "yellow": (235, 210, 30)}

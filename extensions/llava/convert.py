@@ -37,8 +37,10 @@ import torch
 from .detect import METADATA_FILE, detect_pipeline
 from .errors import LlavaError
 from .pipelines import CLIP_224, CLIP_336, PIPELINES, Pipeline, PipelineError, get_pipeline
-from .vision import _quiet_transformers as quiet_transformers
-from .vision import clip_vision_from_state, normalise_projector_keys, projector_type_of
+from .projector import normalise_projector_keys, projector_type_of
+from .vision import clip_vision_from_state
+from .weights import WeightsError, iter_tensors, load_image_processor, quiet_transformers, read_projector_tensors
+from .weights import weight_files as checkpoint_files
 
 PROJECTOR_FILE = "mm_projector.safetensors"
 VISION_FOLDER = "vision_tower"
@@ -77,7 +79,10 @@ def read_source(folder: str) -> Source:
     with open(config_path) as f:
         raw = json.load(f)
     model_type = raw.get("model_type", "")
-    files = weight_files(folder)
+    try:
+        files = checkpoint_files(folder)
+    except WeightsError as error:
+        raise ConvertError(str(error)) from None
     if "text_config" in raw and "vision_config" in raw:
         if model_type != "llava":
             raise ConvertError(f"'{folder}' is a {model_type!r} checkpoint; only llava (LlavaForConditionalGeneration) "
@@ -98,41 +103,6 @@ def read_source(folder: str) -> Source:
         return Source(folder, "original", raw, text, llm_type, files)
     raise ConvertError(f"'{folder}' is not a LLaVA checkpoint: its config has neither mm_* keys nor a "
                        "llava vision_config/text_config")
-
-
-def weight_files(folder: str) -> list[str]:
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        path = os.path.join(folder, index)
-        if os.path.isfile(path):
-            with open(path) as f:
-                weight_map = json.load(f)["weight_map"]
-            return sorted(set(weight_map.values()))
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.isfile(os.path.join(folder, single)):
-            return [single]
-    raise ConvertError(f"'{folder}' has no weights (model.safetensors, pytorch_model.bin or a shard index)")
-
-
-def iter_tensors(path: str, wanted=lambda key: True):
-    """(name, tensor) of one weights file whose names pass ``wanted``, one tensor at a time where the
-    format allows it (safetensors reads each on demand; a .bin is memory-mapped when it can be)."""
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                if wanted(key):
-                    yield key, f.get_tensor(key)
-        return
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a file in the legacy (non-zip) format cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in list(state):
-        tensor = state.pop(key)
-        if wanted(key):
-            # a .bin may share storage between tensors; safetensors wants each on its own
-            yield key, tensor.clone()
-    del state
 
 
 def classify(source: Source, key: str) -> tuple[str, str]:
@@ -444,30 +414,11 @@ def _write(source: Source, pipeline: Pipeline, tokenizer, dst: str, log) -> dict
 
 
 def _read_projector(source: Source) -> dict:
-    """The projector's tensors: only those are read, only from the shards that hold them."""
-    def wanted(key):
-        return classify(source, key)[0] == "projector"
-
-    files = source.weight_files
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        path = os.path.join(source.folder, index)
-        if os.path.isfile(path):
-            with open(path) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted({name for key, name in weight_map.items() if wanted(key)})
-            break
-    state: dict = {}
-    for name in files:
-        state.update(iter_tensors(os.path.join(source.folder, name), wanted))
-    if not state and source.kind == "original":
-        for name in ("mm_projector.safetensors", "mm_projector.bin"):
-            path = os.path.join(source.folder, name)
-            if os.path.isfile(path):
-                state = dict(iter_tensors(path))
-                break
-    if not state:
-        raise ConvertError(f"found no projector in '{source.folder}' (model.mm_projector.* / multi_modal_projector.* "
-                           "tensors, or mm_projector.bin next to the weights)")
+    """The projector's tensors: only those are read, only from the files that hold them."""
+    try:
+        state, _ = read_projector_tensors(source.folder, wanted=lambda key: classify(source, key)[0] == "projector")
+    except WeightsError as error:
+        raise ConvertError(str(error)) from None
     return state
 
 
@@ -503,28 +454,11 @@ def _write_vision_tower(source: Source, state: dict, folder: str) -> None:
     dtype = next(iter(state.values())).dtype if state else torch.float32
     with quiet_transformers():
         model.to(dtype).save_pretrained(folder)
-    processor = _image_processor(source)
-    processor.save_pretrained(folder)
-
-
-def _image_processor(source: Source):
-    """The CLIP image processor of a llava-hf folder: its preprocessor_config.json, or the nested
-    one in processor_config.json (transformers 5.x writes that)."""
     try:
-        from transformers import CLIPImageProcessorPil as processor_class
-    except ImportError:
-        from transformers import CLIPImageProcessor as processor_class
-    if os.path.isfile(os.path.join(source.folder, "preprocessor_config.json")):
-        return processor_class.from_pretrained(source.folder)
-    path = os.path.join(source.folder, "processor_config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            nested = json.load(f).get("image_processor")
-        if isinstance(nested, dict):
-            return processor_class(**{k: v for k, v in nested.items() if k not in ("image_processor_type",
-                                                                                  "processor_class")})
-    raise ConvertError(f"'{source.folder}' has no image processor config (preprocessor_config.json or "
-                       "processor_config.json); copy the one of its CLIP tower into it")
+        processor = load_image_processor(source.folder)
+    except WeightsError as error:
+        raise ConvertError(str(error)) from None
+    processor.save_pretrained(folder)
 
 
 def main(argv=None) -> int:

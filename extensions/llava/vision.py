@@ -1,193 +1,32 @@
-"""The vision side: CLIP tower, image preprocessing and the LLaVA projector.
+"""The vision side: the CLIP tower (cut after its feature layer), preprocessing, and the parts
+that turn pictures into projected features on the devices the settings name.
 
-The projector is built from data: a type string ("linear", "mlp2x_gelu", ...) and the
-shapes found in its weights. Weights come from a projector file, from inside a full
-checkpoint (sharded or not) or from a llava-hf checkpoint; only the projector's
-tensors are read.
+Weights are read through ``weights``; the projector is built by ``projector``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .errors import LlavaError
 from .pipelines import Pipeline
+from .projector import normalise_projector_keys, projector_from_state, projector_shape, projector_type_of
+from .weights import (WeightsError, load_image_processor, quiet_transformers, read_projector_tensors, read_tensors,
+                      resolve_file)
 
-PROJECTOR_PREFIXES = ("model.mm_projector.", "mm_projector.", "model.multi_modal_projector.",
-                      "multi_modal_projector.")
-# llava-hf names its two projector layers linear_1/linear_2; the original numbers them in a Sequential.
-_HF_LAYER_INDEX = {"linear_1": "0", "linear_2": "2"}
-_MLP_TYPE = re.compile(r"^mlp(\d+)x_gelu$")
 # A picture whose sides differ more than this is cut (crop) or shrunk (pad) first, so that
 # preprocessing never builds a huge intermediate image; ordinary pictures are untouched.
 MAX_ASPECT_RATIO = 8
 MAX_PADDED_SIDE = 4096
 
 
-class VisionLoadError(LlavaError):
+class VisionLoadError(WeightsError):
     """The vision tower or the projector could not be loaded."""
-
-
-def projector_depth(projector_type: str) -> int:
-    if projector_type == "linear":
-        return 1
-    match = _MLP_TYPE.match(projector_type)
-    if match is None:
-        raise VisionLoadError(f"unknown projector type {projector_type!r}; known: linear, mlp<N>x_gelu")
-    return int(match.group(1))
-
-
-def build_projector(projector_type: str, in_features: int, out_features: int) -> nn.Module:
-    """linear → one Linear; mlpNx_gelu → N Linears with GELU between them (indices 0, 2, 4, ...)."""
-    depth = projector_depth(projector_type)
-    if depth == 1:
-        return nn.Linear(in_features, out_features)
-    layers: list[nn.Module] = [nn.Linear(in_features, out_features)]
-    for _ in range(depth - 1):
-        layers += [nn.GELU(), nn.Linear(out_features, out_features)]
-    return nn.Sequential(*layers)
-
-
-def normalise_projector_keys(state: dict) -> dict:
-    """Projector tensors keyed as the module from ``build_projector`` expects."""
-    found = {}
-    for key, tensor in state.items():
-        for prefix in PROJECTOR_PREFIXES:
-            if key.startswith(prefix):
-                found[key[len(prefix):]] = tensor
-                break
-    if not found:
-        found = dict(state)  # a bare projector file: "weight"/"bias" or "0.weight"/...
-    renamed = {}
-    for key, tensor in found.items():
-        layer, _, rest = key.partition(".")
-        renamed[f"{_HF_LAYER_INDEX.get(layer, layer)}.{rest}" if rest else key] = tensor
-    return renamed
-
-
-def projector_type_of(state: dict) -> str:
-    if set(state) <= {"weight", "bias"}:
-        return "linear"
-    indices = sorted({int(k.split(".")[0]) for k in state if k.split(".")[0].isdigit()})
-    if not indices:
-        raise VisionLoadError(f"the projector weights have unexpected names: {sorted(state)[:6]}")
-    if len(indices) == 1:
-        return "linear"  # a Sequential holding a single Linear
-    return f"mlp{len(indices)}x_gelu"
-
-
-def projector_from_state(state: dict) -> nn.Module:
-    """Build the projector whose type and shapes the weights describe, and load them."""
-    state = normalise_projector_keys(state)
-    projector_type = projector_type_of(state)
-    if projector_type == "linear" and "weight" not in state:
-        state = {k.split(".", 1)[1]: v for k, v in state.items()}
-    first = state["weight"] if "weight" in state else state["0.weight"]
-    last_index = max((int(k.split(".")[0]) for k in state if k[0].isdigit()), default=None)
-    last = state["weight"] if last_index is None else state[f"{last_index}.weight"]
-    projector = build_projector(projector_type, first.shape[1], last.shape[0])
-    try:
-        projector.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
-    except RuntimeError as error:
-        raise VisionLoadError(f"the projector weights do not fit a {projector_type} projector: {error}") from None
-    return projector
-
-
-def projector_shape(projector: nn.Module) -> tuple[int, int]:
-    linears = [m for m in projector.modules() if isinstance(m, nn.Linear)]
-    return linears[0].in_features, linears[-1].out_features
-
-
-# ---------------------------------------------------------------- reading weights
-
-
-def resolve_file(repo: str, filename: str) -> str:
-    """A file of a local folder or of a Hub repo (the Hub honours HF_HUB_OFFLINE and its cache)."""
-    if os.path.isdir(repo):
-        path = os.path.join(repo, filename)
-        if not os.path.isfile(path):
-            raise VisionLoadError(f"'{filename}' is not in the folder '{repo}'")
-        return path
-    from huggingface_hub import hf_hub_download
-    try:
-        return hf_hub_download(repo, filename)
-    except Exception as error:
-        raise VisionLoadError(f"could not get '{filename}' from '{repo}' ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''}); download it first or "
-                              "point the setting at a local folder") from None
-
-
-def read_tensors(path: str, wanted=lambda key: True) -> dict:
-    """Tensors of one weights file whose names pass ``wanted``; only those are read."""
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if wanted(k)}
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return {k: v for k, v in state.items() if wanted(k)}
-
-
-def _is_projector_key(key: str) -> bool:
-    return key.startswith(PROJECTOR_PREFIXES)
-
-
-def read_projector_state(repo: str, filename: str | None) -> tuple[dict, str]:
-    """The projector's tensors and a description of where they came from.
-
-    With a filename, that file. Without one: ``mm_projector.{safetensors,bin}`` when the
-    folder has it, else the projector inside the checkpoint, through its shard index.
-    """
-    if filename:
-        path = resolve_file(repo, filename)
-        return read_tensors(path), path
-    candidates = ["mm_projector.safetensors", "mm_projector.bin"]
-    indexes = ["model.safetensors.index.json", "pytorch_model.bin.index.json"]
-    singles = ["model.safetensors", "pytorch_model.bin"]
-    for name in candidates:
-        if _has_file(repo, name):
-            path = resolve_file(repo, name)
-            return read_tensors(path), path
-    for name in indexes:
-        if _has_file(repo, name):
-            with open(resolve_file(repo, name)) as f:
-                weight_map = json.load(f)["weight_map"]
-            shards = sorted({shard for key, shard in weight_map.items() if _is_projector_key(key)})
-            state = {}
-            for shard in shards:
-                state.update(read_tensors(resolve_file(repo, shard), _is_projector_key))
-            if state:
-                return state, f"{repo} ({', '.join(shards)})"
-    for name in singles:
-        if _has_file(repo, name):
-            path = resolve_file(repo, name)
-            state = read_tensors(path, _is_projector_key)
-            if state:
-                return state, path
-    raise VisionLoadError(f"found no projector weights in '{repo}' (looked for {', '.join(candidates)} "
-                          "and for mm_projector / multi_modal_projector tensors in its checkpoint)")
-
-
-def _has_file(repo: str, filename: str) -> bool:
-    if os.path.isdir(repo):
-        return os.path.isfile(os.path.join(repo, filename))
-    from huggingface_hub import file_exists, try_to_load_from_cache
-    cached = try_to_load_from_cache(repo, filename)
-    if isinstance(cached, str):
-        return True
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        return file_exists(repo, filename)
-    except Exception:
-        return False
 
 
 # ---------------------------------------------------------------- the vision tower
@@ -203,9 +42,9 @@ def load_vision_tower(source: str, keep_layers_for: int = -2):
     """
     from transformers import CLIPVisionModel
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model = _load_tower_model(source, CLIPVisionModel)
-    except VisionLoadError:
+    except WeightsError:
         raise
     except Exception as error:
         raise VisionLoadError(f"could not load a CLIP vision tower from '{source}': "
@@ -213,22 +52,6 @@ def load_vision_tower(source: str, keep_layers_for: int = -2):
     keep_encoder_layers(model, keep_layers_for)
     processor = load_image_processor(source)
     return model.eval(), processor
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """A full CLIP checkpoint has a text half we skip on purpose: no report of unused weights."""
-    from transformers.utils import logging as hf_logging
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _load_tower_model(source: str, model_class):
@@ -246,9 +69,7 @@ def _vision_tower_from_llava_hf(folder: str, raw_config: dict):
     def wanted(key):
         return key.startswith(prefixes)
 
-    state = {}
-    for name in _weight_files(folder):
-        state.update(read_tensors(os.path.join(folder, name), wanted))
+    state = read_tensors(folder, wanted)
     return clip_vision_from_state(raw_config["vision_config"], state, f"the llava-hf checkpoint '{folder}'")
 
 
@@ -278,18 +99,6 @@ def clip_vision_from_state(vision_config: dict, state: dict, origin: str):
     return model
 
 
-def _weight_files(folder: str) -> list[str]:
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        path = os.path.join(folder, index)
-        if os.path.isfile(path):
-            with open(path) as f:
-                return sorted(set(json.load(f)["weight_map"].values()))
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.isfile(os.path.join(folder, single)):
-            return [single]
-    raise VisionLoadError(f"no weights found in '{folder}'")
-
-
 def encoder_layers(model) -> nn.ModuleList:
     inner = getattr(model, "vision_model", None)  # transformers 4.x nests the tower one level deeper
     return (inner if isinstance(inner, nn.Module) else model).encoder.layers
@@ -303,17 +112,6 @@ def keep_encoder_layers(model, feature_layer: int) -> None:
         raise VisionLoadError(f"feature layer {feature_layer} does not exist in a {len(layers)}-layer tower")
     del layers[needed:]
     model.config.num_hidden_layers = needed
-
-
-def load_image_processor(source: str):
-    try:
-        from transformers import CLIPImageProcessorPil as processor_class
-    except ImportError:
-        from transformers import CLIPImageProcessor as processor_class
-    try:
-        return processor_class.from_pretrained(source)
-    except Exception as error:
-        raise VisionLoadError(f"could not load the image processor of '{source}': {type(error).__name__}") from None
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -408,7 +206,7 @@ def load_vision_parts(pipeline: Pipeline, vision_source: str, projector_repo: st
     started = time.perf_counter()
     tower, processor = load_vision_tower(vision_source, pipeline.vision_feature_layer)
     tower.to(tower_device, tower_dtype)
-    state, projector_origin = read_projector_state(projector_repo, projector_filename)
+    state, projector_origin = read_projector_tensors(projector_repo, projector_filename)
     projector_type = projector_type_of(normalise_projector_keys(state))
     projector = projector_from_state(state).to(projector_device, projector_dtype).eval()
     tower_width = tower.config.hidden_size

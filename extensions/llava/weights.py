@@ -1,0 +1,171 @@
+"""Weight files: finding them in a folder or on the Hub, and reading only the tensors wanted.
+
+The vision side and the converter both read checkpoints through here: a single file or a sharded
+one (through its index), safetensors or a legacy ``.bin`` (``weights_only``), locally or from the
+Hub (``huggingface_hub`` honours ``HF_HUB_OFFLINE`` and its cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import LlavaError
+
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+PROJECTOR_FILES = ("mm_projector.safetensors", "mm_projector.bin")
+PROJECTOR_PREFIXES = ("model.mm_projector.", "mm_projector.", "model.multi_modal_projector.",
+                      "multi_modal_projector.")
+
+Wanted = Callable[[str], bool]
+
+
+class WeightsError(LlavaError):
+    """Weights that cannot be found, read or used."""
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else ""
+
+
+def resolve_file(repo: str, filename: str) -> str:
+    """A file of a local folder or of a Hub repo."""
+    if os.path.isdir(repo):
+        path = os.path.join(repo, filename)
+        if not os.path.isfile(path):
+            raise WeightsError(f"'{filename}' is not in the folder '{repo}'")
+        return path
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(repo, filename)
+    except Exception as error:
+        raise WeightsError(f"could not get '{filename}' from '{repo}' ({type(error).__name__}: "
+                           f"{_first_line(error)}); download it first or point the setting at a local folder") from None
+
+
+def has_file(repo: str, filename: str) -> bool:
+    if os.path.isdir(repo):
+        return os.path.isfile(os.path.join(repo, filename))
+    from huggingface_hub import constants, file_exists, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(repo, filename), str):
+        return True
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        return file_exists(repo, filename)
+    except Exception:
+        return False
+
+
+def weight_files(repo: str, wanted: Wanted | None = None) -> list[str]:
+    """The checkpoint's weight files; with ``wanted``, through its shard index only the shards
+    that hold a wanted tensor."""
+    for index in INDEX_FILES:
+        if has_file(repo, index):
+            with open(resolve_file(repo, index)) as f:
+                weight_map = json.load(f)["weight_map"]
+            return sorted({shard for key, shard in weight_map.items() if wanted is None or wanted(key)})
+    for single in SINGLE_FILES:
+        if has_file(repo, single):
+            return [single]
+    raise WeightsError(f"'{repo}' has no weights ({', '.join(SINGLE_FILES)} or a shard index)")
+
+
+def iter_tensors(path: str, wanted: Wanted = lambda key: True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of one weights file whose names pass ``wanted``, one tensor at a time where the
+    format allows it (safetensors reads each on demand; a .bin is memory-mapped when it can be)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if wanted(key):
+                    yield key, f.get_tensor(key)
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a file in the legacy (non-zip) format cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in list(state):
+        tensor = state.pop(key)
+        if wanted(key):
+            # a .bin may share storage between tensors; safetensors wants each on its own
+            yield key, tensor.clone()
+    del state
+
+
+def read_tensors(repo: str, wanted: Wanted = lambda key: True) -> dict:
+    """Every wanted tensor of the checkpoint in ``repo``, read only from the files that hold them."""
+    state = {}
+    for name in weight_files(repo, wanted):
+        state.update(iter_tensors(resolve_file(repo, name), wanted))
+    return state
+
+
+def is_projector_key(key: str) -> bool:
+    return key.startswith(PROJECTOR_PREFIXES)
+
+
+def read_projector_tensors(repo: str, filename: str | None = None, wanted: Wanted = is_projector_key) -> tuple[dict, str]:
+    """The projector's tensors and where they came from: ``filename`` when given, else a
+    ``mm_projector`` file of the folder, else the projector inside the checkpoint."""
+    if filename:
+        path = resolve_file(repo, filename)
+        return dict(iter_tensors(path)), path
+    for name in PROJECTOR_FILES:
+        if has_file(repo, name):
+            path = resolve_file(repo, name)
+            return dict(iter_tensors(path)), path
+    try:
+        shards = weight_files(repo, wanted)
+    except WeightsError:
+        shards = []
+    state = {}
+    for shard in shards:
+        state.update(iter_tensors(resolve_file(repo, shard), wanted))
+    if state:
+        return state, f"{repo} ({', '.join(shards)})"
+    raise WeightsError(f"found no projector weights in '{repo}' (looked for {', '.join(PROJECTOR_FILES)} "
+                       "and for mm_projector / multi_modal_projector tensors in its checkpoint)")
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """A full CLIP checkpoint has a text half we skip on purpose: no report of unused weights."""
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_image_processor(source: str):
+    """The CLIP image processor of ``source`` (a repo or folder): its ``preprocessor_config.json``, or
+    the one nested in ``processor_config.json`` (transformers 5 writes that for llava-hf)."""
+    try:
+        from transformers import CLIPImageProcessorPil as processor_class
+    except ImportError:
+        from transformers import CLIPImageProcessor as processor_class
+    nested_path = os.path.join(source, "processor_config.json")
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "preprocessor_config.json")) \
+            and os.path.isfile(nested_path):
+        with open(nested_path) as f:
+            nested = json.load(f).get("image_processor")
+        if isinstance(nested, dict):
+            return processor_class(**{k: v for k, v in nested.items()
+                                      if k not in ("image_processor_type", "processor_class")})
+    try:
+        return processor_class.from_pretrained(source)
+    except Exception as error:
+        raise WeightsError(f"could not load the image processor of '{source}' ({type(error).__name__}); "
+                           "it needs a preprocessor_config.json (copy the one of its CLIP tower)") from None
