@@ -14,6 +14,11 @@ warnings.filterwarnings("ignore", message=".*torchvision.*")
 from tests import tiny  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: demo evaluations, the CLI as a subprocess and the real-webui tests; "
+                                       "CI runs them, `-m \"not slow\"` leaves them out")
+
+
 @pytest.fixture(scope="session")
 def v0(tmp_path_factory):
     return tiny.build_v0(str(tmp_path_factory.mktemp("v0")))
@@ -35,7 +40,7 @@ def host_factory():
         return host
 
     yield make
-    for host in hosts:
+    for host in reversed(hosts):  # each host restores the modules it found, so the last one goes first
         host.close()
 
 

@@ -127,7 +127,8 @@ class Host:
             params["inputs_embeds"] = inputs_embeds
         with torch.no_grad():
             output = self.shared.model.generate(**params)[0]
-        return self.shared.tokenizer.decode(output[len(input_ids[0]):], skip_special_tokens=state["skip_special_tokens"])
+        self.last_reply_ids = output[len(input_ids[0]):]
+        return self.shared.tokenizer.decode(self.last_reply_ids, skip_special_tokens=state["skip_special_tokens"])
 
     def pick(self, image, session=None) -> None:
         """The user picks ``image`` (a PIL picture, or None to clear) in the extension's field."""

@@ -41,6 +41,7 @@ def test_demo_is_small_enough_to_ship():
     assert size <= 10 * 2**20
 
 
+@pytest.mark.slow
 def test_demo_names_held_out_pictures(asker):
     rng = random.Random(HELD_OUT_SEED)
     per_combination = 10
@@ -51,6 +52,7 @@ def test_demo_names_held_out_pictures(asker):
     assert accuracy >= 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("origin", ["attach button", "upload field"])
 def test_demo_names_pictures_placed_as_the_webui_places_them(asker, origin):
     """The attach button puts pictures first with a blank line, the upload field after the text."""
@@ -79,6 +81,7 @@ def test_the_webui_renders_chats_as_the_demo_was_trained():
     assert rendered == "<s>USER: <im_start>\nQ?\nASSISTANT:"
 
 
+@pytest.mark.slow
 def test_demo_chats_in_the_webui(asker, host_factory):
     """Instruct-mode chats in the webui: a picture from the upload field, a follow-up question without
     one, then a new picture from the attach button; every answer is about the latest picture."""
@@ -156,6 +159,7 @@ def run_module(*args):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
 
 
+@pytest.mark.slow
 def test_module_entry_point_as_in_the_readme():
     result = run_module("--image", "examples/red-circle.png", QUESTION)
     assert result.returncode == 0, result.stderr

@@ -69,7 +69,7 @@ def test_not_an_image():
 def test_truncated_file(fmt):
     data = encoded(picture(64, 64, seed=3), fmt)
     message = refusal(url_of(data[: len(data) // 2]))
-    assert "damaged or cut short" in message or "not a picture" in message
+    assert message == "image 2 in the prompt: the picture's data is damaged or cut short"
 
 
 def test_svg_and_other_media_types():
@@ -83,7 +83,7 @@ def test_decompression_bomb_is_refused_quickly():
     bomb = encoded(Image.new("L", (12000, 12000)), "PNG", optimize=True)  # 144 Mpx in a few hundred KB
     assert len(bomb) < 1_000_000
     message = refusal(url_of(bomb))
-    assert "pixels" in message and "limit" in message or "larger than" in message
+    assert message == "image 2 in the prompt: the picture is larger than 50,000,000 pixels"
 
 
 def test_huge_header_dimensions_are_refused_before_decoding():

@@ -20,7 +20,7 @@ from tests.test_real_webui import picture_url, write_model
 
 KEY = "a-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-pytestmark = [needs_webui, pytest.mark.skipif(bool(WEBUI) and not is_current(WEBUI),
+pytestmark = [needs_webui, pytest.mark.slow, pytest.mark.skipif(bool(WEBUI) and not is_current(WEBUI),
                                               reason="the hardening cases follow the current webui's API server")]
 
 

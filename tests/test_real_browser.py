@@ -24,6 +24,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 CHROMEDRIVER = "/usr/bin/chromedriver"
 pytestmark = [
     needs_webui,
+    pytest.mark.slow,
     pytest.mark.skipif(not os.path.exists(CHROMEDRIVER), reason="no chromedriver (prepare.sh --browser installs it)"),
     pytest.mark.skipif(bool(WEBUI) and not is_current(WEBUI), reason="the browser tests follow the current webui's UI"),
 ]

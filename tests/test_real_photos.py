@@ -15,7 +15,7 @@ from tests.photos import make_photo
 from tests.real_host import WEBUI, is_current, needs_webui, post, running_webui
 from tests.test_real_browser import open_page  # noqa: F401  (a fixture)
 
-pytestmark = [needs_webui, pytest.mark.skipif(bool(WEBUI) and not is_current(WEBUI),
+pytestmark = [needs_webui, pytest.mark.slow, pytest.mark.skipif(bool(WEBUI) and not is_current(WEBUI),
                                               reason="the photo paths follow the current webui")]
 QUESTION = "What shape is in the picture?"
 # The text around a picture on these paths is under 200 characters; a picture may add 100 (its reference).

@@ -203,8 +203,12 @@ def test_loaders_that_drop_the_embeddings_are_warned(v0, host_factory, loader):
 
 def test_no_model_loaded_does_not_crash(v0, host_factory):
     host = host_factory(model=None, tokenizer=None, settings=settings_for(v0))
-    assert host.script.custom_tokenized_length("x " + img_tag(picture())) is None
-    host.script.input_modifier("x " + img_tag(picture()), host.state(), is_chat=False)
+    text = "x " + img_tag(picture())
+    assert host.script.custom_tokenized_length(text) is None
+    assert host.script.input_modifier(text, host.state(), is_chat=True) == text
+    state = host.state()
+    assert host.script.input_modifier(text, state, is_chat=False) == 'x <img src="llava-ref:1">'
+    assert list(state["llava_references"]) == ["1"]  # the picture waits beside the prompt for the hook
 
 
 # ---------------------------------------------------------------- HTTP
