@@ -279,3 +279,11 @@ def test_notebook_prompt_reaches_the_webuis_tokenizer_without_picture_data(host,
     assert int((host.last_prompt_ids == PATCH_ID).sum()) == 256
     alone = host.script.tokenizer_modifier(host.state(), prompt, real(prompt), None)
     assert torch.equal(alone[1], host.last_prompt_ids)  # the same ids as from the full data URL
+
+
+@pytest.mark.parametrize("value,expected", [("false", False), ("true", True), (True, True), (False, False)])
+def test_embed_all_setting_is_read_as_validated(v0, host_factory, value, expected):
+    """A settings file may hold the text "false": it must not count as a true value."""
+    host = host_factory(model=v0.llm, tokenizer=v0.tokenizer,
+                        settings=settings_for(v0, add_all_images_to_prompt=value))
+    assert host.state()["llava_embed_all"] is expected

@@ -64,16 +64,20 @@ def _warn(message: str) -> None:
 
 
 def engine():
+    """The engine, configured from ``params`` as they are now (the UI and settings files change them);
+    a bad setting raises its SettingsError here, the one place settings are read."""
     global _engine
+    settings = settings_module.Settings.from_params(params)
     if _engine is None:
-        _engine = engine_module.LlavaEngine(log=_log)  # configured from params before each use
+        _engine = engine_module.LlavaEngine(settings, log=_log)
+    _engine.configure(settings)
     return _engine
 
 
 def setup():
     """Validate the settings and serve the seed's API route; nothing heavy loads here."""
     try:
-        engine().configure(settings_module.Settings.from_params(params))
+        engine()
     except LlavaError as error:
         _log(f"llava: {error}", "error")
     _serve_api()
@@ -96,7 +100,14 @@ def _serve_api() -> None:
     api.add_generate_route(app, _complete, dependencies=api_script.check_key)
     # Innermost: after the webui's host and CORS checks, with its key check done before any work.
     app.user_middleware.append(Middleware(api.PictureRequestMiddleware, authorized=_authorized,
-                                          embed_all=lambda: bool(params["add_all_images_to_prompt"])))
+                                          embed_all=_embed_all_setting))
+
+
+def _embed_all_setting() -> bool:
+    try:
+        return engine().settings.add_all_images_to_prompt
+    except LlavaError:
+        return False  # the generation reports the bad setting itself
 
 
 def _authorized(scope) -> bool:
@@ -146,7 +157,7 @@ def _browser_session():
 
 
 def state_modifier(state):
-    state["llava_embed_all"] = sessions.embed_all(_browser_session(), bool(params["add_all_images_to_prompt"]))
+    state["llava_embed_all"] = sessions.embed_all(_browser_session(), _embed_all_setting())
     return state
 
 
@@ -188,7 +199,6 @@ def tokenizer_modifier(state, prompt, input_ids, input_embeds):
     prepared = None
     if engine_module.has_work(prompt, media, references):
         try:
-            engine().configure(settings_module.Settings.from_params(params))
             prepared = engine().prepare(
                 prompt, model=shared.model, tokenizer=shared.tokenizer,
                 encode=lambda text: encode(text, add_bos_token=state["add_bos_token"]),
@@ -244,7 +254,7 @@ def ui():
     with gr.Accordion("LLaVA", open=True):
         picture = gr.File(label="Picture for the next message", file_types=["image"], type="filepath",
                           elem_id="llava-picture")
-        embed_all = gr.Checkbox(value=bool(params["add_all_images_to_prompt"]), elem_id="llava-embed-all",
+        embed_all = gr.Checkbox(value=_embed_all_setting(), elem_id="llava-embed-all",
                                 label="Embed all images, not only the last one")
 
     # gradio hands a handler its gr.Request when the parameter is annotated with the type.
