@@ -27,7 +27,7 @@ import types
 
 import torch
 
-from extensions.llava.chat_ui import picture_data_url
+from extensions.llava.images import data_url
 
 SCRIPT = "extensions.llava.script"
 
@@ -155,7 +155,7 @@ class Host:
             for image in attachments or []:
                 entry = history.setdefault("metadata", {}).setdefault(f"user_{row}", {})
                 entry.setdefault("attachments", []).append({"name": "image.png", "type": "image",
-                                                            "image_data": picture_data_url(image)})
+                                                            "image_data": data_url(image)})
             state = self.script.state_modifier(state)
             visible_text = html.escape(text)
             text, visible_text = self.script.chat_input_modifier(text, visible_text, state)

@@ -1,6 +1,5 @@
 """Issue 7: the bundled demo model sees, and the `ask` command answers or fails clearly."""
 
-import base64
 import json
 import os
 import random
@@ -10,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from extensions.llava.chat_ui import picture_data_url
+from extensions.llava.images import data_url
+from tests.tiny import file_url
 from extensions.llava.cli_ask import DEMO_MODEL, Asker, main
 from tools.train_demo import (ASK_LAYOUT, CHAT_TEMPLATE, COLOUR_QUESTION, COLOURS, MESSAGE_LAYOUTS, SHAPES, draw,
                               make_tokenizer, one_message_prompt, train)
@@ -28,7 +28,7 @@ def asker():
 
 
 def tag(image) -> str:
-    return f'<img src="{picture_data_url(image)}">'
+    return f'<img src="{data_url(image)}">'
 
 
 def names(answer: str, colour: str, shape: str) -> bool:
@@ -191,7 +191,6 @@ def test_demo_in_the_webui(asker, host_factory):
     host = host_factory(model=asker.model, tokenizer=asker.tokenizer, model_dir=models, model_name=name,
                         settings={"llava-pipeline": "auto", "llava-clip_device": "cpu",
                                   "llava-projector_device": "cpu"})
-    with open(EXAMPLE, "rb") as f:
-        picture = f'<img src="data:image/png;base64,{base64.b64encode(f.read()).decode()}">'
+    picture = f'<img src="{file_url(EXAMPLE)}">'
     reply = host.generate(f"USER: {picture}\n{QUESTION}\nASSISTANT:", host.state(max_new_tokens=20))
     assert "red" in reply and "circle" in reply

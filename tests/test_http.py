@@ -7,8 +7,6 @@ same cases run against the real webui in test_real_webui.py.
 """
 
 import asyncio
-import base64
-import io
 import json
 import types
 
@@ -17,10 +15,9 @@ from fastapi import Body, Depends, FastAPI, Header, HTTPException, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from extensions.llava import api, images
-from tests.tiny import data_url, img_tag, picture
+from tests.tiny import bytes_url, data_url, header_only_png, img_tag, picture
 
 KEY = "secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -133,17 +130,6 @@ def served(v0, host_factory):
                                  calls=stand_in["calls"])
 
 
-def png_header_of(width, height) -> bytes:
-    """A PNG whose header claims ``width`` × ``height`` (its pixel data is a tiny stub)."""
-    buffer = io.BytesIO()
-    Image.new("L", (1, 1)).save(buffer, format="PNG")
-    data = bytearray(buffer.getvalue())
-    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
-    import zlib
-    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
-    return bytes(data)
-
-
 def chat_body(*urls, text="What is this?"):
     return {"messages": [{"role": "user", "content": [{"type": "text", "text": text}] +
                           [{"type": "image_url", "image_url": {"url": u}} for u in urls]}]}
@@ -160,7 +146,7 @@ def no_decoding(monkeypatch):
 
 
 def test_every_route_needs_the_webuis_key_and_no_work_is_done_without_it(served, no_decoding):
-    bomb = "data:image/png;base64," + base64.b64encode(png_header_of(7000, 7000)).decode()
+    bomb = bytes_url(header_only_png(7000, 7000))
     for path, body in [("/api/v1/generate", {"prompt": "x <img src=\"" + bomb + "\">"}),
                        ("/v1/completions", {"prompt": "x <img src=\"" + bomb + "\">"}),
                        ("/v1/chat/completions", chat_body(bomb))]:
@@ -231,7 +217,7 @@ def test_completions_with_messages_are_checked_too(served):
 
 
 def test_a_bomb_is_refused_from_its_header(served, no_decoding):
-    bomb = "data:image/png;base64," + base64.b64encode(png_header_of(10000, 10000)).decode()
+    bomb = bytes_url(header_only_png(10000, 10000))
     response = served.client.post("/v1/completions", json={"prompt": f'x <img src="{bomb}">'}, headers=AUTH)
     assert response.status_code == 400
     assert "larger than 50,000,000 pixels" in response.json()["error"]["message"]
@@ -239,7 +225,7 @@ def test_a_bomb_is_refused_from_its_header(served, no_decoding):
 
 
 def test_pixels_to_embed_are_bounded_per_request(served):
-    big = "data:image/png;base64," + base64.b64encode(png_header_of(7000, 7000)).decode()
+    big = bytes_url(header_only_png(7000, 7000))
     served.host.script.params["add_all_images_to_prompt"] = True
     response = served.client.post("/v1/chat/completions", json=chat_body(big, big, big), headers=AUTH)
     assert response.status_code == 400 and "one request may hold 100,000,000" in response.json()["error"]["message"]

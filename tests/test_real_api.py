@@ -4,19 +4,16 @@ Each case is what a hostile or careless client tries; see extensions/llava/api.p
 extension promises. Memory is reported (printed with -s), never asserted on.
 """
 
-import base64
-import io
 import json
 import os
 import socket
 import time
-import zlib
 
 import pytest
-from PIL import Image
 
 from tests.real_host import WEBUI, is_current, needs_webui, request, running_webui
 from tests.test_real_webui import picture_url, write_model
+from tests.tiny import bytes_url, header_only_png
 
 KEY = "a-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -44,15 +41,6 @@ def call(server, path, body, headers=AUTH, **kwargs):
     except ValueError:
         parsed = raw.decode("utf-8", "replace")
     return status, response_headers, parsed
-
-
-def header_only_png(width: int, height: int) -> str:
-    buffer = io.BytesIO()
-    Image.new("L", (1, 1)).save(buffer, format="PNG")
-    data = bytearray(buffer.getvalue())
-    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
-    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
-    return "data:image/png;base64," + base64.b64encode(bytes(data)).decode()
 
 
 def chat(*urls, text="What is this?"):
@@ -84,7 +72,7 @@ def test_2_json_only_and_the_webuis_own_cors(keyed):
 
 
 def test_3_and_4_no_work_and_nothing_held_for_unauthenticated_requests(keyed):
-    big = header_only_png(7000, 7000)
+    big = bytes_url(header_only_png(7000, 7000))
     before, lines = rss_mb(keyed), keyed.count("llava:")
     for _ in range(20):
         status, _, _ = call(keyed, "/v1/completions", {"prompt": f'x <img src="{big}">'}, headers={})
@@ -96,7 +84,7 @@ def test_3_and_4_no_work_and_nothing_held_for_unauthenticated_requests(keyed):
 
 def test_5_a_bomb_is_refused_without_decoding(keyed):
     start = time.time()
-    status, _, body = call(keyed, "/v1/completions", {"prompt": f'x <img src="{header_only_png(10000, 10000)}">'})
+    status, _, body = call(keyed, "/v1/completions", {"prompt": f'x <img src="{bytes_url(header_only_png(10000, 10000))}">'})
     print(f"\n10000x10000 bomb refused in {time.time() - start:.3f} s")
     assert status == 400 and "larger than 50,000,000 pixels" in body["error"]["message"]
 
@@ -145,7 +133,7 @@ def test_8_the_seed_route_stops_when_the_client_leaves(keyed):
 
 
 def test_9_pixels_to_embed_are_bounded_per_request(keyed):
-    big = header_only_png(7000, 7000)  # 49 million pixels each: allowed alone, not three at once
+    big = bytes_url(header_only_png(7000, 7000))  # 49 million pixels each: allowed alone, not three at once
     start = time.time()
     status, _, body = call(keyed, "/v1/chat/completions", chat(big, big, big))
     print(f"\n3 pictures of 7000x7000 with embed all on refused in {time.time() - start:.3f} s")

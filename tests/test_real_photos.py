@@ -5,13 +5,13 @@ which records the length of every text the webui's ``encode`` receives. A 12-meg
 4 MB is about 6 million characters of base64: any of it reaching ``encode`` shows at once.
 """
 
-import base64
 import os
 
 import pytest
 
 from extensions.llava.cli_ask import DEMO_MODEL
 from tests.photos import make_photo
+from tests.tiny import file_url
 from tests.real_host import WEBUI, is_current, needs_webui, post, running_webui
 from tests.test_real_browser import open_page  # noqa: F401  (a fixture)
 
@@ -36,11 +36,6 @@ def photos(tmp_path_factory):
     return [make_photo(str(folder / f"photo-{seed}.jpg"), seed=seed) for seed in range(3)]
 
 
-def data_url(path: str) -> str:
-    with open(path, "rb") as f:
-        return "data:image/jpeg;base64," + base64.b64encode(f.read()).decode()
-
-
 def encoded_during(server, action):
     before = len(server.encoded())
     result = action()
@@ -52,12 +47,12 @@ def encoded_during(server, action):
 def test_the_apis_never_tokenize_picture_data(server, photos):
     prompt = "USER: <img src=\"{}\">\n" + QUESTION + "\nASSISTANT:"
     cases = [
-        ("/v1/completions", {"prompt": prompt.format(data_url(photos[0])), "max_tokens": 16, "temperature": 0},
+        ("/v1/completions", {"prompt": prompt.format(file_url(photos[0])), "max_tokens": 16, "temperature": 0},
          lambda body: body["choices"][0]["text"]),
-        ("/api/v1/generate", {"prompt": prompt.format(data_url(photos[1])), "max_new_tokens": 16, "do_sample": False},
+        ("/api/v1/generate", {"prompt": prompt.format(file_url(photos[1])), "max_new_tokens": 16, "do_sample": False},
          lambda body: body["results"][0]["text"]),
         ("/v1/chat/completions", {"max_tokens": 16, "temperature": 0, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_url(photos[2])}}, {"type": "text", "text": QUESTION}]}]},
+            {"type": "image_url", "image_url": {"url": file_url(photos[2])}}, {"type": "text", "text": QUESTION}]}]},
          lambda body: body["choices"][0]["message"]["content"]),
     ]
     for path, body, answer_of in cases:
@@ -90,7 +85,7 @@ def test_the_notebook_never_tokenizes_picture_data(server, photos, open_page):
     # a fresh user_data folder has no notebook prompt to save into yet: start one, as a user would
     next(b for b in tab.find_elements(By.XPATH, ".//button[normalize-space()='New']") if b.is_displayed()).click()
     page.wait_for(lambda: box.get_attribute("value"), "a new notebook prompt")
-    text = "USER: <img src=\"" + data_url(photos[2]) + "\">\n" + QUESTION + "\nASSISTANT:"
+    text = "USER: <img src=\"" + file_url(photos[2]) + "\">\n" + QUESTION + "\nASSISTANT:"
     page.driver.execute_script("arguments[0].value = arguments[1];"
                                "arguments[0].dispatchEvent(new Event('input', {bubbles: true}));", box, text)
     done = server.count("Output generated in")

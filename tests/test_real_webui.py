@@ -13,8 +13,6 @@ The current webui runs API-only (``--nowebui``); the 2023 one starts its UI and 
 seed API from its own ``api`` extension on port 5000.
 """
 
-import base64
-import io
 import json
 import os
 import shutil
@@ -57,9 +55,7 @@ def write_model(folder: str, current: bool):
 
 
 def picture_url(seed: int) -> str:
-    buffer = io.BytesIO()
-    tiny.picture(64, 48, seed=seed).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return tiny.data_url(tiny.picture(64, 48, seed=seed))
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +129,7 @@ def test_bad_picture_is_a_400_and_the_server_keeps_serving(server):
 
 def test_the_demo_answers_in_a_chat(demo_server):
     """No setting and no template given: the webui renders the demo's own chat template."""
-    with open(os.path.join(ROOT, "examples", "red-circle.png"), "rb") as f:
-        url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+    url = tiny.file_url(os.path.join(ROOT, "examples", "red-circle.png"))
     question = {"role": "user", "content": [{"type": "text", "text": "What shape is in the picture?"},
                                             {"type": "image_url", "image_url": {"url": url}}]}
     status, body = post(demo_server["base"] + "/v1/chat/completions",

@@ -193,12 +193,34 @@ def picture(width: int = 64, height: int = 48, seed: int = 0, mode: str = "RGB")
     return Image.fromarray(data.squeeze(-1) if channels == 1 else data, mode=mode)
 
 
-def data_url(image, fmt: str = "PNG") -> str:
+
+
+from extensions.llava.images import data_url  # noqa: E402  (one way to build a data URL)
+
+
+def bytes_url(data: bytes, media: str = "image/png") -> str:
+    """A data URL of raw bytes, whatever they hold."""
     import base64
+    return f"data:{media};base64," + base64.b64encode(data).decode()
+
+
+def file_url(path: str) -> str:
+    """A file's bytes as a data URL (PNG or JPEG by the name)."""
+    with open(path, "rb") as f:
+        return bytes_url(f.read(), "image/jpeg" if path.lower().endswith((".jpg", ".jpeg")) else "image/png")
+
+
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` × ``height`` while its pixel data is a 1×1 stub."""
     import io
+    import zlib
+    from PIL import Image
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
 
 
 def img_tag(image, fmt: str = "PNG") -> str:

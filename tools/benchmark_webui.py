@@ -13,7 +13,6 @@ vision forward, never a cache hit):
 4. the size of the saved history of the chat in 2.
 """
 
-import base64
 import os
 import statistics
 import sys
@@ -26,14 +25,10 @@ sys.path.insert(0, ROOT)
 from extensions.llava.cli_ask import DEMO_MODEL  # noqa: E402
 from tests.photos import make_photo  # noqa: E402
 from tests.real_host import WEBUI, post, running_webui  # noqa: E402
+from tests.tiny import file_url  # noqa: E402
 
 QUESTION = "What shape is in the picture?"
 REPEATS = 3
-
-
-def data_url(path):
-    with open(path, "rb") as f:
-        return "data:image/jpeg;base64," + base64.b64encode(f.read()).decode()
 
 
 def timed(server, action):
@@ -64,7 +59,7 @@ def api_requests(server, folder):
         times, chars = [], []
         for _ in range(REPEATS):
             seed += 1
-            url = data_url(make_photo(os.path.join(folder, f"api-{seed}.jpg"), seed=seed))
+            url = file_url(make_photo(os.path.join(folder, f"api-{seed}.jpg"), seed=seed))
             (status, answer), elapsed, most = timed(server, lambda: post(server.api_base + path, body_for(url)))
             assert status == 200, answer
             times.append(elapsed)
@@ -109,7 +104,7 @@ def main():
     models, model = os.path.split(DEMO_MODEL)
     sample = make_photo(os.path.join(folder, "sample.jpg"), seed=1)
     print(f"photo: 4000x3000 JPEG, {os.path.getsize(sample) / 1e6:.1f} MB, "
-          f"{len(data_url(sample)) / 1e6:.1f} M characters as a data URL")
+          f"{len(file_url(sample)) / 1e6:.1f} M characters as a data URL")
     with running_webui(models, model, folder, ui=True, api=True, probe_encode=True) as server:
         post(server.api_base + "/v1/completions", {"prompt": "warm up", "max_tokens": 2})
         figures = api_requests(server, folder)

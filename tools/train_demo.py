@@ -354,7 +354,7 @@ def ask_template(tokenizer) -> str:
 def held_out_accuracy(folder: str, seed: int, per_combination: int) -> dict[str, tuple[float, list[str]]]:
     """Per place of the pictures in the message, the share of fresh pictures the saved model names right (colour and
     shape), the prompt rendered by its chat template as the webui renders it."""
-    from extensions.llava.chat_ui import picture_data_url
+    from extensions.llava.images import data_url
     from extensions.llava.cli_ask import Asker
     asker = Asker(folder)
     rng = random.Random(seed)
@@ -364,7 +364,7 @@ def held_out_accuracy(folder: str, seed: int, per_combination: int) -> dict[str,
         for colour in COLOURS:
             for shape in SHAPES:
                 for _ in range(per_combination):
-                    tag = f'<img src="{picture_data_url(draw(colour, shape, rng))}">'
+                    tag = f'<img src="{data_url(draw(colour, shape, rng))}">'
                     content = layout.format(images=tag, question=SHAPE_QUESTIONS[0])
                     answer = asker.answer(one_message_prompt(asker.tokenizer, content))
                     if colour in answer and shape in answer:

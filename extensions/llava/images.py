@@ -150,6 +150,13 @@ class UnreachableImage(ImageSource):
                          "data:image/...;base64,...")
 
 
+def data_url(image: Image.Image, fmt: str = "PNG", **save_args) -> str:
+    """``image`` encoded as a ``data:`` URL."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
 def decode_base64(payload: str, source: ImageSource) -> bytes:
     compact = "".join(payload.split())
     if not compact:

@@ -31,7 +31,8 @@ api = _core("api")
 prompt_module = _core("prompt")
 REFERENCES_KEY = "llava_references"  # the state's pictures behind the prompt's llava-ref: sources
 engine_module = _core("engine")
-chat_ui = _core("chat_ui")
+webui_state = _core("webui_state")
+webui_2023 = _core("webui_2023")
 LlavaError = _core("errors").LlavaError
 
 params = {"display_name": "LLaVA", "is_tab": False, **settings_module.DEFAULTS}
@@ -39,7 +40,7 @@ params = {"display_name": "LLaVA", "is_tab": False, **settings_module.DEFAULTS}
 # The 2023 webui takes the next message's picture through input_hijack; the current one calls
 # history_modifier then chat_input_modifier. Each host uses one of the two, never both.
 input_hijack = {"state": False, "value": ["", ""]}
-sessions = chat_ui.BrowserSessions()
+sessions = webui_state.BrowserSessions()
 _turn = threading.local()  # the history copy that the message being sent is added to
 _engine = None
 
@@ -173,7 +174,7 @@ def chat_input_modifier(text, visible_text, state):
     _turn.attached = 0
     if upload is not None and history is not None:
         try:
-            chat_ui.attach_to_new_message(history, upload)
+            webui_state.attach_to_new_message(history, upload)
             _turn.attached = 1
         except LlavaError as error:
             _warn(f"llava: {error}")
@@ -187,14 +188,14 @@ def input_modifier(string, state=None, is_chat=False):  # the 2023 webui passes 
     if not is_chat and isinstance(state, dict) and isinstance(string, str) and "data:" in string:
         string = prompt_module.reference_pictures(string, state.setdefault(REFERENCES_KEY, {}))
     attached, _turn.attached = getattr(_turn, "attached", 0) if is_chat else 0, 0
-    chat_ui.warn_if_unsupported(string, getattr(shared.args, "loader", None), shared.model, _warn, attached)
+    webui_state.warn_if_unsupported(string, getattr(shared.args, "loader", None), shared.model, _warn, attached)
     return string
 
 
 def tokenizer_modifier(state, prompt, input_ids, input_embeds):
     from modules import shared
     from modules.text_generation import encode, get_max_prompt_length
-    media = chat_ui.media_from_state(state)
+    media = webui_state.media_from_state(state)
     references = api.request_references() or state.get(REFERENCES_KEY)
     prepared = None
     if engine_module.has_work(prompt, media, references):
@@ -203,7 +204,7 @@ def tokenizer_modifier(state, prompt, input_ids, input_embeds):
                 prompt, model=shared.model, tokenizer=shared.tokenizer,
                 encode=lambda text: encode(text, add_bos_token=state["add_bos_token"]),
                 max_length=get_max_prompt_length(state), media=media, embed_all=state.get("llava_embed_all"),
-                model_path=chat_ui.model_folder(shared), references=references)
+                model_path=webui_state.model_folder(shared), references=references)
         except LlavaError as error:
             raise _refusal(error) from None
     if prepared is not None:
@@ -243,7 +244,7 @@ def custom_tokenized_length(prompt):
         return None
     try:
         return engine().token_count(prompt, shared.model, shared.tokenizer, lambda text: encode(text),
-                                    model_path=chat_ui.model_folder(shared), references=api.request_references())
+                                    model_path=webui_state.model_folder(shared), references=api.request_references())
     except LlavaError:
         return None
 
@@ -287,7 +288,7 @@ def _pick(path, session=None) -> None:
         sessions.pick(session, None)
         return
     try:
-        upload = chat_ui.read_upload(path)
+        upload = webui_state.read_upload(path)
     except LlavaError as error:
         sessions.pick(session, None)
         _warn(f"llava: {error}")
@@ -301,4 +302,4 @@ def _inline(text, visible_text):
     upload = sessions.take(None)
     if upload is None:
         return text, visible_text
-    return chat_ui.inline_in_message(text, visible_text, upload, escaped_visible=False)
+    return webui_2023.inline_in_message(text, visible_text, upload, escaped_visible=False)

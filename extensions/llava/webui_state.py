@@ -1,4 +1,5 @@
-"""What the chat UI and the host's state need from the core, with no webui import.
+"""The webui's state, read and written with no webui import: the pictures a generation's state
+carries, the loaded model's folder, which loaders see pictures, and the LLaVA field.
 
 A picture picked in the extension's field waits, per browser session, until that session's
 next message takes it; it then becomes an image attachment of the message, exactly like
@@ -8,8 +9,6 @@ one from the webui's own attach button.
 from __future__ import annotations
 
 import base64
-import html
-import io
 import os
 import threading
 from collections import OrderedDict
@@ -17,27 +16,14 @@ from dataclasses import dataclass
 
 from .api import message_pictures
 from .images import ImageSource, InlineImage, PilImage, sniff_header
-from .prompt import UI_IMAGE_MARKER, parse_prompt, place_image
+from .prompt import parse_prompt
 
-THUMBNAIL_SIDE = 300
 # Loaders whose generation goes through the tokenizer hook (the Transformers path).
 # Loaders whose generation passes the tokenizer hook's embeddings to the model. The webui's ExLlamav3_HF
 # calls the hook, but its forward reads only input_ids; the 2023 webui names no loader (None).
 HOOKED_LOADERS = {"transformers"}
 # Loaders that read the webui's image attachments themselves (a vision model in their own format).
 NATIVE_IMAGE_LOADERS = {"llama.cpp", "exllamav3"}
-
-
-def picture_data_url(image, fmt: str = "PNG", **save_args) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **save_args)
-    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
-
-
-def thumbnail_tag(image) -> str:
-    small = image.convert("RGB")
-    small.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-    return f'<img src="{picture_data_url(small, "JPEG", quality=85)}">'
 
 
 @dataclass(frozen=True)
@@ -132,21 +118,6 @@ class BrowserSessions:
     def embed_all(self, session, default: bool) -> bool:
         with self._lock:
             return self._embed_all.get(session, default)
-
-
-def inline_in_message(text: str, visible_text: str, upload: Upload, escaped_visible: bool) -> tuple[str, str]:
-    """The 2023 webui has no attachments: the picture goes into the message as an ``<img>`` tag
-    (where the user wrote ``<image>``, else at the end) and a thumbnail is shown."""
-    url = upload_data_url(upload)
-    text = place_image(text, f'<img src="{url}">')
-    marker = html.escape(UI_IMAGE_MARKER) if escaped_visible else UI_IMAGE_MARKER
-    thumbnail = thumbnail_tag(InlineImage.from_url(url).load().image)
-    visible_text = visible_text or ""
-    if marker in visible_text:
-        visible_text = visible_text.replace(marker, thumbnail, 1)
-    else:
-        visible_text = f"{visible_text}\n{thumbnail}" if visible_text else thumbnail
-    return text, visible_text
 
 
 def media_from_state(state: dict) -> list:
