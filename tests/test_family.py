@@ -17,10 +17,9 @@ from extensions.llava.engine import LlavaEngine
 from extensions.llava.errors import LlavaError
 from extensions.llava.pipelines import PIPELINES, PipelineError
 from extensions.llava.settings import Settings
-from extensions.llava.vision import fill_colour
 from extensions.llava.weights import load_image_processor
 from tests.tiny import BosEncoder, img_tag, make_llm, make_tokenizer, picture, save_projector
-from tests.tiny_family import (IMAGE_ID, build_v15, expand2square, llava_mean_colour, reference_v15,
+from tests.tiny_family import (IMAGE_ID, build_v15, llava_mean_colour, reference_v15,
                                save_llava_hf, save_original, with_vocab)
 
 CPU = {"clip_device": "cpu", "projector_device": "cpu"}
@@ -42,12 +41,18 @@ def pictures():
 
 
 def reference_pixels(clip_dir, images, pad: bool, colour=None):
-    """What LLaVA feeds its tower: pad to a square with the mean colour (v1.5), then the CLIP processor."""
-    from transformers import CLIPImageProcessor
-    processor = CLIPImageProcessor.from_pretrained(clip_dir)
-    if pad:
-        colour = colour or llava_mean_colour(processor.image_mean)
-        images = [expand2square(image, colour) for image in images]
+    """What LLaVA feeds its tower, by transformers' own processors: LlavaImageProcessor pads to a square
+    of the mean colour (v1.5), CLIPImageProcessor does not; ``colour`` pads with another one."""
+    import numpy as np
+    from transformers import CLIPImageProcessor, LlavaImageProcessorPil
+    if not pad:
+        return CLIPImageProcessor.from_pretrained(clip_dir)(images=images, return_tensors="pt")["pixel_values"]
+    processor = LlavaImageProcessorPil.from_pretrained(clip_dir, do_pad=True)
+    if colour is not None:
+        from PIL import Image
+        images = [Image.fromarray(processor.pad_to_square(np.asarray(image).transpose(2, 0, 1),
+                                                          background_color=colour).transpose(1, 2, 0))
+                  for image in images]
     return processor(images=images, return_tensors="pt")["pixel_values"]
 
 
@@ -84,9 +89,16 @@ def compare(label, embeds, ref_embeds, logits, ref_logits):
 # ---------------------------------------------------------------- v1.5 equality
 
 
-def test_fill_colour_truncates_like_llava(v15):
+def test_padding_is_the_truncated_mean_colour(v15):
+    """LLaVA fills with int(mean * 255), not round(): (122, 116, 104) for CLIP's mean."""
+    from PIL import Image
+    from extensions.llava.pipelines import get_pipeline
+    from extensions.llava.vision import preprocess
     processor = load_image_processor(v15.clip_dir)
-    assert fill_colour(processor) == llava_mean_colour(processor.image_mean) == (122, 116, 104)
+    assert llava_mean_colour(processor.image_mean) == (122, 116, 104)
+    pixels = preprocess([Image.new("RGB", (64, 16), (0, 0, 0))], processor, get_pipeline("llava-v1.5-7b"))
+    expected = (torch.tensor([122, 116, 104]) / 255 - torch.tensor(processor.image_mean)) / torch.tensor(processor.image_std)
+    assert torch.allclose(pixels[0, :, 0, 0], expected.float(), atol=1e-6)  # a corner lies in the padding
 
 
 @pytest.mark.parametrize("which", [[0], [0, 1, 2]], ids=["wide", "wide+square+tall"])

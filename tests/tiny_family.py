@@ -34,18 +34,6 @@ def reference_v15(v15: TinyLlava) -> LlavaForConditionalGeneration:
     return reference_llava(v15.clip_dir, v15.llm, v15.projector_state, IMAGE_ID, projector_type="mlp2x_gelu")
 
 
-def expand2square(image, background):
-    """LLaVA's pad-to-square, written from its description: centre on a square of ``background``."""
-    from PIL import Image
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    square = Image.new(image.mode, (side, side), background)
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
-    return square
-
-
 def llava_mean_colour(image_mean) -> tuple[int, ...]:
     """How LLaVA turns the processor's mean into a fill colour: int(), which truncates."""
     return tuple(int(x * 255) for x in image_mean)

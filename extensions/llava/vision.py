@@ -6,6 +6,7 @@ Weights are read through ``weights``; the projector is built by ``projector``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -117,26 +118,27 @@ def keep_encoder_layers(model, feature_layer: int) -> None:
 # ---------------------------------------------------------------- preprocessing
 
 
-def fill_colour(processor) -> tuple[int, int, int]:
-    """The processor's mean colour in 0..255, truncated as LLaVA's own code does (int(), not round())."""
-    return tuple(int(c * 255) for c in processor.image_mean)
+@functools.lru_cache(maxsize=4)
+def padding_processor(processor):
+    """transformers' LLaVA image processor with the CLIP processor's settings and ``do_pad``: it pads each
+    picture to a square of the mean colour (truncated to 0..255, as LLaVA v1.5 trained), then resizes."""
+    try:
+        from transformers import LlavaImageProcessorPil as processor_class
+    except ImportError:
+        from transformers import LlavaImageProcessor as processor_class
+    settings = {k: v for k, v in processor.to_dict().items() if k not in ("image_processor_type", "processor_class")}
+    return processor_class(**{**settings, "do_pad": True})
 
 
-def pad_to_square(image, colour):
-    """The picture centred on a square of ``colour``: what LLaVA v1.5 trained with."""
+def limit_padded_side(image):
+    """Shrink a picture whose long side exceeds MAX_PADDED_SIDE, so that its padded square stays small."""
     from PIL import Image
     width, height = image.size
-    if width == height:
-        return image
     side = max(width, height)
-    if side > MAX_PADDED_SIDE:
-        scale = MAX_PADDED_SIDE / side
-        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BICUBIC)
-        width, height = image.size
-        side = max(width, height)
-    square = Image.new(image.mode, (side, side), colour)
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
-    return square
+    if side <= MAX_PADDED_SIDE:
+        return image
+    scale = MAX_PADDED_SIDE / side
+    return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BICUBIC)
 
 
 def limit_aspect_ratio(image):
@@ -156,8 +158,8 @@ def limit_aspect_ratio(image):
 def preprocess(images, processor, pipeline: Pipeline) -> torch.Tensor:
     """RGB pictures → one pixel batch at the pipeline's resolution."""
     if pipeline.preprocess == "pad":
-        colour = fill_colour(processor)
-        images = [pad_to_square(image, colour) for image in images]
+        images = [limit_padded_side(image) for image in images]
+        processor = padding_processor(processor)
     else:
         images = [limit_aspect_ratio(image) for image in images]
     try:
