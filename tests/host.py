@@ -37,6 +37,9 @@ class Host:
                  api: bool = False, model_dir: str = "", model_name: str = "None", gradio_sessions: bool = True,
                  extra_modules: dict | None = None):
         self.logger = logging.getLogger("fake-webui")
+        self.warned: list[str] = []  # what the extension told the user (log warnings and browser toasts)
+        self._capture = _Capture(self.warned)
+        self.logger.addHandler(self._capture)
         shared = types.SimpleNamespace(
             args=types.SimpleNamespace(loader=loader, api=api, public_api=False, model_dir=model_dir, cpu=True),
             model=model, tokenizer=tokenizer, model_name=model_name, settings=dict(settings or {}),
@@ -73,6 +76,7 @@ class Host:
         self.last_prompt_ids = None
 
     def close(self) -> None:
+        self.logger.removeHandler(self._capture)
         shutil.rmtree(self.upload_dir, ignore_errors=True)
         for name, module in self._saved.items():
             if module is None:
@@ -137,6 +141,10 @@ class Host:
             return
         path = os.path.join(self.upload_dir, f"upload-{len(os.listdir(self.upload_dir))}.png")
         image.save(path)
+        self.script._pick(path, session)
+
+    def pick_file(self, path: str, session=None) -> None:
+        """The user picks the file at ``path`` in the extension's field."""
         self.script._pick(path, session)
 
     def chat(self, text: str, state: dict | None = None, attachments: list | None = None, session=None) -> str:
@@ -221,3 +229,12 @@ class Host:
             if bot:
                 messages.append({"role": "assistant", "content": bot.strip()})
         return self.shared.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+class _Capture(logging.Handler):
+    def __init__(self, into: list):
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record) -> None:
+        self.into.append(record.getMessage())

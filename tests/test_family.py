@@ -130,7 +130,8 @@ def test_v15_layout_and_token_count(v15):
     expected = len(encode("Hi  bye")[0]) + 576  # no start/end tokens around the 576 slots
     assert prepared.input_ids.shape[1] == expected
     assert engine.token_count(prompt, v15.llm, v15.tokenizer, encode) == expected
-    assert engine._vision.tower.config.image_size == 336
+    vision = engine.vision_parts(engine.choice_for(v15.llm, v15.tokenizer))
+    assert vision.tower.config.image_size == 336 and engine.counters.loads == 1
 
 
 # ---------------------------------------------------------------- converter round trips
@@ -189,7 +190,8 @@ def test_llava_hf_linear_projector_round_trip(v0, v0_reference, tmp_path):
     engine = auto_engine()
     images = [picture(80, 60, seed=3)]
     prepared, logits = ours(engine, "Look " + img_tag(images[0]) + " now", model, tokenizer)
-    assert engine._vision.projector_type == "linear"
+    vision = engine.vision_parts(engine.choice_for(model, tokenizer, dst))
+    assert vision.projector_type == "linear" and engine.counters.loads == 1
     ref_embeds, ref_logits = reference_run(v0_reference, prepared.input_ids, reference_pixels(v0.clip_dir, images, False))
     compare("llava-hf linear → converted", prepared.inputs_embeds, ref_embeds, logits, ref_logits)
 

@@ -7,9 +7,8 @@ from extensions.llava.engine import LlavaEngine
 from extensions.llava.errors import LlavaError
 from extensions.llava.settings import Settings, SettingsError
 from extensions.llava.weights import load_image_processor
-from tests.tiny import BosEncoder, img_tag, make_llm, make_tokenizer, picture
+from tests.tiny import END_ID, PATCH_ID, START_ID, BosEncoder, img_tag, make_llm, make_tokenizer, picture
 
-PATCH_ID, START_ID, END_ID = 32000, 32001, 32002
 
 
 def engine_for(v0, **extra):
@@ -46,7 +45,7 @@ def reference_run(reference, processor, ids, images, embed_all, llm):
 @pytest.mark.parametrize("embed_all", [True, False])
 def test_hooks_equal_reference(v0, v0_reference, host_factory, count, embed_all):
     host = host_factory(model=v0.llm, tokenizer=v0.tokenizer,
-                        settings={f"llava-{k}": v for k, v in v0.settings_params.items()}
+                        settings=v0.webui_settings()
                         | {"llava-add_all_images_to_prompt": embed_all})
     images = [picture(80 + 10 * i, 60, seed=i) for i in range(count)]
     prompt = "Look: " + " and ".join(img_tag(im) for im in images) + "\nWhat do you see?"
@@ -77,7 +76,7 @@ def test_hooks_equal_reference(v0, v0_reference, host_factory, count, embed_all)
 
 def test_host_generates_end_to_end(v0, host_factory):
     host = host_factory(model=v0.llm, tokenizer=v0.tokenizer,
-                        settings={f"llava-{k}": v for k, v in v0.settings_params.items()})
+                        settings=v0.webui_settings())
     prompt = "Describe " + img_tag(picture(seed=5)) + " please:"
     reply = host.generate(prompt, host.state(max_new_tokens=6))
     assert isinstance(reply, str) and len(host.shared.tokenizer.encode(reply, add_special_tokens=False)) >= 1
@@ -94,19 +93,18 @@ def test_host_generates_end_to_end(v0, host_factory):
 
 def test_prompt_without_image_passes_untouched(v0, host_factory):
     host = host_factory(model=v0.llm, tokenizer=v0.tokenizer,
-                        settings={f"llava-{k}": v for k, v in v0.settings_params.items()})
+                        settings=v0.webui_settings())
     ids = host.encode("no pictures here <b>bold</b>")
     prompt, same_ids, embeds = host.script.tokenizer_modifier(host.state(), "no pictures here <b>bold</b>", ids, None)
     assert same_ids is ids and embeds is None and prompt == "no pictures here <b>bold</b>"
-    assert host.script.engine()._vision is None  # nothing loaded for a text-only prompt
+    assert host.script.engine().counters.loads == 0  # nothing loaded for a text-only prompt
 
 
 def test_vision_loads_lazily_once(v0):
     engine = engine_for(v0)
     assert engine.counters.loads == 0
     for seed in range(2):
-        engine.prepare("x " + img_tag(picture(seed=seed)), model=v0.llm, tokenizer=v0.tokenizer,
-                       encode=BosEncoder(v0.tokenizer), max_length=None)
+        v0.prepare(engine, "x " + img_tag(picture(seed=seed)))
     assert engine.counters.loads == 1 and engine.counters.vision_forwards == 2
 
 
@@ -114,11 +112,10 @@ def test_truncation_through_an_image_drops_it_whole(v0):
     engine = engine_for(v0, add_all_images_to_prompt=True)
     images = [picture(seed=i) for i in range(3)]
     prompt = "A " + img_tag(images[0]) + " B " + img_tag(images[1]) + " C " + img_tag(images[2]) + " end"
-    full = engine.prepare(prompt, model=v0.llm, tokenizer=v0.tokenizer, encode=BosEncoder(v0.tokenizer),
-                          max_length=None)
+    full = v0.prepare(engine, prompt)
     length = full.input_ids.shape[1]
     # keep 300 tokens: the cut falls inside the second image
-    cut = engine.prepare(prompt, model=v0.llm, tokenizer=v0.tokenizer, encode=BosEncoder(v0.tokenizer),
+    cut = v0.prepare(engine, prompt,
                          max_length=300)
     assert cut.images_dropped == 2 and cut.images_embedded == 1
     assert cut.input_ids.shape[1] < 300 and cut.inputs_embeds.shape[1] == cut.input_ids.shape[1]
@@ -128,18 +125,18 @@ def test_truncation_through_an_image_drops_it_whole(v0):
     # the kept image's rows equal its rows in the untruncated splice: nothing shifted
     assert torch.allclose(cut.inputs_embeds[0], full.inputs_embeds[0, length - cut.input_ids.shape[1]:])
     # a cut right after the first image (BOS, "A", " ", 258 image tokens) keeps the two others
-    between = engine.prepare(prompt, model=v0.llm, tokenizer=v0.tokenizer, encode=BosEncoder(v0.tokenizer),
+    between = v0.prepare(engine, prompt,
                              max_length=length - 261)
     assert between.images_dropped == 1 and between.input_ids.shape[1] == length - 261
     # a cut before the first image drops none
-    early = engine.prepare(prompt, model=v0.llm, tokenizer=v0.tokenizer, encode=BosEncoder(v0.tokenizer),
+    early = v0.prepare(engine, prompt,
                            max_length=length - 2)
     assert early.images_dropped == 0 and early.images_embedded == 3 and early.input_ids.shape[1] == length - 2
 
 
 def test_token_length_counts_images_without_decoding(v0, host_factory):
     host = host_factory(model=v0.llm, tokenizer=v0.tokenizer,
-                        settings={f"llava-{k}": v for k, v in v0.settings_params.items()})
+                        settings=v0.webui_settings())
     prompt = "Hi " + img_tag(picture(seed=1)) + " and " + img_tag(picture(seed=2)) + " bye"
     expected = len(host.encode("Hi  and  bye")[0]) + 2 * 258
     assert host.script.custom_tokenized_length(prompt) == expected
@@ -165,14 +162,14 @@ def test_bad_settings_name_the_setting(key, value, allowed):
 
 def test_bad_setting_in_host_does_not_crash_and_reports_on_use(v0, host_factory, caplog):
     host = host_factory(model=v0.llm, tokenizer=v0.tokenizer,
-                        settings={f"llava-{k}": v for k, v in v0.settings_params.items()} | {"llava-clip_bits": 8})
+                        settings=v0.webui_settings(clip_bits=8))
     with pytest.raises(LlavaError) as error:
         host.generate("x " + img_tag(picture()))
     assert "llava-clip_bits" in str(error.value)
     # text-only generation is untouched by the bad setting: the same reply as with good settings
     reply = host.generate("text only", host.state(max_new_tokens=4))
     clean = host_factory(model=v0.llm, tokenizer=v0.tokenizer,
-                         settings={f"llava-{k}": v for k, v in v0.settings_params.items()})
+                         settings=v0.webui_settings())
     assert reply == clean.generate("text only", clean.state(max_new_tokens=4))
 
 
@@ -180,7 +177,7 @@ def test_projector_width_mismatch_is_one_clear_error(v0):
     wide_llm = make_llm(len(v0.tokenizer), width=96)
     engine = engine_for(v0)
     with pytest.raises(LlavaError) as error:
-        engine.prepare("x " + img_tag(picture()), model=wide_llm, tokenizer=v0.tokenizer,
+        v0.prepare(engine, "x " + img_tag(picture()), model=wide_llm, tokenizer=v0.tokenizer,
                        encode=BosEncoder(v0.tokenizer), max_length=None)
     assert "64-wide" in str(error.value) and "96 wide" in str(error.value) and "wrong model" in str(error.value)
 
@@ -196,11 +193,11 @@ def test_tokenizer_without_image_tokens_is_one_clear_error(v0):
 
 def test_seed_geometry(v0):
     engine = engine_for(v0)
-    prepared = engine.prepare(img_tag(picture(300, 200)), model=v0.llm, tokenizer=v0.tokenizer,
-                              encode=BosEncoder(v0.tokenizer), max_length=None)
+    prepared = v0.prepare(engine, img_tag(picture(300, 200)))
     assert prepared.input_ids.shape[1] == 1 + 258
     assert prepared.input_ids[0, 1].item() == START_ID and prepared.input_ids[0, -1].item() == END_ID
-    vision = engine._vision
+    vision = engine.vision_parts(engine.choice_for(v0.llm, v0.tokenizer))
+    assert engine.counters.loads == 1  # the parts the prompt used
     assert vision.tower.config.image_size == 224 and vision.tower.config.patch_size == 14
     # the tower keeps only the layers up to hidden_states[-2] of the 3-layer checkpoint
     assert vision.tower.config.num_hidden_layers == 2

@@ -17,9 +17,8 @@ from extensions.llava.errors import LlavaError
 from extensions.llava.images import ALPHA_BACKGROUND, ImageError, InlineImage
 from extensions.llava.prompt import escape_special_tokens, parse_prompt
 from extensions.llava.settings import Settings
-from tests.tiny import BosEncoder, data_url, img_tag, picture
+from tests.tiny import PATCH_ID, BosEncoder, data_url, img_tag, picture
 
-PATCH_ID = 32000
 
 
 def load_url(url, position=2):
@@ -150,8 +149,7 @@ def test_exif_orientation_is_applied():
 @pytest.mark.parametrize("size", [(1, 1), (3000, 2), (2, 3000)])
 def test_extreme_shapes_encode(v0, size):
     engine = LlavaEngine(Settings.from_params(v0.settings_params), log=lambda m: None)
-    prepared = engine.prepare(img_tag(Image.new("RGB", size, (10, 200, 30))), model=v0.llm,
-                              tokenizer=v0.tokenizer, encode=BosEncoder(v0.tokenizer), max_length=None)
+    prepared = v0.prepare(engine, img_tag(Image.new("RGB", size, (10, 200, 30))))
     assert prepared.images_embedded == 1 and torch.isfinite(prepared.inputs_embeds).all()
 
 
@@ -174,12 +172,10 @@ def test_web_and_file_sources_are_never_opened(v0, src, monkeypatch):
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(socket.socket, "connect", no_network)
     engine = LlavaEngine(Settings.from_params(v0.settings_params), log=lambda m: None)
-    engine.prepare("warm " + img_tag(picture()), model=v0.llm, tokenizer=v0.tokenizer,
-                   encode=BosEncoder(v0.tokenizer), max_length=None)  # load the vision parts first
+    v0.prepare(engine, "warm " + img_tag(picture()))  # load the vision parts first
     monkeypatch.setattr("builtins.open", watch_open)
     with pytest.raises(ImageError) as error:
-        engine.prepare(f'look <img src="{src}">', model=v0.llm, tokenizer=v0.tokenizer,
-                       encode=BosEncoder(v0.tokenizer), max_length=None)
+        v0.prepare(engine, f'look <img src="{src}">')
     assert "never fetches" in str(error.value) and "image 1 in the prompt" in str(error.value)
     assert not any(src.split("/")[-1] in path for path in opened)
 
@@ -190,10 +186,8 @@ def test_web_and_file_sources_are_never_opened(v0, src, monkeypatch):
 @pytest.mark.parametrize("typed", ["<im_patch>", "<im_start>", "<im_end>", "<image>", "<im_start><im_patch><im_end>"])
 def test_typed_image_tokens_create_no_slots(v0, typed):
     engine = LlavaEngine(Settings.from_params(v0.settings_params), log=lambda m: None)
-    honest = engine.prepare("before " + img_tag(picture()) + " after", model=v0.llm, tokenizer=v0.tokenizer,
-                            encode=BosEncoder(v0.tokenizer), max_length=None)
-    hostile = engine.prepare(f"{typed} before " + img_tag(picture()) + f" after {typed}", model=v0.llm,
-                             tokenizer=v0.tokenizer, encode=BosEncoder(v0.tokenizer), max_length=None)
+    honest = v0.prepare(engine, "before " + img_tag(picture()) + " after")
+    hostile = v0.prepare(engine, f"{typed} before " + img_tag(picture()) + f" after {typed}")
     assert int((hostile.input_ids >= 32000).sum()) == 258
     slots_honest = (honest.input_ids[0] == PATCH_ID).nonzero().flatten()
     slots_hostile = (hostile.input_ids[0] == PATCH_ID).nonzero().flatten()
@@ -224,21 +218,18 @@ def test_hundred_images_in_one_prompt(v0):
     engine = LlavaEngine(Settings.from_params({**v0.settings_params, "add_all_images_to_prompt": True}),
                          log=lambda m: None)
     tags = [img_tag(picture(8, 8, seed=i % 5)) for i in range(100)]
-    prepared = engine.prepare(" ".join(tags), model=v0.llm, tokenizer=v0.tokenizer,
-                              encode=BosEncoder(v0.tokenizer), max_length=None)
+    prepared = v0.prepare(engine, " ".join(tags))
     assert prepared.images_embedded == 100 and int((prepared.input_ids == PATCH_ID).sum()) == 25600
     assert engine.counters.vision_forwards == 5  # five distinct pictures
 
 
 def test_one_image_longer_than_the_context(v0):
     engine = LlavaEngine(Settings.from_params(v0.settings_params), log=lambda m: None)
-    prepared = engine.prepare("text " + img_tag(picture()) + " question?", model=v0.llm, tokenizer=v0.tokenizer,
-                              encode=BosEncoder(v0.tokenizer), max_length=100)
+    prepared = v0.prepare(engine, "text " + img_tag(picture()) + " question?", max_length=100)
     assert prepared.images_dropped == 1 and prepared.images_embedded == 0
     assert int((prepared.input_ids >= 32000).sum()) == 0 and prepared.input_ids.shape[1] == len(" question?")
     with pytest.raises(LlavaError) as error:
-        engine.prepare("text " + img_tag(picture()), model=v0.llm, tokenizer=v0.tokenizer,
-                       encode=BosEncoder(v0.tokenizer), max_length=100)
+        v0.prepare(engine, "text " + img_tag(picture()), max_length=100)
     assert "truncation_length" in str(error.value)
 
 
@@ -253,8 +244,7 @@ def test_concurrent_requests_each_get_their_own_picture(v0):
     def ask(i):
         try:
             for _ in range(3):
-                results[i] = engine.prepare(prompts[i], model=v0.llm, tokenizer=v0.tokenizer,
-                                            encode=BosEncoder(v0.tokenizer), max_length=None).inputs_embeds
+                results[i] = v0.prepare(engine, prompts[i]).inputs_embeds
         except Exception as error:  # pragma: no cover - reported below
             errors.append(error)
 
@@ -289,8 +279,7 @@ def test_splice_touches_exactly_the_embedded_slots(v0, property_engines, pieces,
     parsed = parse_prompt(prompt)
     images = [im for im in parsed.images if im.source.digest() in property_digests]
     assume(images and len(images) == len(parsed.images))
-    prepared = engine.prepare(prompt, model=v0.llm, tokenizer=v0.tokenizer, encode=BosEncoder(v0.tokenizer),
-                              max_length=None)
+    prepared = v0.prepare(engine, prompt)
     ids = prepared.input_ids[0]
     plain = v0.llm.get_input_embeddings()(ids)
     changed = (prepared.inputs_embeds[0] != plain).any(-1)

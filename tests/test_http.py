@@ -17,11 +17,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
 from extensions.llava import api, images
-from tests.tiny import bytes_url, data_url, header_only_png, img_tag, picture
+from tests.tiny import PATCH_ID, bytes_url, data_url, header_only_png, img_tag, picture
 
 KEY = "secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-PATCH_ID = 32000
 
 
 class InvalidRequestError(Exception):
@@ -123,7 +122,7 @@ def served(v0, host_factory):
     stand_in = webui_api(types.SimpleNamespace(encode=lambda *a, **k: holder["host"].encode(*a, **k),
                                                state=lambda **k: holder["host"].state(**k),
                                                generate=lambda *a, **k: holder["host"].generate(*a, **k)))
-    settings = {f"llava-{k}": v for k, v in v0.settings_params.items()}
+    settings = v0.webui_settings()
     holder["host"] = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=settings, api=True,
                                   extra_modules=stand_in["modules"])
     return types.SimpleNamespace(host=holder["host"], client=TestClient(stand_in["app"], raise_server_exceptions=False),

@@ -13,14 +13,10 @@ from extensions.llava.settings import Settings
 from tests.tiny import BosEncoder, img_tag, picture
 
 
-def settings_for(v0, **extra):
-    return {f"llava-{k}": v for k, v in {**v0.settings_params, **extra}.items()}
-
-
 @pytest.mark.parametrize("embed_all", [True, False])
 def test_ten_turn_chat_encodes_each_picture_once(v0, host_factory, embed_all):
     host = host_factory(model=v0.llm, tokenizer=v0.tokenizer,
-                        settings=settings_for(v0, add_all_images_to_prompt=embed_all))
+                        settings=v0.webui_settings(add_all_images_to_prompt=embed_all))
     engine = host.script.engine()
     for turn in range(10):
         host.chat(f"turn {turn}: {img_tag(picture(40, 40, seed=100 + turn))}",
@@ -35,7 +31,7 @@ def test_ten_turn_chat_encodes_each_picture_once(v0, host_factory, embed_all):
 
 def test_without_cache_every_turn_reencodes(v0, host_factory):
     host = host_factory(model=v0.llm, tokenizer=v0.tokenizer,
-                        settings=settings_for(v0, add_all_images_to_prompt=True, cache_size_mb=0))
+                        settings=v0.webui_settings(add_all_images_to_prompt=True, cache_size_mb=0))
     for turn in range(4):
         host.chat(f"turn {turn}: {img_tag(picture(40, 40, seed=200 + turn))}", host.state(max_new_tokens=1))
     assert host.script.engine().counters.vision_forwards == 1 + 2 + 3 + 4
@@ -46,16 +42,14 @@ def test_new_pictures_of_one_prompt_go_in_one_batch_and_repeats_once(v0):
                          log=lambda m: None)
     same = img_tag(picture(seed=7))
     prompt = "a " + img_tag(picture(seed=1)) + same + " b " + img_tag(picture(seed=2)) + same
-    prepared = engine.prepare(prompt, model=v0.llm, tokenizer=v0.tokenizer, encode=BosEncoder(v0.tokenizer),
-                              max_length=None)
+    prepared = v0.prepare(engine, prompt)
     assert prepared.images_embedded == 4
     assert engine.counters.vision_batches == 1 and engine.counters.vision_forwards == 3
     slots = (prepared.input_ids[0] == 32000).nonzero().flatten().view(4, 256)
     assert torch.equal(prepared.inputs_embeds[0, slots[1]], prepared.inputs_embeds[0, slots[3]])
     # a batch gives the same features as one picture at a time
     alone = LlavaEngine(Settings.from_params(v0.settings_params), log=lambda m: None)
-    single = alone.prepare("x " + img_tag(picture(seed=2)), model=v0.llm, tokenizer=v0.tokenizer,
-                           encode=BosEncoder(v0.tokenizer), max_length=None)
+    single = v0.prepare(alone, "x " + img_tag(picture(seed=2)))
     single_slots = (single.input_ids[0] == 32000).nonzero().flatten()
     assert torch.allclose(single.inputs_embeds[0, single_slots], prepared.inputs_embeds[0, slots[2]], atol=1e-5)
 
@@ -63,8 +57,7 @@ def test_new_pictures_of_one_prompt_go_in_one_batch_and_repeats_once(v0):
 def test_embed_all_off_opens_only_the_last_picture(v0):
     engine = LlavaEngine(Settings.from_params(v0.settings_params), log=lambda m: None)
     broken = '<img src="data:image/png;base64,AAAA">'  # would fail if it were opened
-    prepared = engine.prepare("a " + broken + " b " + img_tag(picture(seed=3)), model=v0.llm,
-                              tokenizer=v0.tokenizer, encode=BosEncoder(v0.tokenizer), max_length=None)
+    prepared = v0.prepare(engine, "a " + broken + " b " + img_tag(picture(seed=3)))
     assert prepared.images_embedded == 1 and engine.counters.vision_forwards == 1
 
 
@@ -106,10 +99,10 @@ def test_cache_keeps_count_under_threads():
 def test_sixteen_bits_on_cpu_is_bfloat16_and_lands_in_the_llm_dtype(v0):
     engine = LlavaEngine(Settings.from_params({**v0.settings_params, "clip_bits": 16, "projector_bits": 16}),
                          log=lambda m: None)
-    prepared = engine.prepare("x " + img_tag(picture()), model=v0.llm, tokenizer=v0.tokenizer,
-                              encode=BosEncoder(v0.tokenizer), max_length=None)
-    assert engine._vision.tower.dtype == torch.bfloat16
-    assert next(engine._vision.projector.parameters()).dtype == torch.bfloat16
+    prepared = v0.prepare(engine, "x " + img_tag(picture()))
+    vision = engine.vision_parts(engine.choice_for(v0.llm, v0.tokenizer))
+    assert vision.tower.dtype == torch.bfloat16 and engine.counters.loads == 1  # the parts that were used
+    assert next(vision.projector.parameters()).dtype == torch.bfloat16
     assert prepared.inputs_embeds.dtype == torch.float32
     full = LlavaEngine(Settings.from_params(v0.settings_params), log=lambda m: None).prepare(
         "x " + img_tag(picture()), model=v0.llm, tokenizer=v0.tokenizer, encode=BosEncoder(v0.tokenizer),
@@ -118,7 +111,7 @@ def test_sixteen_bits_on_cpu_is_bfloat16_and_lands_in_the_llm_dtype(v0):
 
 
 def test_counting_tokens_never_decodes_base64(v0, host_factory, monkeypatch):
-    host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=settings_for(v0))
+    host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=v0.webui_settings())
     big = "data:image/png;base64," + "A" * (1 << 20)
     prompt = "".join(f"turn {i} <img src=\"{big}\">" for i in range(10))
 
@@ -145,7 +138,7 @@ def test_http_check_reads_headers_and_generation_decodes_a_picture_once(v0, monk
     check_pictures(pictures_in_body("/v1/completions", {"prompt": prompt}), embed_all=True)
     assert decoded == []  # the check reads headers only
     for _ in range(2):  # the second time the features come from the cache, keyed on the data
-        engine.prepare(prompt, model=v0.llm, tokenizer=v0.tokenizer, encode=BosEncoder(v0.tokenizer), max_length=None)
+        v0.prepare(engine, prompt)
         assert len(decoded) == 1 and engine.counters.vision_forwards == 1
     with pytest.raises(LlavaError) as error:
         check_pictures(pictures_in_body("/v1/completions", {"prompt": 'x <img src="data:image/png;base64,AAAA">'}),

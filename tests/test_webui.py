@@ -8,18 +8,13 @@ from fastapi.testclient import TestClient
 
 from extensions.llava import api
 from extensions.llava.errors import LlavaError
-from tests.tiny import data_url, img_tag, picture
+from tests.tiny import PATCH_ID, data_url, img_tag, picture
 
-PATCH_ID = 32000
-
-
-def settings_for(v0, **extra):
-    return {f"llava-{k}": v for k, v in {**v0.settings_params, **extra}.items()}
 
 
 @pytest.fixture
 def host(v0, host_factory):
-    return host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=settings_for(v0))
+    return host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=v0.webui_settings())
 
 
 def test_upload_goes_with_the_next_message_as_an_attachment(host):
@@ -75,7 +70,7 @@ def test_embed_all_is_chosen_per_session(host):
 def test_a_file_that_is_not_a_picture_is_refused_when_picked(host, tmp_path, caplog):
     path = tmp_path / "notes.png"
     path.write_bytes(b"not a picture at all")
-    host.script._pick(str(path), "a")
+    host.pick_file(str(path), session="a")
     host.chat("hello", host.state(max_new_tokens=1), session="a")
     assert host.attachments_of(0) == []
     assert "the picture 'notes.png' picked in the LLaVA field: the data is not a picture" in caplog.text
@@ -83,7 +78,7 @@ def test_a_file_that_is_not_a_picture_is_refused_when_picked(host, tmp_path, cap
 
 def test_seed_era_input_hijack(v0, host_factory):
     """The 2023 webui: no browser sessions, the picture goes into the message text through input_hijack."""
-    host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=settings_for(v0), gradio_sessions=False)
+    host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=v0.webui_settings(), gradio_sessions=False)
     host.pick(picture(seed=4))
     hijack = host.script.input_hijack
     assert hijack["state"] is True and callable(hijack["value"])
@@ -157,9 +152,8 @@ def test_history_trimming_drops_an_early_image(host):
     assert host.last_prompt_ids.shape[1] <= 599
 
 
-def test_bad_image_in_chat_is_a_visible_refusal_and_history_keeps_the_message(host, monkeypatch):
-    warnings = []
-    monkeypatch.setattr(host.script, "_warn", warnings.append)
+def test_bad_image_in_chat_is_a_visible_refusal_and_history_keeps_the_message(host):
+    warnings = host.warned
     with pytest.raises(LlavaError) as error:
         host.chat('look <img src="data:image/png;base64,bm90IGFuIGltYWdl">', host.state(max_new_tokens=1))
     assert "image 1 in the prompt: the data is not a picture" in str(error.value)
@@ -168,9 +162,8 @@ def test_bad_image_in_chat_is_a_visible_refusal_and_history_keeps_the_message(ho
 
 
 def test_unsupported_loader_says_so(v0, host_factory):
-    warnings = []
-    host = host_factory(model=object(), tokenizer=v0.tokenizer, settings=settings_for(v0), loader="llama.cpp")
-    host.script._warn = warnings.append
+    host = host_factory(model=object(), tokenizer=v0.tokenizer, settings=v0.webui_settings(), loader="llama.cpp")
+    warnings = host.warned
     host.script.input_modifier("see " + img_tag(picture()), host.state(), is_chat=True)
     assert len(warnings) == 1 and "llama.cpp loader" in warnings[0] and "Transformers loader" in warnings[0]
     host.script.input_modifier("no picture here", host.state(), is_chat=True)
@@ -187,9 +180,8 @@ def test_unsupported_loader_says_so(v0, host_factory):
 @pytest.mark.parametrize("loader", ["ExLlamav3_HF", "TensorRT-LLM"])
 def test_loaders_that_drop_the_embeddings_are_warned(v0, host_factory, loader):
     """ExLlamav3_HF calls the tokenizer hook, but its forward reads only input_ids."""
-    warnings = []
-    host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=settings_for(v0), loader=loader)
-    host.script._warn = warnings.append
+    host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=v0.webui_settings(), loader=loader)
+    warnings = host.warned
     host.script.input_modifier("see " + img_tag(picture()), host.state(), is_chat=False)
     host.pick(picture(), session="a")
     host.script.chat_input_modifier("and this?", "and this?", host.state())  # outside a session: no picture
@@ -202,7 +194,7 @@ def test_loaders_that_drop_the_embeddings_are_warned(v0, host_factory, loader):
 
 
 def test_no_model_loaded_does_not_crash(v0, host_factory):
-    host = host_factory(model=None, tokenizer=None, settings=settings_for(v0))
+    host = host_factory(model=None, tokenizer=None, settings=v0.webui_settings())
     text = "x " + img_tag(picture())
     assert host.script.custom_tokenized_length(text) is None
     assert host.script.input_modifier(text, host.state(), is_chat=True) == text
@@ -285,5 +277,5 @@ def test_notebook_prompt_reaches_the_webuis_tokenizer_without_picture_data(host,
 def test_embed_all_setting_is_read_as_validated(v0, host_factory, value, expected):
     """A settings file may hold the text "false": it must not count as a true value."""
     host = host_factory(model=v0.llm, tokenizer=v0.tokenizer,
-                        settings=settings_for(v0, add_all_images_to_prompt=value))
+                        settings=v0.webui_settings(add_all_images_to_prompt=value))
     assert host.state()["llava_embed_all"] is expected

@@ -19,7 +19,8 @@ from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfi
 
 VISION_WIDTH = 32
 LLM_WIDTH = 64
-BASE_VOCAB = 32000  # the seed's image token ids 32000/32001/32002 follow the LLaMA vocabulary
+BASE_VOCAB = 32000
+PATCH_ID, START_ID, END_ID = 32000, 32001, 32002  # the seed's image tokens, after the LLaMA vocabulary  # the seed's image token ids 32000/32001/32002 follow the LLaMA vocabulary
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -139,6 +140,15 @@ class TinyLlava:
         return {"clip_repo": self.clip_dir, "projector_repo": self.projector_dir,
                 "projector_filename": "mm_projector.bin", "clip_device": "cpu", "projector_device": "cpu",
                 "pipeline": self.pipeline}
+
+    def webui_settings(self, **extra) -> dict:
+        """The same settings as the webui's settings file holds them (``llava-`` keys)."""
+        return {f"llava-{k}": v for k, v in {**self.settings_params, **extra}.items()}
+
+    def prepare(self, engine, prompt: str, **kwargs):
+        """``engine.prepare`` with this model, its tokenizer and the host's BOS encoding; no truncation."""
+        return engine.prepare(prompt, **{"model": self.llm, "tokenizer": self.tokenizer,
+                                         "encode": BosEncoder(self.tokenizer), "max_length": None, **kwargs})
 
 
 def build_v0(folder: str) -> TinyLlava:
