@@ -18,7 +18,7 @@ from extensions.llava.errors import LlavaError
 from extensions.llava.pipelines import PIPELINES, PipelineError
 from extensions.llava.settings import Settings
 from extensions.llava.weights import load_image_processor
-from tests.tiny import BosEncoder, img_tag, make_llm, make_tokenizer, picture, save_projector
+from tests.tiny import BosEncoder, img_tag, reference_run, make_llm, make_tokenizer, picture, save_projector
 from tests.tiny_family import (IMAGE_ID, build_v15, llava_mean_colour, reference_v15,
                                save_llava_hf, save_original, with_vocab)
 
@@ -54,19 +54,6 @@ def reference_pixels(clip_dir, images, pad: bool, colour=None):
                                                           background_color=colour).transpose(1, 2, 0))
                   for image in images]
     return processor(images=images, return_tensors="pt")["pixel_values"]
-
-
-def reference_run(reference, ids, pixels):
-    """The reference's spliced inputs_embeds (as its language model receives them) and logits."""
-    captured = {}
-    hook = reference.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            logits = reference(input_ids=ids, pixel_values=pixels).logits
-    finally:
-        hook.remove()
-    return captured["embeds"], logits
 
 
 def ours(engine, prompt, model, tokenizer):

@@ -7,38 +7,12 @@ from extensions.llava.engine import LlavaEngine
 from extensions.llava.errors import LlavaError
 from extensions.llava.settings import Settings, SettingsError
 from extensions.llava.weights import load_image_processor
-from tests.tiny import END_ID, PATCH_ID, START_ID, BosEncoder, img_tag, make_llm, make_tokenizer, picture
+from tests.tiny import END_ID, PATCH_ID, START_ID, BosEncoder, reference_run, img_tag, make_llm, make_tokenizer, picture
 
 
 
 def engine_for(v0, **extra):
     return LlavaEngine(Settings.from_params({**v0.settings_params, **extra}), log=lambda m: None)
-
-
-def reference_run(reference, processor, ids, images, embed_all, llm):
-    """Reference embeddings and logits; "embed all" off replaces earlier images' rows by the patch embedding."""
-    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-    captured = {}
-    hook = reference.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
-    original = reference.model.get_image_features
-    if not embed_all:
-        def last_only(*args, **kwargs):
-            out = original(*args, **kwargs)
-            patch_row = llm.get_input_embeddings().weight[PATCH_ID]
-            features = list(out.pooler_output)
-            for i in range(len(features) - 1):
-                features[i] = patch_row.expand_as(features[i]).clone()
-            out.pooler_output = features
-            return out
-        reference.model.get_image_features = last_only
-    try:
-        with torch.no_grad():
-            logits = reference(input_ids=ids, pixel_values=pixels).logits
-    finally:
-        hook.remove()
-        reference.model.get_image_features = original
-    return captured["embeds"], logits
 
 
 @pytest.mark.parametrize("count", [1, 3])
@@ -56,7 +30,9 @@ def test_hooks_equal_reference(v0, v0_reference, host_factory, count, embed_all)
     assert int((ids == PATCH_ID).sum()) == 256 * count
     assert int((ids == START_ID).sum()) == count and int((ids == END_ID).sum()) == count
     processor = load_image_processor(v0.clip_dir)
-    ref_embeds, ref_logits = reference_run(v0_reference, processor, ids, images, embed_all, v0.llm)
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    features_instead = None if embed_all else v0.llm.get_input_embeddings().weight[PATCH_ID]
+    ref_embeds, ref_logits = reference_run(v0_reference, ids, pixels, earlier_images_as=features_instead)
     with torch.no_grad():
         logits = v0.llm(inputs_embeds=embeds).logits
     embed_diff = (ref_embeds - embeds).abs().max().item()

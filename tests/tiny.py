@@ -235,3 +235,29 @@ def header_only_png(width: int, height: int) -> bytes:
 
 def img_tag(image, fmt: str = "PNG") -> str:
     return f'<img src="{data_url(image, fmt)}">'
+
+
+def reference_run(reference, ids, pixels, earlier_images_as=None):
+    """transformers' LLaVA on ``ids`` and ``pixels``: the spliced inputs_embeds its language model receives,
+    and the logits. ``earlier_images_as`` (an embedding row) stands in for the features of every picture
+    but the last, as "embed all" off leaves them."""
+    captured = {}
+    hook = reference.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
+    original = reference.model.get_image_features
+    if earlier_images_as is not None:
+        def last_only(*args, **kwargs):
+            out = original(*args, **kwargs)
+            features = list(out.pooler_output)
+            for i in range(len(features) - 1):
+                features[i] = earlier_images_as.expand_as(features[i]).clone()
+            out.pooler_output = features
+            return out
+        reference.model.get_image_features = last_only
+    try:
+        with torch.no_grad():
+            logits = reference(input_ids=ids, pixel_values=pixels).logits
+    finally:
+        hook.remove()
+        reference.model.get_image_features = original
+    return captured["embeds"], logits
