@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 import warnings
 
@@ -11,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
-from tests import tiny  # noqa: E402
+from testbed import tiny  # noqa: E402
 
 
 def pytest_configure(config):
@@ -51,3 +52,26 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.when == "call" and report.failed:
         item.failed_call = True
+
+
+@pytest.fixture
+def open_page(request):
+    """Browser sessions on a real webui (testbed.browser.Page); a failing test leaves each page's screenshot
+    and the server log in test-artifacts/."""
+    from testbed.browser import Page
+    pages = []
+
+    def make(server):
+        page = Page(server)
+        pages.append(page)
+        return page
+
+    yield make
+    failed = getattr(request.node, "failed_call", False)
+    for i, page in enumerate(pages):
+        if failed:
+            folder = os.path.join(ROOT, "test-artifacts")
+            os.makedirs(folder, exist_ok=True)
+            page.screenshot(os.path.join(folder, f"{request.node.name}-{i}.png"))
+            shutil.copy(page.server.log, os.path.join(folder, f"{request.node.name}-server.log"))
+        page.close()

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from extensions.llava.images import data_url
-from tests.tiny import file_url
+from testbed.tiny import file_url
 from extensions.llava.cli_ask import DEMO_MODEL, Asker, main
-from tools.train_demo import (ASK_LAYOUT, CHAT_TEMPLATE, COLOUR_QUESTION, COLOURS, MESSAGE_LAYOUTS, SHAPES, draw,
+from tools.train_demo import (ASK_LAYOUT, CHAT_TEMPLATE, COLOUR_QUESTION, COLOURS, HELD_OUT_SEED, MESSAGE_LAYOUTS,
+                              SHAPES, draw,
                               make_tokenizer, one_message_prompt, train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "red-circle.png")
 QUESTION = "What shape is in the picture?"
-HELD_OUT_SEED = 2026  # the demo was trained with seed 1234: these pictures are new to it
 COMBINATIONS = [(colour, shape) for colour in COLOURS for shape in SHAPES]
 
 

@@ -18,8 +18,8 @@ from extensions.llava.errors import LlavaError
 from extensions.llava.pipelines import PIPELINES, PipelineError
 from extensions.llava.settings import Settings
 from extensions.llava.weights import load_image_processor
-from tests.tiny import BosEncoder, img_tag, reference_run, make_llm, make_tokenizer, picture, save_projector
-from tests.tiny_family import (IMAGE_ID, build_v15, llava_mean_colour, reference_v15,
+from testbed.tiny import BosEncoder, img_tag, reference_run, make_llm, make_tokenizer, picture, save_projector
+from testbed.tiny_family import (IMAGE_ID, build_v15, llava_mean_colour, reference_v15,
                                save_llava_hf, save_original, with_vocab)
 
 CPU = {"clip_device": "cpu", "projector_device": "cpu"}

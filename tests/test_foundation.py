@@ -7,7 +7,7 @@ from extensions.llava.engine import LlavaEngine
 from extensions.llava.errors import LlavaError
 from extensions.llava.settings import Settings, SettingsError
 from extensions.llava.weights import load_image_processor
-from tests.tiny import END_ID, PATCH_ID, START_ID, BosEncoder, reference_run, img_tag, make_llm, make_tokenizer, picture
+from testbed.tiny import END_ID, PATCH_ID, START_ID, BosEncoder, reference_run, img_tag, make_llm, make_tokenizer, picture
 
 
 

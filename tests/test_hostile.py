@@ -17,7 +17,7 @@ from extensions.llava.errors import LlavaError
 from extensions.llava.images import ALPHA_BACKGROUND, ImageError, InlineImage
 from extensions.llava.prompt import escape_special_tokens, parse_prompt
 from extensions.llava.settings import Settings
-from tests.tiny import PATCH_ID, BosEncoder, data_url, img_tag, picture
+from testbed.tiny import PATCH_ID, BosEncoder, data_url, img_tag, picture
 
 
 

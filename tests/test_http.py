@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
 from extensions.llava import api, images
-from tests.tiny import PATCH_ID, bytes_url, data_url, header_only_png, img_tag, picture
+from testbed.tiny import PATCH_ID, bytes_url, data_url, header_only_png, img_tag, picture
 
 KEY = "secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from tests.real_host import WEBUI, is_current, needs_webui, request, running_webui
+from testbed.real_host import WEBUI, is_current, needs_webui, request, running_webui
 from tests.test_real_webui import picture_url, write_model
-from tests.tiny import bytes_url, header_only_png
+from testbed.tiny import bytes_url, header_only_png
 
 KEY = "a-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -1,6 +1,6 @@
 """Phone photos in the real webui: on every path, the webui's tokenizer never reads picture data.
 
-One server (UI and API, the bundled demo, the webui's defaults) with tests/encode_probe installed,
+One server (UI and API, the bundled demo, the webui's defaults) with testbed/encode_probe installed,
 which records the length of every text the webui's ``encode`` receives. A 12-megapixel JPEG of about
 4 MB is about 6 million characters of base64: any of it reaching ``encode`` shows at once.
 """
@@ -10,10 +10,9 @@ import os
 import pytest
 
 from extensions.llava.cli_ask import DEMO_MODEL
-from tests.photos import make_photo
-from tests.tiny import file_url
-from tests.real_host import WEBUI, is_current, needs_webui, post, running_webui
-from tests.test_real_browser import open_page  # noqa: F401  (a fixture)
+from testbed.photos import make_photo
+from testbed.tiny import file_url
+from testbed.real_host import WEBUI, is_current, needs_webui, post, running_webui
 
 pytestmark = [needs_webui, pytest.mark.slow, pytest.mark.skipif(bool(WEBUI) and not is_current(WEBUI),
                                               reason="the photo paths follow the current webui")]

@@ -6,7 +6,7 @@
 
 The test writes a tiny LLaVA v0 model (with its own vision tower and projector and a
 ``llava.json``, so no setting is needed) into a temporary models folder, installs this
-extension as ``tests/real_host.py`` describes, starts ``server.py`` on the CPU with the
+extension as ``testbed/real_host.py`` describes, starts ``server.py`` on the CPU with the
 API on, and talks to it over HTTP. A second server
 serves the bundled demo, which must answer about the example picture in a chat.
 The current webui runs API-only (``--nowebui``); the 2023 one starts its UI and serves the
@@ -20,8 +20,8 @@ import shutil
 import pytest
 
 from extensions.llava.cli_ask import DEMO_MODEL
-from tests import tiny
-from tests.real_host import ROOT, WEBUI, is_current, needs_webui, post, running_webui
+from testbed import tiny
+from testbed.real_host import ROOT, WEBUI, is_current, needs_webui, post, running_webui
 
 pytestmark = [needs_webui, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ from extensions.llava.cache import FeatureCache
 from extensions.llava.engine import LlavaEngine
 from extensions.llava.errors import LlavaError
 from extensions.llava.settings import Settings
-from tests.tiny import BosEncoder, img_tag, picture
+from testbed.tiny import BosEncoder, img_tag, picture
 
 
 @pytest.mark.parametrize("embed_all", [True, False])

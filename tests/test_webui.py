@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from extensions.llava import api
 from extensions.llava.errors import LlavaError
-from tests.tiny import PATCH_ID, data_url, img_tag, picture
+from testbed.tiny import PATCH_ID, data_url, img_tag, picture
 
 
 

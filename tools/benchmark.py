@@ -26,7 +26,7 @@ from extensions.llava.engine import LlavaEngine  # noqa: E402
 from extensions.llava.prompt import parse_prompt  # noqa: E402
 from extensions.llava.settings import Settings  # noqa: E402
 from extensions.llava.splice import TokenLayout, find_images, splice  # noqa: E402
-from tests import tiny  # noqa: E402
+from testbed import tiny  # noqa: E402
 
 
 def best_of(function, repeats: int) -> float:
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
           f"torch {torch.__version__} using {torch.get_num_threads()} threads")
     folder = tempfile.mkdtemp()
     clip_dir, projector_state, tokenizer, llm, params, vision_config = build(folder, args.quick)
-    from tests.tiny import BosEncoder, img_tag, picture
+    from testbed.tiny import BosEncoder, img_tag, picture
     encode = BosEncoder(tokenizer)
 
     def engine(**extra):

@@ -52,18 +52,26 @@ def vit_l14():
 
 def demo_accuracy(bits: int, per_combination: int = 10) -> float:
     from extensions.llava.cli_ask import Asker
-    from tests.test_demo import COMBINATIONS, HELD_OUT_SEED, QUESTION, names, tag
-    from tools.train_demo import draw
+    from extensions.llava.images import data_url
+    from tools.train_demo import COLOURS, HELD_OUT_SEED, SHAPES, draw
+
+    def tag(image):
+        return f'<img src="{data_url(image)}">'
+
+    question, combinations = "What shape is in the picture?", [(c, s) for c in COLOURS for s in SHAPES]
     asker = Asker()
-    asker.ask_tags([tag(draw("red", "circle", random.Random(0)))], QUESTION)  # loads the vision parts
+    asker.ask_tags([tag(draw("red", "circle", random.Random(0)))], question)  # loads the vision parts
     if bits == 8:
-        vision = asker.engine._vision
+        vision = asker.engine.vision_parts(asker.engine.choice_for(asker.model, asker.tokenizer, asker.model_dir))
         vision.tower = quantized(vision.tower)
         asker.engine.cache.resize(0)
     rng = random.Random(HELD_OUT_SEED)
-    right = sum(names(asker.ask_tags([tag(draw(colour, shape, rng))], QUESTION), colour, shape)
-                for colour, shape in COMBINATIONS for _ in range(per_combination))
-    return right / (len(COMBINATIONS) * per_combination)
+    right = 0
+    for colour, shape in combinations:
+        for _ in range(per_combination):
+            answer = asker.ask_tags([tag(draw(colour, shape, rng))], question)
+            right += colour in answer and shape in answer
+    return right / (len(combinations) * per_combination)
 
 
 def main():

@@ -2,7 +2,7 @@
 
     LLAVA_WEBUI_PATH=... LLAVA_WEBUI_PYTHON=... python tools/benchmark_webui.py
 
-Starts the current webui (UI and API, the bundled demo, default settings) with tests/encode_probe,
+Starts the current webui (UI and API, the bundled demo, default settings) with testbed/encode_probe,
 then measures, each picture a fresh 12-megapixel JPEG (so every request pays one decode and one
 vision forward, never a cache hit):
 1. end-to-end latency of the same kind of photo on /v1/completions, /api/v1/generate and
@@ -23,9 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from extensions.llava.cli_ask import DEMO_MODEL  # noqa: E402
-from tests.photos import make_photo  # noqa: E402
-from tests.real_host import WEBUI, post, running_webui  # noqa: E402
-from tests.tiny import file_url  # noqa: E402
+from testbed.photos import make_photo  # noqa: E402
+from testbed.real_host import WEBUI, post, running_webui  # noqa: E402
+from testbed.tiny import file_url  # noqa: E402
 
 QUESTION = "What shape is in the picture?"
 REPEATS = 3
@@ -69,7 +69,7 @@ def api_requests(server, folder):
 
 
 def chat_turns(server, folder, with_photo: bool):
-    from tests.test_real_browser import Page
+    from testbed.browser import Page
     page = Page(server)
     try:
         page.new_chat()

@@ -50,6 +50,7 @@ SHAPES = ("circle", "square", "triangle")
 SHAPE_QUESTIONS = ("What shape is in the picture?", "What is in the picture?", "Describe the picture.",
                    "What do you see?")
 COLOUR_QUESTION = "What colour is the shape?"
+HELD_OUT_SEED = 2026  # the demo was trained with seed 1234: pictures drawn with this one are new to it
 # The demo's conversation format, shipped as its tokenizer's chat template so that the webui's
 # instruct mode renders chats exactly as the training did. Other roles (system) are left out.
 CHAT_TEMPLATE = (

@@ -93,7 +93,7 @@ def running_webui(models: str, model: str, work_dir: str, *, ui: bool = False, a
                   probe_encode: bool = False):
     """server.py with this extension, serving ``model`` from ``models``, its log and user data in
     ``work_dir`` (a second server in the same ``work_dir`` finds the first one's saved chats);
-    stopped after. ``probe_encode`` also installs tests/encode_probe, which records the length of every
+    stopped after. ``probe_encode`` also installs testbed/encode_probe, which records the length of every
     text the webui tokenizes (``Server.encoded()``)."""
     current = is_current(WEBUI)
     user_data = None
@@ -112,7 +112,7 @@ def running_webui(models: str, model: str, work_dir: str, *, ui: bool = False, a
         if probe_encode:
             probe = os.path.join(user_data, "extensions", "encode_probe")
             if not os.path.lexists(probe):
-                os.symlink(os.path.join(ROOT, "tests", "encode_probe"), probe)
+                os.symlink(os.path.join(ROOT, "testbed", "encode_probe"), probe)
             extensions.append("encode_probe")
         command += ["--user-data-dir", user_data, "--loader", "transformers", "--extensions", *extensions]
         ui_port, api_port = free_port(), free_port()

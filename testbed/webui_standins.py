@@ -7,7 +7,7 @@ empty style sheets (the page works unstyled), an empty ``extensions`` package, a
 character, the default ``Top-P`` preset with the value the webui ships, and the Alpaca
 instruction template it falls back on. Files that exist are never touched.
 
-    python -m tests.webui_standins WEBUI_DIR
+    python -m testbed.webui_standins WEBUI_DIR
 """
 
 import os

@@ -13,7 +13,7 @@ import shutil
 import torch
 from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
-from tests.tiny import (VISION_WIDTH, TinyLlava, llama_config, make_llm, make_tokenizer, processor_config,
+from testbed.tiny import (VISION_WIDTH, TinyLlava, llama_config, make_llm, make_tokenizer, processor_config,
                         reference_llava, save_clip, save_projector)
 
 IMAGE_ID = 32000  # <image> right after the LLaMA vocabulary

@@ -1,0 +1,1 @@
+"""Tiny models, pictures and a real webui for the tests and the tools alike (no test lives here)."""

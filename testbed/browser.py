@@ -1,0 +1,103 @@
+"""A browser session on the real webui's chat page, driven by selenium in headless Chromium (the hosts'
+``prepare.sh DIR --browser`` installs Chromium, chromedriver and selenium)."""
+
+import os
+import time
+
+from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver.common.by import By
+
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+class Page:
+    """One browser session on the webui's chat page."""
+
+    def __init__(self, server):
+        options = webdriver.ChromeOptions()
+        for argument in ("--headless=new", "--no-sandbox", "--window-size=1400,1000", "--disable-gpu",
+                         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                         "--no-first-run", "--disable-dev-shm-usage"):
+            options.add_argument(argument)
+        if os.path.exists("/usr/bin/chromium"):
+            options.binary_location = "/usr/bin/chromium"
+        self.server = server
+        self.driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
+        self.driver.get(server.base)
+        self.wait_for(lambda: self.driver.find_elements(By.CSS_SELECTOR, "#llava-picture input[type=file]"),
+                      "the LLaVA field")
+
+    def wait_for(self, condition, what: str, timeout: float = 60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                value = condition()
+            except StaleElementReferenceException:  # the page re-rendered under our feet
+                value = None
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"waited {timeout} s for {what}")
+
+    def new_chat(self) -> None:
+        self.driver.find_element(By.ID, "new-chat-btn").click()
+        self.wait_for(lambda: not self.messages(), "an empty chat")
+
+    def pick(self, path: str) -> None:
+        """Choose a picture in the extension's field, and wait until the field shows it."""
+        self.driver.find_element(By.CSS_SELECTOR, "#llava-picture input[type=file]").send_keys(path)
+        name = os.path.basename(path)
+        self.wait_for(lambda: name in self.field_files(), f"{name} in the LLaVA field")
+        time.sleep(0.5)  # the upload event reaches the server after the field shows the file
+
+    def field_files(self) -> list[str]:
+        return [cell.get_attribute("aria-label")
+                for cell in self.driver.find_elements(By.CSS_SELECTOR, "#llava-picture td.filename")]
+
+    def clear_field(self) -> None:
+        self.driver.find_element(By.CSS_SELECTOR, "#llava-picture button[aria-label='Clear']").click()
+        self.wait_for(lambda: not self.field_files(), "an empty LLaVA field")
+        time.sleep(0.5)
+
+    def attach(self, path: str) -> None:
+        """The webui's own attach button (the chat box's file input)."""
+        self.driver.find_element(By.CSS_SELECTOR, "#chat-input input[type=file]").send_keys(path)
+        name = os.path.basename(path)
+        self.wait_for(lambda: name in self.driver.find_element(By.ID, "chat-input").text or
+                      self.driver.find_elements(By.CSS_SELECTOR, "#chat-input .thumbnail-item, #chat-input img"),
+                      f"{name} attached")
+
+    def set_embed_all(self, on: bool) -> None:
+        box = self.driver.find_element(By.CSS_SELECTOR, "#llava-embed-all input[type=checkbox]")
+        if box.is_selected() != on:
+            box.click()
+        time.sleep(0.5)
+
+    def messages(self):
+        return self.driver.find_elements(By.CSS_SELECTOR, "#chat .user-message, #chat .assistant-message")
+
+    def send(self, text: str) -> str:
+        """Type ``text``, press Send, and return the reply once generation has ended."""
+        replies = len(self.driver.find_elements(By.CSS_SELECTOR, "#chat .assistant-message"))
+        done = self.server.count("Output generated in")
+        self.driver.find_element(By.CSS_SELECTOR, "#chat-input textarea").send_keys(text)
+        self.driver.find_element(By.ID, "Generate").click()
+        self.server.wait_for_count("Output generated in", done + 1)
+
+        def reply():
+            found = self.driver.find_elements(By.CSS_SELECTOR, "#chat .assistant-message")
+            text = found[-1].find_element(By.CSS_SELECTOR, ".message-body").text.strip() if len(found) > replies else ""
+            return text if text and "typing" not in text.lower() else None
+        first = self.wait_for(reply, "the reply on the page")
+        time.sleep(0.5)
+        return self.wait_for(reply, "the reply on the page") or first
+
+    def last_user_message(self):
+        return self.driver.find_elements(By.CSS_SELECTOR, "#chat .user-message")[-1]
+
+    def screenshot(self, path: str) -> None:
+        self.driver.save_screenshot(path)
+
+    def close(self) -> None:
+        self.driver.quit()
