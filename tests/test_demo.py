@@ -68,16 +68,16 @@ def test_demo_names_pictures_placed_as_the_webui_places_them(asker, origin):
     assert right >= 0.9 * len(COMBINATIONS) * per_combination
 
 
-def test_the_webui_renders_chats_as_the_demo_was_trained():
-    """The webui's instruct mode reads chat_template.jinja; `ask` reads llava.json: both are the training format."""
+def test_the_webui_and_ask_render_chats_as_the_demo_was_trained(asker):
+    """One source: the shipped chat_template.jinja, which the webui's instruct mode and `ask` both render."""
     with open(os.path.join(DEMO_MODEL, "chat_template.jinja")) as f:
         assert f.read() == CHAT_TEMPLATE
     with open(os.path.join(DEMO_MODEL, "llava.json")) as f:
-        ask_template = json.load(f)["prompt_template"]
+        assert "prompt_template" not in json.load(f)
     tokenizer = make_tokenizer()
     message = {"role": "user", "content": ASK_LAYOUT.format(images="<im_start>", question="Q?")}
     rendered = tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
-    assert rendered == "<s>" + ask_template.replace("{images}", "<im_start>").replace("{question}", "Q?")
+    assert rendered == "<s>" + asker.prompt(["<im_start>"], "Q?")
     assert rendered == "<s>USER: <im_start>\nQ?\nASSISTANT:"
 
 

@@ -39,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from extensions.llava.cli_ask import ASK_MESSAGE  # noqa: E402
 from extensions.llava.pipelines import get_pipeline  # noqa: E402
 from extensions.llava.projector import build_projector  # noqa: E402
 from extensions.llava.vision import preprocess  # noqa: E402
@@ -64,7 +65,7 @@ CHAT_TEMPLATE = (
 )
 # Where pictures stand in a user message, by who puts them there.
 MESSAGE_LAYOUTS = {
-    "ask": "{images}\n{question}",  # also llava.json's prompt template
+    "ask": ASK_MESSAGE,  # what `ask` sends, through the chat template
     "attach button": "{images}\n\n{question}",  # the webui's own attachments and its chat API
     "upload field": "{question}\n{images}",  # the extension's picture field appends to the message
 }
@@ -337,19 +338,14 @@ def save(folder: str, tower, projector, llm, tokenizer) -> None:
     save_file({f"model.mm_projector.{k}": v.contiguous() for k, v in projector.state_dict().items()},
               os.path.join(folder, "mm_projector.safetensors"))
     with open(os.path.join(folder, "llava.json"), "w") as f:
-        json.dump({"pipeline": PIPELINE.name, "vision_tower": "vision_tower", "projector": "mm_projector.safetensors",
-                   "prompt_template": ask_template(tokenizer)}, f, indent=2)
+        json.dump({"pipeline": PIPELINE.name, "vision_tower": "vision_tower", "projector": "mm_projector.safetensors"},
+                  f, indent=2)
 
 
 def one_message_prompt(tokenizer, content: str) -> str:
     """A chat of one user message rendered by the chat template, without BOS (encoders add it)."""
     message = {"role": "user", "content": content}
     return tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True, bos_token="")
-
-
-def ask_template(tokenizer) -> str:
-    """The prompt template `ask` fills in."""
-    return one_message_prompt(tokenizer, ASK_LAYOUT)
 
 
 def held_out_accuracy(folder: str, seed: int, per_combination: int) -> dict[str, tuple[float, list[str]]]:

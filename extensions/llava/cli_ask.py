@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
 import sys
 
-from .detect import METADATA_FILE
 from .errors import LlavaError
 from .images import ImageError, InlineImage
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
-# How each family's chat models were trained to see a question; a model folder's llava.json
-# may name its own under "prompt_template". {images} becomes the pictures' tags.
+# The user's message: the pictures' tags, then the question. A model with a chat template (the demo
+# has one) gets it rendered by that template; others get their family's format below.
+ASK_MESSAGE = "{images}\n{question}"
+# How each family's chat models were trained to see a question. {images} becomes the pictures' tags.
 FAMILY_TEMPLATES = {
     "v0": "###Human: {images}\n{question}###Assistant:",
     "llama-2": "[INST] {images}\n{question} [/INST]",
@@ -52,15 +52,6 @@ def picture_tag(path: str, position: int) -> str:
     return f'<img src="{url}">'
 
 
-def metadata_template(model_dir: str) -> str | None:
-    try:
-        with open(os.path.join(model_dir, METADATA_FILE)) as f:
-            template = json.load(f).get("prompt_template")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return template if isinstance(template, str) and "{question}" in template else None
-
-
 class Asker:
     """A loaded model with the extension's engine, ready for questions about pictures."""
 
@@ -81,9 +72,12 @@ class Asker:
         self.engine = LlavaEngine(settings, log=log)
 
     def template(self) -> str:
-        own = metadata_template(self.model_dir)
-        if own:
-            return own
+        """The prompt with {images} and {question} to fill in: the model's own chat template rendering a
+        one-message chat (without BOS: ``encode`` adds it), else the family's format."""
+        if getattr(self.tokenizer, "chat_template", None):
+            message = {"role": "user", "content": ASK_MESSAGE}
+            return self.tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True,
+                                                      bos_token="")
         family = self.engine.choice_for(self.model, self.tokenizer, self.model_dir).pipeline.family
         return FAMILY_TEMPLATES.get(family, FALLBACK_TEMPLATE)
 

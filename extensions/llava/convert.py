@@ -286,29 +286,80 @@ def convert(src: str, dst: str, pipeline: str = "auto", log=print) -> dict:
         raise
 
 
+@dataclass
+class _Vocabulary:
+    """The image tokens the converter added to the tokenizer, and what that did to the vocabulary."""
+
+    added: list[str]
+    added_ids: list[int]
+    known: int  # tokens before the addition
+    old_size: int
+    new_size: int
+
+    @property
+    def resizes(self) -> bool:
+        return bool(self.added) or self.new_size != self.old_size
+
+
+@dataclass
+class _Shards:
+    """The language model's tensors as written: temporary shard names with their tensor names."""
+
+    parts: list[tuple[str, list[str]]] = field(default_factory=list)
+    total_bytes: int = 0
+    vision_state: dict = field(default_factory=dict)  # llava-hf tower tensors, for the tower folder
+    dropped_vision: int = 0  # an original checkpoint's tower tensors (its tower is loaded by name)
+
+    @property
+    def names(self) -> list[str]:
+        return [k for _, keys in self.parts for k in keys]
+
+
 def _write(source: Source, pipeline: Pipeline, tokenizer, dst: str, log) -> dict:
-    from safetensors.torch import save_file
-    from tokenizers import AddedToken
-
     # the projector first: it is small, and the checks need it before anything big is written
-    projector_raw = _read_projector(source)
-    projector = projector_state(source, projector_raw)
+    projector = projector_state(source, _read_projector(source))
     check(source, pipeline, projector, tokenizer)
+    vocabulary = _add_image_tokens(source, pipeline, tokenizer)
+    shards = _copy_language_model(source, dst, vocabulary)
+    written = _name_shards(dst, shards)
+    written += _write_config_and_tokenizer(source, tokenizer, vocabulary, dst)
+    written += _write_projector(projector, dst)
+    if source.kind == "llava-hf":
+        vision_tower = VISION_FOLDER
+        _write_vision_tower(source, shards.vision_state, os.path.join(dst, VISION_FOLDER))
+        written.append(f"{VISION_FOLDER}/")
+    else:
+        vision_tower = source.raw.get("mm_vision_tower") or pipeline.vision_repo
+    shards.vision_state.clear()
+    metadata = {"pipeline": pipeline.name, "vision_tower": vision_tower, "projector": PROJECTOR_FILE,
+                "image_token": pipeline.image_token, "source": os.path.basename(source.folder),
+                "source_format": source.kind, "added_tokens": vocabulary.added}
+    with open(os.path.join(dst, METADATA_FILE), "w") as f:
+        json.dump(metadata, f, indent=2)
+    written.append(METADATA_FILE)
+    _report(source, pipeline, projector, vocabulary, shards, vision_tower, written, dst, log)
+    return {"pipeline": pipeline.name, "written": written,
+            "added_tokens": dict(zip(vocabulary.added, vocabulary.added_ids)), "vocab_size": vocabulary.new_size,
+            "vision_tower": vision_tower, "tensors": len(shards.names), "shards": len(shards.parts)}
 
-    # image tokens the tokenizer lacks are added after its vocabulary
-    before = len(tokenizer)
+
+def _add_image_tokens(source: Source, pipeline: Pipeline, tokenizer) -> _Vocabulary:
+    """Image tokens the tokenizer lacks are added after its vocabulary."""
+    from tokenizers import AddedToken
+    known = len(tokenizer)
     missing = [t for t in pipeline.special_tokens if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-    added_ids = [tokenizer.convert_tokens_to_ids(t) for t in missing]
-    old_vocab = int(source.text.get("vocab_size") or before)
-    new_vocab = max(old_vocab, len(tokenizer))
+    old_size = int(source.text.get("vocab_size") or known)
+    return _Vocabulary(missing, [tokenizer.convert_tokens_to_ids(t) for t in missing], known, old_size,
+                       max(old_size, len(tokenizer)))
 
-    written: list[str] = []
-    shards: list[tuple[str, dict]] = []  # temporary name, names of its tensors
-    total_bytes = 0
-    vision_state: dict = {}
-    dropped_vision = 0
+
+def _copy_language_model(source: Source, dst: str, vocabulary: _Vocabulary) -> _Shards:
+    """The language model's tensors, one source file at a time, into temporary shards; embedding rows for
+    the added tokens; the tower tensors kept (llava-hf) or counted out (original)."""
+    from safetensors.torch import save_file
+    shards = _Shards()
     unknown: list[str] = []
     resized: list[str] = []
     for number, name in enumerate(source.weight_files):
@@ -316,15 +367,15 @@ def _write(source: Source, pipeline: Pipeline, tokenizer, dst: str, log) -> dict
         for key, tensor in iter_tensors(os.path.join(source.folder, name)):
             kind, new_key = classify(source, key)
             if kind == "llm":
-                if new_key in ("model.embed_tokens.weight", "lm_head.weight") and (missing or new_vocab != old_vocab):
-                    tensor = _with_rows(tensor, before, new_vocab, added_ids)
+                if new_key in ("model.embed_tokens.weight", "lm_head.weight") and vocabulary.resizes:
+                    tensor = _with_rows(tensor, vocabulary.known, vocabulary.new_size, vocabulary.added_ids)
                     resized.append(new_key)
                 out[new_key] = tensor.contiguous()
             elif kind == "vision":
                 if source.kind == "llava-hf":
-                    vision_state[key] = tensor
+                    shards.vision_state[key] = tensor
                 else:
-                    dropped_vision += 1
+                    shards.dropped_vision += 1
             elif kind == "unknown":
                 unknown.append(key)
         if unknown:
@@ -334,83 +385,77 @@ def _write(source: Source, pipeline: Pipeline, tokenizer, dst: str, log) -> dict
         if out:
             temporary = f"part-{number:05d}.safetensors"
             save_file(out, os.path.join(dst, temporary), metadata={"format": "pt"})
-            total_bytes += sum(t.numel() * t.element_size() for t in out.values())
-            shards.append((temporary, list(out)))
+            shards.total_bytes += sum(t.numel() * t.element_size() for t in out.values())
+            shards.parts.append((temporary, list(out)))
         del out
-    names = [k for _, keys in shards for k in keys]
+    names = shards.names
     if "model.embed_tokens.weight" not in names:
         raise ConvertError(f"no language model weights found in '{source.folder}' (no model.embed_tokens.weight)")
     if "lm_head.weight" not in names and not source.text.get("tie_word_embeddings", False):
         raise ConvertError(f"'{source.folder}' has no lm_head.weight and does not tie it to the embeddings")
-    if (missing or new_vocab != old_vocab) and len(resized) < 1 + ("lm_head.weight" in names):
+    if vocabulary.resizes and len(resized) < 1 + ("lm_head.weight" in names):
         raise ConvertError("could not resize the embeddings for the added image tokens")
+    return shards
 
-    # final shard names, and the index when there is more than one
-    if len(shards) == 1:
-        os.replace(os.path.join(dst, shards[0][0]), os.path.join(dst, "model.safetensors"))
-        written.append("model.safetensors")
-    else:
-        weight_map = {}
-        for i, (temporary, keys) in enumerate(shards, 1):
-            final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            os.replace(os.path.join(dst, temporary), os.path.join(dst, final))
-            weight_map.update({k: final for k in keys})
-            written.append(final)
-        with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)
-        written.append("model.safetensors.index.json")
 
-    config = _llm_config(source, new_vocab)
-    config.save_pretrained(dst)
+def _name_shards(dst: str, shards: _Shards) -> list[str]:
+    """Final shard names, and the index when there is more than one."""
+    if len(shards.parts) == 1:
+        os.replace(os.path.join(dst, shards.parts[0][0]), os.path.join(dst, "model.safetensors"))
+        return ["model.safetensors"]
+    written, weight_map = [], {}
+    for i, (temporary, keys) in enumerate(shards.parts, 1):
+        final = f"model-{i:05d}-of-{len(shards.parts):05d}.safetensors"
+        os.replace(os.path.join(dst, temporary), os.path.join(dst, final))
+        weight_map.update({k: final for k in keys})
+        written.append(final)
+    with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": shards.total_bytes}, "weight_map": weight_map}, f, indent=2)
+    return written + ["model.safetensors.index.json"]
+
+
+def _write_config_and_tokenizer(source: Source, tokenizer, vocabulary: _Vocabulary, dst: str) -> list[str]:
+    written = []
+    _llm_config(source, vocabulary.new_size).save_pretrained(dst)
     written.append("config.json")
     if os.path.isfile(os.path.join(source.folder, "generation_config.json")):
         shutil.copyfile(os.path.join(source.folder, "generation_config.json"), os.path.join(dst, "generation_config.json"))
         written.append("generation_config.json")
-
     # the folder holds a causal LM, not a LLaVA processor
     tokenizer.init_kwargs.pop("processor_class", None)
     if getattr(tokenizer, "_processor_class", None) is not None:
         tokenizer._processor_class = None
     tokenizer.save_pretrained(dst)
-    written.append("tokenizer files")
+    return written + ["tokenizer files"]
 
+
+def _write_projector(projector: dict, dst: str) -> list[str]:
+    from safetensors.torch import save_file
     prefixed = {f"model.mm_projector.{k}": v.contiguous() for k, v in projector.items()}
     save_file(prefixed, os.path.join(dst, PROJECTOR_FILE), metadata={"format": "pt"})
-    written.append(PROJECTOR_FILE)
+    return [PROJECTOR_FILE]
 
-    if source.kind == "llava-hf":
-        vision_tower = VISION_FOLDER
-        _write_vision_tower(source, vision_state, os.path.join(dst, VISION_FOLDER))
-        written.append(f"{VISION_FOLDER}/")
-    else:
-        vision_tower = source.raw.get("mm_vision_tower") or pipeline.vision_repo
-    del vision_state
 
-    metadata = {"pipeline": pipeline.name, "vision_tower": vision_tower, "projector": PROJECTOR_FILE,
-                "image_token": pipeline.image_token, "source": os.path.basename(source.folder),
-                "source_format": source.kind, "added_tokens": missing}
-    with open(os.path.join(dst, METADATA_FILE), "w") as f:
-        json.dump(metadata, f, indent=2)
-    written.append(METADATA_FILE)
-
+def _report(source: Source, pipeline: Pipeline, projector: dict, vocabulary: _Vocabulary, shards: _Shards,
+            vision_tower: str, written: list[str], dst: str, log) -> None:
     projector_in, projector_out = projector_io(projector)
+    vocab = f"vocabulary {vocabulary.old_size}" + (f" → {vocabulary.new_size}" if vocabulary.new_size != vocabulary.old_size
+                                                  else "")
     lines = [f"converted {source.kind} checkpoint '{source.folder}' → '{dst}'",
              f"  pipeline: {pipeline.name}",
-             f"  language model: {CAUSAL_LM[source.llm_type]}, {len(names)} tensors in {len(shards)} shard(s), "
-             f"vocabulary {old_vocab}" + (f" → {new_vocab}" if new_vocab != old_vocab else ""),
+             f"  language model: {CAUSAL_LM[source.llm_type]}, {len(shards.names)} tensors in {len(shards.parts)} "
+             f"shard(s), {vocab}",
              f"  projector: {projector_type_of(projector)} {projector_in}→{projector_out} in {PROJECTOR_FILE}",
              f"  vision tower: {vision_tower}"]
-    if missing:
-        lines.append(f"  added token(s) {', '.join(f'{t}={i}' for t, i in zip(missing, added_ids))} "
+    if vocabulary.added:
+        lines.append(f"  added token(s) {', '.join(f'{t}={i}' for t, i in zip(vocabulary.added, vocabulary.added_ids))} "
                      "(embedding and lm_head rows: the mean of the existing rows)")
-    if dropped_vision:
-        lines.append(f"  left out {dropped_vision} vision tower tensor(s) of the checkpoint: the tower is loaded "
+    if shards.dropped_vision:
+        lines.append(f"  left out {shards.dropped_vision} vision tower tensor(s) of the checkpoint: the tower is loaded "
                      f"from '{vision_tower}'")
     lines.append(f"  wrote: {', '.join(written)}")
     for line in lines:
         log(line)
-    return {"pipeline": pipeline.name, "written": written, "added_tokens": dict(zip(missing, added_ids)),
-            "vocab_size": new_vocab, "vision_tower": vision_tower, "tensors": len(names), "shards": len(shards)}
 
 
 def _read_projector(source: Source) -> dict:
