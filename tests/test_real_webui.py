@@ -96,9 +96,12 @@ def test_seed_generate_with_a_picture(server):
 def test_completions_with_a_picture(server):
     if not server["current"]:
         pytest.skip("the 2023 webui has no OpenAI API in this configuration")
+    before = server.count("llava: 1 image(s) in the prompt, 1 embedded")
     status, body = post(server["base"] + "/v1/completions",
                         {"prompt": "Look: <img src=\"" + picture_url(2) + "\"> says", "max_tokens": 4})
-    assert status == 200 and "choices" in body
+    assert status == 200, body
+    assert server.count("llava: 1 image(s) in the prompt, 1 embedded") == before + 1
+    assert body["usage"]["prompt_tokens"] > 258  # the picture counted at its 258 tokens
 
 
 def test_chat_completions_with_image_url(server):
