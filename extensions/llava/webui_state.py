@@ -18,7 +18,6 @@ from .api import message_pictures
 from .images import ImageSource, InlineImage, PilImage, sniff_header
 from .prompt import parse_prompt
 
-# Loaders whose generation goes through the tokenizer hook (the Transformers path).
 # Loaders whose generation passes the tokenizer hook's embeddings to the model. The webui's ExLlamav3_HF
 # calls the hook, but its forward reads only input_ids; the 2023 webui names no loader (None).
 HOOKED_LOADERS = {"transformers"}
@@ -26,24 +25,17 @@ HOOKED_LOADERS = {"transformers"}
 NATIVE_IMAGE_LOADERS = {"llama.cpp", "exllamav3"}
 
 
-@dataclass(frozen=True)
-class Upload:
-    """A picture picked in the extension's field: the uploaded file, read when its message is sent."""
-
-    path: str
-    name: str
-
-
-def read_upload(path: str, name: str | None = None) -> Upload:
+def read_upload(path: str, name: str | None = None) -> "Upload":
     """Check an uploaded file by its header only (format and size; nothing is decoded)."""
-    name = name or os.path.basename(path)
-    source = FileUpload(path, name)
-    sniff_header(source.data(), source)
-    return Upload(path, name)
+    upload = Upload(path, name or os.path.basename(path))
+    sniff_header(upload.data(), upload)
+    return upload
 
 
 @dataclass(frozen=True, eq=False)
-class FileUpload(ImageSource):
+class Upload(ImageSource):
+    """A picture picked in the extension's field: the uploaded file, read when its message is sent."""
+
     path: str
     name: str
     position: int = 0
@@ -62,9 +54,8 @@ class FileUpload(ImageSource):
 
 
 def upload_data_url(upload: Upload) -> str:
-    source = FileUpload(upload.path, upload.name)
-    data = source.data()
-    media_type, _ = sniff_header(data, source)
+    data = upload.data()
+    media_type, _ = sniff_header(data, upload)
     return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
