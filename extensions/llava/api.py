@@ -274,7 +274,7 @@ class PictureRequestMiddleware:
             return await _send_json(send, 400, error_body(str(error)))
         if scope["path"] != "/v1/chat/completions":
             rewritten = reference_prompts(body, request)
-            if rewritten is not body:
+            if request.references:  # the body is sent on unchanged when it holds no picture data
                 raw = json.dumps(rewritten).encode()
         token = current_request.set(request)
         try:
