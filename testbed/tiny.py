@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Tokenizer, decoders, models
 from tokenizers import AddedToken
+from extensions.llava.images import data_url  # noqa: F401  (the one way to build a data URL)
 from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, LlamaConfig,
                           LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
                           PreTrainedTokenizerFast)
@@ -205,7 +206,6 @@ def picture(width: int = 64, height: int = 48, seed: int = 0, mode: str = "RGB")
 
 
 
-from extensions.llava.images import data_url  # noqa: E402  (one way to build a data URL)
 
 
 def bytes_url(data: bytes, media: str = "image/png") -> str:

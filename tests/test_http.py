@@ -273,3 +273,19 @@ def test_a_streamed_completion_reports_the_true_usage(served):
     last = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")][-1]
     assert last["usage"]["prompt_tokens"] == served.host.last_prompt_ids.shape[1] > 256
     assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]
+
+
+def test_a_bad_picture_that_will_not_be_embedded_is_not_opened(served):
+    """As in generation: with "embed all" off only the last picture is opened; web addresses are refused
+    wherever they stand (the webui would fetch them)."""
+    broken = "data:image/png;base64,bm90IGFuIGltYWdl"
+    served.host.script.params["add_all_images_to_prompt"] = False
+    response = served.client.post("/v1/chat/completions", json=chat_body(broken, data_url(picture())), headers=AUTH)
+    assert response.status_code == 200, response.text
+    response = served.client.post("/v1/chat/completions", json=chat_body("http://example.com/a.png",
+                                                                         data_url(picture())), headers=AUTH)
+    assert response.status_code == 400 and "never fetches" in response.json()["error"]["message"]
+    served.host.script.params["add_all_images_to_prompt"] = True
+    response = served.client.post("/v1/chat/completions", json=chat_body(broken, data_url(picture())), headers=AUTH)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("image 1 in the request: the data is not a picture")

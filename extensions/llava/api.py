@@ -135,12 +135,16 @@ def reference_prompts(body: dict, scope: RequestScope) -> dict:
 
 
 def check_pictures(sources: list[ImageSource], embed_all: bool) -> None:
-    """Refuse what cannot be used, from the pictures' headers alone."""
+    """Refuse what cannot be used, from the pictures' headers alone. As in generation, only the
+    pictures to embed are looked at (all with "embed all" on, else the last); a web address is
+    refused wherever it stands, since the webui would otherwise fetch it."""
     embedded_pixels = 0
     embedded = set(range(len(sources))) if embed_all else {len(sources) - 1}
     for i, source in enumerate(sources):
-        width, height = source.header()
+        if isinstance(source, UnreachableImage):
+            source.load()  # raises: never fetched
         if i in embedded:
+            width, height = source.header()
             embedded_pixels += width * height
     if embedded_pixels > MAX_REQUEST_PIXELS:
         raise RequestProblem(f"the pictures to embed hold {embedded_pixels:,} pixels; one request may hold "
