@@ -15,7 +15,7 @@ from extensions.llava import convert as converter
 from extensions.llava.detect import choose_pipeline, detect_pipeline
 from extensions.llava.engine import LlavaEngine
 from extensions.llava.errors import LlavaError
-from extensions.llava.pipelines import PIPELINES, PipelineError
+from extensions.llava.pipelines import NEXT_PINPOINTS, PIPELINES, PipelineError
 from extensions.llava.settings import Settings
 from extensions.llava.weights import load_image_processor
 from testbed.tiny import BosEncoder, img_tag, reference_run, make_llm, make_tokenizer, picture, save_projector
@@ -295,6 +295,16 @@ def original_config(hidden, tower, **extra):
                        **extra)
 
 
+def next_config(hidden, config_class=None):
+    """An original LLaVA-1.6 config (the pinpoints as released, in the LLaVA repo's order)."""
+    from transformers import LlamaConfig
+    return (config_class or LlamaConfig)(
+        hidden_size=hidden, mm_vision_tower=CLIP336, mm_hidden_size=1024, mm_vision_select_layer=-2,
+        mm_projector_type="mlp2x_gelu", mm_use_im_start_end=False, image_aspect_ratio="anyres",
+        mm_patch_merge_type="spatial_unpad",
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+
+
 STAND_INS = {
     # the folder name as released (or as people name merged weights), its config and its tokenizer's image tokens
     "llava-v0-13b": ("LLaVA-13b-v0", lambda: original_config(5120, CLIP224, mm_use_im_start_end=True), V0_VOCAB),
@@ -307,6 +317,10 @@ STAND_INS = {
                                                                  mm_use_im_start_end=False), {}),
     "bakllava-1": ("BakLLaVA-1", lambda: MistralConfig(hidden_size=4096, mm_vision_tower=CLIP336,
                                                        mm_projector_type="mlp2x_gelu"), {}),
+    "llava-v1.6-vicuna-7b": ("llava-v1.6-vicuna-7b", lambda: next_config(4096), {}),
+    "llava-v1.6-vicuna-13b": ("llava-v1.6-vicuna-13b", lambda: next_config(5120), {}),
+    "llava-v1.6-mistral-7b": ("llava-v1.6-mistral-7b", lambda: next_config(4096, MistralConfig), {}),
+    "llava-v1.6-34b": ("llava-v1.6-34b", lambda: next_config(7168), {}),
 }
 
 
@@ -316,9 +330,26 @@ def test_auto_detects_each_pipeline(name, tmp_path):
     path = tmp_path / folder
     path.mkdir()
     choice = choose_pipeline("auto", config(), vocab, str(path))
-    assert choice.pipeline.name == name and choice.reason == "detected from the model"
+    assert choice.pipeline.name == name and choice.reason == "read from the model's config"
     # a folder name that says nothing still works: the config is the evidence
-    assert detect_pipeline(config(), vocab, str(tmp_path / "model")) == name
+    assert choose_pipeline("auto", config(), vocab, str(tmp_path / "model")).pipeline.name == name
+    if "v1.6" not in name:  # the name-and-width evidence of folders without a LLaVA config
+        assert detect_pipeline(config(), vocab, str(tmp_path / "model")) == name
+
+
+@pytest.mark.parametrize("config,expected", [
+    (lambda: original_config(64, CLIP336, mm_projector_type="mlp2x_gelu"),
+     dict(image_size=336, feature_count=576, projector_type="mlp2x_gelu", preprocess="pad", image_token="<image>")),
+    (lambda: next_config(2048), dict(image_size=336, preprocess="anyres", grid_pinpoints=NEXT_PINPOINTS)),
+    (lambda: original_config(96, CLIP224, mm_use_im_start_end=True, image_aspect_ratio="square"),
+     dict(image_size=224, feature_count=256, projector_type="linear", preprocess="crop", start_token="<im_start>")),
+])
+def test_a_config_of_any_width_describes_its_pipeline(config, expected, tmp_path):
+    """No named pipeline has these widths: the row is read from the config itself."""
+    choice = choose_pipeline("auto", config(), {}, str(tmp_path / "my-llava"))
+    assert choice.reason == "read from the model's config" and choice.pipeline.name == "my-llava (from its config)"
+    assert choice.pipeline.llm_hidden_size == config().hidden_size
+    assert {k: getattr(choice.pipeline, k) for k in expected} == expected
 
 
 def test_v0_7b_image_ids_come_from_its_tokenizer():
@@ -328,7 +359,7 @@ def test_v0_7b_image_ids_come_from_its_tokenizer():
     pipeline = choose_pipeline("auto", config(), tokenizer.get_vocab(), folder).pipeline
     layout = LlavaEngine.token_layout(tokenizer, pipeline)
     assert pipeline.name == "llava-v0-7b" and (layout.image_id, layout.start_id, layout.end_id) == (32001, 32002, 32003)
-    assert layout.image_length == 258
+    assert pipeline.feature_count + layout.extra_tokens == 258
 
 
 @pytest.mark.parametrize("folder,hidden,vocab,expected", [
@@ -361,7 +392,6 @@ def test_auto_reads_llava_json_and_setting_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("config,vocab,folder,why", [
-    (lambda: original_config(64, CLIP336, mm_projector_type="mlp2x_gelu"), {}, "my-llava", "unknown size"),
     (lambda: None, {"<image>": 32000}, "some-model", "<image>"),
     (lambda: None, {}, "some-model", "no image tokens"),
 ])

@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .pipelines import DEFAULT_PIPELINE, PIPELINES, Pipeline, PipelineError, get_pipeline
+from .pipelines import CLIP_224, CLIP_336, DEFAULT_PIPELINE, PIPELINES, Pipeline, PipelineError, get_pipeline
 
 METADATA_FILE = "llava.json"
 
@@ -37,8 +37,13 @@ def read_metadata(model_path: str | None) -> dict | None:
             data = json.load(f)
     except (OSError, ValueError) as error:
         raise PipelineError(f"{path} cannot be read as JSON: {error}") from None
-    if not isinstance(data, dict) or data.get("pipeline") not in PIPELINES:
-        raise PipelineError(f"{path} names no known pipeline; known: {', '.join(PIPELINES)}")
+    row = data.get("pipeline") if isinstance(data, dict) else None
+    if isinstance(row, dict):
+        data["pipeline"] = Pipeline.from_json(row)
+    elif row not in PIPELINES:
+        raise PipelineError(f"{path} names no known pipeline and holds no pipeline row; known: {', '.join(PIPELINES)}")
+    else:
+        data["pipeline"] = PIPELINES[row]
     return data
 
 
@@ -53,9 +58,131 @@ def choose_pipeline(setting: str, config, tokenizer_vocab, model_path: str | Non
     if setting != "auto":
         return Choice(get_pipeline(setting), "set by llava-pipeline", **sources)
     if metadata:
-        return Choice(get_pipeline(metadata["pipeline"]), f"named in {METADATA_FILE}", **sources)
+        return Choice(metadata["pipeline"], f"named in {METADATA_FILE}", **sources)
+    described = pipeline_from_config(config, model_path)
+    if described is not None:
+        return Choice(described, "read from the model's config")
     name = detect_pipeline(config, tokenizer_vocab, model_path)
     return Choice(get_pipeline(name), "detected from the model")
+
+
+# ---------------------------------------------------------------- pipelines a config describes
+
+# Original LLaVA configs name their tower; its view size is in the name of the released ones.
+_TOWER_IMAGE_SIZES = {CLIP_224: 224, CLIP_336: 336}
+
+
+def _getter(config):
+    if config is None:
+        return lambda key, default=None: default
+    if isinstance(config, dict):
+        return config.get
+    return lambda key, default=None: getattr(config, key, default)
+
+
+def pipeline_from_config(config, model_path: str | None = None, image_token: str | None = None,
+                         llm_hidden_size: int | None = None) -> Pipeline | None:
+    """The pipeline a LLaVA config describes: an original one (``mm_*`` keys) or a llava-hf one
+    (``vision_config``; then ``image_token`` is the text of its image token). None when the config
+    does not describe its vision side. Named pipelines are returned when one has exactly this
+    vision side and width; otherwise the row is built from the config and named after the folder.
+    """
+    get = _getter(config)
+    if get("vision_config") is not None:
+        row = _llava_hf_row(get, image_token)
+        width = llm_hidden_size
+    elif get("mm_vision_tower"):
+        row = _original_row(get)
+        width = llm_hidden_size or get("hidden_size")
+    else:
+        return None
+    stated_preprocess = row.pop("preprocess")
+    tower = row.pop("vision_repo", "")
+    family = "v1.6" if row["grid_pinpoints"] else ("v1.5" if row["image_size"] == 336 else "v0")
+    matches = [p for p in PIPELINES.values()
+               if all(getattr(p, k) == v for k, v in row.items()) and p.llm_hidden_size == width
+               and (stated_preprocess is None or p.preprocess == stated_preprocess)]
+    if matches:
+        text_config = get("text_config") or {}
+        text_type = text_config.get("model_type") if isinstance(text_config, dict) else getattr(text_config, "model_type", "")
+        mistral = "mistral" in str(get("model_type", "")) or text_type == "mistral"
+        return next((p for p in matches if ("mistral" in p.name or "bakllava" in p.name) == mistral), matches[0])
+    # LLaVA v1.5 was trained on pictures padded to a square, v0 on centre crops; a config that does
+    # not say follows its family
+    preprocess = stated_preprocess or ("pad" if family == "v1.5" else "crop")
+    name = os.path.basename(os.path.normpath(model_path)) if model_path else "unnamed"
+    return Pipeline(name=f"{name} (from its config)", preprocess=preprocess, family=family,
+                    llm_hidden_size=int(width or 0), vision_repo=tower,
+                    projector_repo=None, projector_filename=None, **row)
+
+
+def _common_row(image_size: int, patch_size: int, layer: int, keeps_cls: bool, projector_type: str,
+                image_token: str, start_end: bool, pinpoints, preprocess: str | None) -> dict:
+    if pinpoints and keeps_cls:
+        raise PipelineError("the config tiles pictures (any resolution) and keeps the CLS feature; LLaVA-NeXT "
+                            "models drop it, and this combination is not supported")
+    pinpoints = tuple(tuple(int(x) for x in p) for p in pinpoints or ())
+    return dict(image_size=int(image_size), patch_size=int(patch_size), vision_feature_layer=int(layer),
+                keeps_cls=bool(keeps_cls), feature_count=(image_size // patch_size) ** 2 + bool(keeps_cls),
+                projector_type=projector_type, image_token=image_token,
+                start_token="<im_start>" if start_end else None, end_token="<im_end>" if start_end else None,
+                grid_pinpoints=pinpoints, preprocess="anyres" if pinpoints else preprocess)
+
+
+def _llava_hf_row(get, image_token: str | None) -> dict:
+    vision = get("vision_config")
+    vision = vision if isinstance(vision, dict) else vision.to_dict()
+    strategy = get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise PipelineError(f"the config's vision_feature_select_strategy {strategy!r} is not one LLaVA uses")
+    activation = get("projector_hidden_act", "gelu")
+    if activation not in ("gelu", "linear", "identity"):
+        raise PipelineError(f"the config's projector activation {activation!r} is not one LLaVA uses (exact GELU)")
+    layer = get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise PipelineError(f"the config takes vision features from several layers ({layer}); LLaVA uses one")
+    model_type = get("model_type", "")
+    return _common_row(vision.get("image_size", 224), vision.get("patch_size", 14), layer, strategy == "full",
+                       "linear" if activation != "gelu" else "mlp2x_gelu", image_token or "<image>", False,
+                       get("image_grid_pinpoints") if model_type == "llava_next" else None, None)
+
+
+def _original_row(get) -> dict:
+    tower = str(get("mm_vision_tower"))
+    image_size = _TOWER_IMAGE_SIZES.get(tower) or _tower_image_size(tower)
+    aspect = get("image_aspect_ratio")
+    pinpoints = None
+    if aspect and "anyres" in str(aspect):
+        merge = get("mm_patch_merge_type", "flat")
+        if merge != "spatial_unpad":
+            raise PipelineError(f"the config tiles pictures with the merge type {merge!r}; only LLaVA-1.6's "
+                                "'spatial_unpad' is supported")
+        pinpoints = get("image_grid_pinpoints")
+        if not isinstance(pinpoints, list) or not pinpoints:
+            raise PipelineError("the config tiles pictures (image_aspect_ratio anyres) but lists no "
+                                "image_grid_pinpoints")
+    preprocess = "pad" if aspect == "pad" else ("crop" if aspect else None)
+    select = get("mm_vision_select_feature", "patch")
+    if select not in ("patch", "cls_patch"):
+        raise PipelineError(f"the config's mm_vision_select_feature {select!r} is not one LLaVA uses")
+    return dict(_common_row(image_size, 14, get("mm_vision_select_layer", -2), select == "cls_patch",
+                            get("mm_projector_type", "linear") or "linear",
+                            "<im_patch>" if get("mm_use_im_start_end", False) else "<image>",
+                            bool(get("mm_use_im_start_end", False)), pinpoints, preprocess),
+                vision_repo=tower)
+
+
+def _tower_image_size(tower: str) -> int:
+    """A tower of another name: its view size from its config when it is a folder, else its name."""
+    config_path = os.path.join(tower, "config.json")
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path) as f:
+                data = json.load(f)
+            return int((data.get("vision_config") or data).get("image_size"))
+        except (OSError, ValueError, TypeError):
+            pass
+    return 336 if "336" in tower else 224
 
 
 def _inside(folder: str, relative: str | None) -> str | None:

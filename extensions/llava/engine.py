@@ -18,11 +18,11 @@ import torch
 from .cache import FeatureCache
 from .detect import Choice, choose_pipeline
 from .errors import LlavaError
-from .images import ImageSource
+from .images import ImageError, ImageSource
 from .pipelines import PIPELINES, Pipeline, PipelineError
 from .prompt import MEDIA_PLACEHOLDER, ImageRef, escape_special_tokens, expand_prompt, parse_prompt
 from .settings import Settings
-from .splice import TokenLayout, find_images, shift_spans, splice, truncation_cut, widen_image_slots
+from .splice import LayoutError, TokenLayout, find_images, shift_spans, splice, truncation_cut, widen_image_slots
 from .vision import VisionLoadError, VisionParts, load_vision_parts
 
 logger = logging.getLogger("llava")
@@ -105,25 +105,44 @@ class LlavaEngine:
         ids = {t: vocab[t] for t in pipeline.special_tokens}
         return TokenLayout(image_id=ids[pipeline.image_token],
                            start_id=ids.get(pipeline.start_token) if pipeline.start_token else None,
-                           end_id=ids.get(pipeline.end_token) if pipeline.end_token else None,
-                           feature_count=pipeline.feature_count)
+                           end_id=ids.get(pipeline.end_token) if pipeline.end_token else None)
 
-    def token_count(self, prompt: str, model, tokenizer, encode: Encode, media_count: int | None = None,
+    @staticmethod
+    def slot_counts(images: Sequence[ImageRef], pipeline: Pipeline) -> torch.Tensor:
+        """Each image's slot count. Any-resolution counts come from the picture's header: its size
+        after the EXIF orientation, read without decoding a pixel. A picture never seen (a bare
+        placeholder) counts at the most any picture takes; one whose header cannot be read at its
+        base view alone (it is refused if it is ever embedded)."""
+        if not pipeline.anyres:
+            return torch.full((len(images),), pipeline.feature_count, dtype=torch.long)
+        counts = []
+        for image in images:
+            if isinstance(image.source, _Placeholder):
+                counts.append(pipeline.max_slot_count())
+                continue
+            try:
+                counts.append(pipeline.slot_count(*image.source.header()))
+            except ImageError:
+                counts.append(pipeline.feature_count)
+        return torch.tensor(counts, dtype=torch.long)
+
+    def token_count(self, prompt: str, model, tokenizer, encode: Encode, media: Sequence[ImageSource] | None = None,
                     model_path: str | None = None, references: dict | None = None) -> int | None:
         """Tokens ``prompt`` takes, each image counted at its full length; None without images.
 
-        Images are replaced by a one-slot stand-in before tokenizing: image tokens are added
-        tokens, so the text around them tokenizes the same and the stand-in's slots can be
-        counted up to the real number. No base64 is decoded or tokenized.
+        ``media`` are the pictures of the ``<__media__>`` placeholders; without them every placeholder
+        stands for a picture of unknown size. Images are replaced by a one-slot stand-in before
+        tokenizing: image tokens are added tokens, so the text around them tokenizes the same and the
+        stand-in's slots can be counted up to the real number. No base64 is decoded or tokenized.
         """
-        if media_count is None:  # unknown: every placeholder stands for a picture
-            media_count = prompt.count(MEDIA_PLACEHOLDER)
-        parsed = parse_prompt(prompt, [_Placeholder()] * media_count, references)
+        if media is None:
+            media = [_Placeholder()] * prompt.count(MEDIA_PLACEHOLDER)
+        parsed = parse_prompt(prompt, media, references)
         if not parsed.images:
             return None
         pipeline = self.choice_for(model, tokenizer, model_path).pipeline
         ids = encode(expand_prompt(parsed, pipeline.image_stand_in(), pipeline.special_tokens))
-        return int(ids.shape[-1]) + len(parsed.images) * (pipeline.feature_count - 1)
+        return int(ids.shape[-1]) + int(self.slot_counts(parsed.images, pipeline).sum()) - len(parsed.images)
 
     # ------------------------------------------------------------ the tokenizer hook
 
@@ -142,8 +161,9 @@ class LlavaEngine:
         ids = encode(expand_prompt(parsed, pipeline.image_stand_in(), pipeline.special_tokens))
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
-        ids = widen_image_slots(ids, layout)
-        spans = find_images(ids[0], layout, len(parsed.images))
+        counts = self.slot_counts(parsed.images, pipeline)
+        ids = widen_image_slots(ids, layout, counts)
+        spans = find_images(ids[0], layout, counts)
         cut, dropped = truncation_cut(ids.shape[1], max_length, spans)
         notes = []
         if cut:
@@ -154,7 +174,7 @@ class LlavaEngine:
                              f"were cut off and dropped whole ({len(parsed.images) - dropped} kept)")
         if ids.shape[1] == 0:
             raise LlavaError(f"the context is too short for this prompt's last image: it takes "
-                             f"{layout.image_length} tokens and the prompt may only use {max_length}; "
+                             f"{int(counts[-1]) + layout.extra_tokens} tokens and the prompt may only use {max_length}; "
                              "raise truncation_length or lower max_new_tokens")
         kept = parsed.images[dropped:]
         embed_all = self.settings.add_all_images_to_prompt if embed_all is None else embed_all
@@ -163,9 +183,13 @@ class LlavaEngine:
         embeddings = model.get_input_embeddings()
         width = embeddings.weight.shape[-1]
         features = self.features_for([kept[i] for i in chosen], choice, width, notes)
+        if chosen and [f.shape[0] for f in features] != spans.counts[chosen].tolist():
+            raise LayoutError(f"the pictures gave {[f.shape[0] for f in features]} features for "
+                              f"{spans.counts[chosen].tolist()} slots (pipeline {pipeline.name})")
         with torch.no_grad():
             embeds = embeddings(ids.to(embeddings.weight.device))
-            embeds = splice(embeds, spans.slots[chosen], features)
+            if chosen:
+                embeds = splice(embeds, spans.slots_of(chosen), torch.cat(features))
         self.log(f"llava: {len(parsed.images)} image(s) in the prompt, {len(chosen)} embedded")
         for note in notes:
             self.log(f"llava: {note}")
@@ -191,11 +215,11 @@ class LlavaEngine:
     # ------------------------------------------------------------ features
 
     def features_for(self, images: Sequence[ImageRef], choice: Choice, width: int,
-                     notes: list[str] | None = None) -> torch.Tensor:
-        """Projected features [k, feature_count, width] for ``images``, from the cache or one batch."""
+                     notes: list[str] | None = None) -> list[torch.Tensor]:
+        """Each image's projected features [slots, width], from the cache or as few tower batches as may be."""
         pipeline = choice.pipeline
         if not images:
-            return torch.empty(0, pipeline.feature_count, width)
+            return []
         vision, vision_key = self._vision_and_key(choice)
         if vision.output_size != width:
             raise PipelineError(f"the projector gives {vision.output_size}-wide features but the loaded model's "
@@ -227,7 +251,7 @@ class LlavaEngine:
                         feature = feature.clone()
                         found[key] = feature
                         self.cache.put(key, feature)
-        return torch.stack([found[key] for key in keys])
+        return [found[key] for key in keys]
 
     def vision_parts(self, choice: Choice) -> VisionParts:
         return self._vision_and_key(choice)[0]
@@ -241,7 +265,7 @@ class LlavaEngine:
         projector_repo = s.projector_repo or choice.projector_repo or pipeline.projector_repo
         projector_filename = s.projector_filename or (choice.projector_filename if not s.projector_repo else None) \
             or (pipeline.projector_filename if not choice.projector_repo else None)
-        key = (pipeline.name, vision_source, projector_repo, projector_filename, str(s.clip_device),
+        key = (pipeline, vision_source, projector_repo, projector_filename, str(s.clip_device),
                str(s.clip_dtype), str(s.projector_device), str(s.projector_dtype))
         with self._load_lock:
             if self._vision_key != key:

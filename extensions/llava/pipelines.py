@@ -7,6 +7,7 @@ the extension reads these fields; nothing subclasses them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .errors import LlavaError
@@ -22,12 +23,64 @@ class Pipeline:
     image_token: str  # one per projected feature
     start_token: str | None  # before an image's features, if the layout has one
     end_token: str | None  # after them
-    preprocess: str  # "crop": the processor's resize + centre crop; "pad": pad to a square first
+    # "crop": the processor's resize + centre crop; "pad": pad to a square first; "anyres": tiles
+    # on the best canvas of grid_pinpoints plus the whole picture squashed to one view
+    preprocess: str
     llm_hidden_size: int
     projector_repo: str | None  # where the released projector lives
     projector_filename: str | None
     vision_feature_layer: int = -2
     family: str = ""
+    patch_size: int = 14
+    keeps_cls: bool = False  # the "full" select strategy: the CLS feature is an image slot too
+    # Any-resolution (LLaVA-NeXT): the canvases, as (height, width), that a picture is tiled onto.
+    # Empty for pipelines with one fixed-size view per picture.
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def anyres(self) -> bool:
+        return bool(self.grid_pinpoints)
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    def slot_count(self, width: int, height: int) -> int:
+        """Image slots of a ``width`` × ``height`` picture: ``feature_count``, or for any-resolution
+        pipelines the base view, the unpadded tile grid and one newline slot per grid row."""
+        if not self.anyres:
+            return self.feature_count
+        rows, columns = self.canvas_patches(width, height)
+        top, bottom, left, right = unpadded_window(width, height, rows, columns)
+        return self.feature_count + (bottom - top) * (right - left + 1)
+
+    def canvas_patches(self, width: int, height: int) -> tuple[int, int]:
+        """Patch rows and columns of the canvas that a picture of this size is tiled onto."""
+        canvas_height, canvas_width = best_canvas(width, height, self.grid_pinpoints)
+        side = self.patches_per_side
+        return canvas_height // self.image_size * side, canvas_width // self.image_size * side
+
+    def tile_count(self, width: int, height: int) -> int:
+        """Views the tower sees for one picture: the base view, plus the canvas tiles if any-resolution."""
+        if not self.anyres:
+            return 1
+        rows, columns = self.canvas_patches(width, height)
+        return 1 + rows * columns // self.patches_per_side ** 2
+
+    @property
+    def max_views(self) -> int:
+        """The most views the tower sees for one picture."""
+        if not self.anyres:
+            return 1
+        return 1 + max((h // self.image_size) * (w // self.image_size) for h, w in self.grid_pinpoints)
+
+    def max_slot_count(self) -> int:
+        """The most slots any picture can take (what an unseen picture is counted at)."""
+        if not self.anyres:
+            return self.feature_count
+        side = self.patches_per_side
+        return self.feature_count + max(h // self.image_size * side * (w // self.image_size * side + 1)
+                                        for h, w in self.grid_pinpoints)
 
     @property
     def special_tokens(self) -> tuple[str, ...]:
@@ -38,9 +91,48 @@ class Pipeline:
         """An image as one slot between its start and end tokens (widened to all slots in the ids)."""
         return (self.start_token or "") + self.image_token + (self.end_token or "")
 
-    def image_text(self) -> str:
+    def image_text(self, width: int | None = None, height: int | None = None) -> str:
         """The text an image becomes before tokenization."""
-        return (self.start_token or "") + self.image_token * self.feature_count + (self.end_token or "")
+        count = self.feature_count if width is None else self.slot_count(width, height)
+        return (self.start_token or "") + self.image_token * count + (self.end_token or "")
+
+    def to_json(self) -> dict:
+        """The row as JSON data (what the converter writes into a model folder)."""
+        row = dataclasses.asdict(self)
+        row["grid_pinpoints"] = [list(p) for p in self.grid_pinpoints]
+        return row
+
+    @classmethod
+    def from_json(cls, row: dict) -> "Pipeline":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(row) - fields
+        missing = {f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.name not in row}
+        if unknown or missing:
+            problems = ([f"unknown fields {', '.join(sorted(unknown))}"] if unknown else []) \
+                + ([f"missing fields {', '.join(sorted(missing))}"] if missing else [])
+            raise PipelineError(f"the pipeline row is not valid: {'; '.join(problems)}")
+        row = dict(row, grid_pinpoints=tuple(tuple(int(x) for x in p) for p in row.get("grid_pinpoints") or ()))
+        return cls(**row)
+
+
+def best_canvas(width: int, height: int, pinpoints) -> tuple[int, int]:
+    """The (height, width) canvas of ``pinpoints`` that shows the picture at the highest resolution with
+    the least waste, as transformers' LLaVA-NeXT picks it (pinpoints read as (height, width))."""
+    from transformers.image_processing_utils import select_best_resolution
+    return tuple(select_best_resolution((height, width), [list(p) for p in pinpoints]))
+
+
+def unpadded_window(width: int, height: int, rows: int, columns: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the feature grid ``rows`` × ``columns`` that shows the picture
+    itself, without the padding added to fit it onto its canvas (rounded as transformers does)."""
+    if width / height > columns / rows:
+        shown = int(round(height * (columns / width), 7))
+        padding = (rows - shown) // 2
+        return padding, rows - padding, 0, columns
+    shown = int(round(width * (rows / height), 7))
+    padding = (columns - shown) // 2
+    return 0, rows, padding, columns - padding
 
 
 CLIP_224 = "openai/clip-vit-large-patch14"
@@ -53,6 +145,10 @@ _V15 = dict(vision_repo=CLIP_336, image_size=336, feature_count=576, projector_t
             image_token="<image>", start_token=None, end_token=None, preprocess="pad",
             projector_filename=None, family="v1.5")
 
+# LLaVA-1.6 ("NeXT"): the v1.5 tower and projector, any-resolution tiling onto these canvases.
+NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+_V16 = dict(_V15, preprocess="anyres", grid_pinpoints=NEXT_PINPOINTS, family="v1.6")
+
 PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
     Pipeline(name="llava-v0-13b", llm_hidden_size=5120, projector_repo="liuhaotian/LLaVA-13b-delta-v0", **_V0),
     Pipeline(name="llava-v0-7b", llm_hidden_size=4096, projector_repo="liuhaotian/LLaVA-7b-delta-v0", **_V0),
@@ -64,6 +160,12 @@ PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
     Pipeline(name="llava-v1.5-7b", llm_hidden_size=4096, projector_repo="liuhaotian/llava-v1.5-7b", **_V15),
     Pipeline(name="llava-v1.5-13b", llm_hidden_size=5120, projector_repo="liuhaotian/llava-v1.5-13b", **_V15),
     Pipeline(name="bakllava-1", llm_hidden_size=4096, projector_repo="SkunkworksAI/BakLLaVA-1", **_V15),
+    Pipeline(name="llava-v1.6-vicuna-7b", llm_hidden_size=4096, projector_repo="liuhaotian/llava-v1.6-vicuna-7b", **_V16),
+    Pipeline(name="llava-v1.6-vicuna-13b", llm_hidden_size=5120, projector_repo="liuhaotian/llava-v1.6-vicuna-13b",
+             **_V16),
+    Pipeline(name="llava-v1.6-mistral-7b", llm_hidden_size=4096, projector_repo="liuhaotian/llava-v1.6-mistral-7b",
+             **_V16),
+    Pipeline(name="llava-v1.6-34b", llm_hidden_size=7168, projector_repo="liuhaotian/llava-v1.6-34b", **_V16),
     # The bundled demo (tools/train_demo.py): its tower and projector live in its own folder.
     Pipeline(name="llava-demo", vision_repo="", image_size=64, feature_count=16, projector_type="mlp2x_gelu",
              image_token="<im_patch>", start_token="<im_start>", end_token="<im_end>", preprocess="crop",

@@ -8,7 +8,7 @@ import re
 import torch
 from torch import nn
 
-from .weights import PROJECTOR_PREFIXES, WeightsError
+from .weights import IMAGE_NEWLINE_KEYS, PROJECTOR_PREFIXES, WeightsError
 
 # llava-hf names its two projector layers linear_1/linear_2; the original numbers them in a Sequential.
 _HF_LAYER_INDEX = {"linear_1": "0", "linear_2": "2"}
@@ -35,8 +35,15 @@ def build_projector(projector_type: str, in_features: int, out_features: int) ->
     return nn.Sequential(*layers)
 
 
+def split_image_newline(state: dict) -> tuple[dict, torch.Tensor | None]:
+    """The projector's tensors, and LLaVA-NeXT's ``image_newline`` when it came with them."""
+    newline = next((state[k] for k in IMAGE_NEWLINE_KEYS if k in state), None)
+    return {k: v for k, v in state.items() if k not in IMAGE_NEWLINE_KEYS}, newline
+
+
 def normalise_projector_keys(state: dict) -> dict:
     """Projector tensors keyed as the module from ``build_projector`` expects."""
+    state = split_image_newline(state)[0]
     found = {}
     for key, tensor in state.items():
         for prefix in PROJECTOR_PREFIXES:

@@ -1,7 +1,7 @@
 """Where images stand in a token sequence, image-aware truncation, and the splice.
 
 All of it works on whole tensors: slot positions come from one comparison against the
-image token id, reshaped to one row per image; the splice is one indexed assignment.
+image token id, cut per image by the images' slot counts; the splice is one indexed assignment.
 """
 
 from __future__ import annotations
@@ -24,47 +24,62 @@ class TokenLayout:
     image_id: int
     start_id: int | None
     end_id: int | None
-    feature_count: int
 
     @property
-    def image_length(self) -> int:
-        return self.feature_count + (self.start_id is not None) + (self.end_id is not None)
+    def extra_tokens(self) -> int:
+        """Tokens an image takes besides its slots (its start and end tokens)."""
+        return (self.start_id is not None) + (self.end_id is not None)
 
 
 @dataclass(frozen=True)
 class ImageSpans:
     """Per image, in prompt order: its slot positions and the span of all its tokens."""
 
-    slots: torch.Tensor  # [n_images, feature_count] positions of the image tokens
+    slots: torch.Tensor  # [all slots] positions of the image tokens, image after image
+    counts: torch.Tensor  # [n_images] slots of each image
     starts: torch.Tensor  # [n_images] first token of the image (its start token, if any)
     ends: torch.Tensor  # [n_images] one past its last token
 
+    def slots_of(self, chosen: list[int]) -> torch.Tensor:
+        """The slot positions of the images ``chosen`` (indices, in order), as one flat tensor."""
+        if not chosen:
+            return self.slots[:0]
+        offsets = torch.cumsum(self.counts, 0) - self.counts
+        return torch.cat([self.slots[int(offsets[i]):int(offsets[i] + self.counts[i])] for i in chosen])
 
-def widen_image_slots(ids: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """[1, length] ids with one image token per image → the same ids with ``feature_count`` of them."""
-    repeats = torch.where(ids[0] == layout.image_id, layout.feature_count, 1)
+
+def widen_image_slots(ids: torch.Tensor, layout: TokenLayout, counts: torch.Tensor) -> torch.Tensor:
+    """[1, length] ids with one image token per image → the same ids with ``counts[i]`` of them for image i."""
+    is_slot = ids[0] == layout.image_id
+    if int(is_slot.sum()) != counts.numel():
+        raise LayoutError(f"the prompt has {counts.numel()} image(s) but the tokenizer produced {int(is_slot.sum())} "
+                          f"image tokens (id {layout.image_id}); the tokenizer does not keep the image token whole")
+    repeats = torch.ones_like(ids[0])
+    repeats[is_slot] = counts.to(repeats.dtype)
     return ids[0].repeat_interleave(repeats).unsqueeze(0)
 
 
-def find_images(ids: torch.Tensor, layout: TokenLayout, expected: int) -> ImageSpans:
-    """Locate ``expected`` images in 1-D ``ids``; anything else is a layout error."""
+def find_images(ids: torch.Tensor, layout: TokenLayout, counts: torch.Tensor) -> ImageSpans:
+    """Locate images of ``counts`` slots each in 1-D ``ids``; anything else is a layout error."""
     slots = torch.nonzero(ids == layout.image_id).flatten()
-    if slots.numel() != expected * layout.feature_count:
-        raise LayoutError(f"the prompt has {expected} image(s) of {layout.feature_count} slots but the "
+    expected = counts.numel()
+    if slots.numel() != int(counts.sum()):
+        raise LayoutError(f"the prompt has {expected} image(s) of {int(counts.sum())} slots in all but the "
                           f"tokenizer produced {slots.numel()} image tokens (id {layout.image_id}); "
                           "the tokenizer does not keep the image token whole")
-    slots = slots.view(expected, layout.feature_count)
-    if expected and not bool((slots[:, -1] - slots[:, 0] == layout.feature_count - 1).all()):
+    firsts_at = torch.cumsum(counts, 0) - counts
+    firsts, lasts = slots[firsts_at], slots[firsts_at + counts - 1]
+    if expected and not bool((lasts - firsts == counts - 1).all()):
         raise LayoutError("an image's slots are not contiguous in the token ids")
-    starts = slots[:, 0] - int(layout.start_id is not None)
-    ends = slots[:, -1] + 1 + int(layout.end_id is not None)
+    starts = firsts - int(layout.start_id is not None)
+    ends = lasts + 1 + int(layout.end_id is not None)
     if expected:
         if layout.start_id is not None and not bool((starts >= 0).all() and (ids[starts.clamp(min=0)] == layout.start_id).all()):
             raise LayoutError("an image's start token is missing in the token ids")
         if layout.end_id is not None and not bool((ends <= ids.numel()).all()
                                                   and (ids[(ends - 1).clamp(max=ids.numel() - 1)] == layout.end_id).all()):
             raise LayoutError("an image's end token is missing in the token ids")
-    return ImageSpans(slots, starts, ends)
+    return ImageSpans(slots, counts, starts, ends)
 
 
 def truncation_cut(length: int, max_length: int | None, spans: ImageSpans) -> tuple[int, int]:
@@ -84,19 +99,20 @@ def truncation_cut(length: int, max_length: int | None, spans: ImageSpans) -> tu
 
 
 def shift_spans(spans: ImageSpans, cut: int, dropped: int) -> ImageSpans:
-    return ImageSpans(spans.slots[dropped:] - cut, spans.starts[dropped:] - cut, spans.ends[dropped:] - cut)
+    kept_slots = spans.slots[int(spans.counts[:dropped].sum()):]
+    return ImageSpans(kept_slots - cut, spans.counts[dropped:], spans.starts[dropped:] - cut, spans.ends[dropped:] - cut)
 
 
 def splice(embeds: torch.Tensor, slots: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """Replace the embedding rows at ``slots`` ([k, F]) with ``features`` ([k, F, hidden]).
+    """Replace the embedding rows at ``slots`` ([n]) with ``features`` ([n, hidden]).
 
     ``embeds`` is [1, length, hidden], freshly looked up for this prompt: it is written in
     place (a copy of a 4k × 5120 prompt would cost more than the splice) and returned.
     """
     if slots.numel() == 0:
         return embeds
-    if features.shape[:2] != slots.shape or features.shape[-1] != embeds.shape[-1]:
-        raise LayoutError(f"{tuple(features.shape)} features for {tuple(slots.shape)} slots in "
+    if features.shape[0] != slots.numel() or features.shape[-1] != embeds.shape[-1]:
+        raise LayoutError(f"{tuple(features.shape)} features for {slots.numel()} slots in "
                           f"{embeds.shape[-1]}-wide embeddings")
-    embeds[0, slots.flatten().to(embeds.device)] = features.reshape(-1, features.shape[-1]).to(embeds.device, embeds.dtype)
+    embeds[0, slots.to(embeds.device)] = features.to(embeds.device, embeds.dtype)
     return embeds

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import anyres
 from .pipelines import Pipeline
-from .projector import normalise_projector_keys, projector_from_state, projector_shape, projector_type_of
+from .projector import normalise_projector_keys, split_image_newline, projector_from_state, projector_shape, projector_type_of
 from .weights import (WeightsError, load_image_processor, quiet_transformers, read_projector_tensors, read_tensors,
                       resolve_file)
 
@@ -24,6 +25,7 @@ from .weights import (WeightsError, load_image_processor, quiet_transformers, re
 # preprocessing never builds a huge intermediate image; ordinary pictures are untouched.
 MAX_ASPECT_RATIO = 8
 MAX_PADDED_SIDE = 4096
+MAX_VIEWS_PER_BATCH = 32  # 32 fixed-size pictures, or 6 any-resolution ones of up to 5 views
 
 
 class VisionLoadError(WeightsError):
@@ -156,7 +158,7 @@ def limit_aspect_ratio(image):
 
 
 def preprocess(images, processor, pipeline: Pipeline) -> torch.Tensor:
-    """RGB pictures → one pixel batch at the pipeline's resolution."""
+    """RGB pictures → one pixel batch at the pipeline's resolution (one view per picture)."""
     if pipeline.preprocess == "pad":
         images = [limit_padded_side(image) for image in images]
         processor = padding_processor(processor)
@@ -182,24 +184,36 @@ class VisionParts:
     projector_device: torch.device
     projector_dtype: torch.dtype
     projector_type: str = "linear"
+    image_newline: torch.Tensor | None = None  # any-resolution pipelines: the feature that ends a grid row
 
     @property
     def output_size(self) -> int:
         return projector_shape(self.projector)[1]
 
     @torch.inference_mode()
-    def encode(self, images) -> torch.Tensor:
-        """Pictures → projected features [n, feature_count, hidden], one tower batch."""
-        pixels = preprocess(images, self.processor, self.pipeline).to(self.tower_device, self.tower_dtype)
+    def project_views(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Views [n, 3, S, S] → projected features [n, F, hidden], one tower batch."""
+        pixels = pixels.to(self.tower_device, self.tower_dtype)
         # The tower was cut after the feature layer, so its last hidden state is that layer's output.
         hidden = self.tower(pixel_values=pixels).last_hidden_state
-        patches = hidden[:, 1:]  # the CLS position carries no patch
-        return self.projector(patches.to(self.projector_device, self.projector_dtype))
+        if not self.pipeline.keeps_cls:
+            hidden = hidden[:, 1:]  # the CLS position carries no patch
+        return self.projector(hidden.to(self.projector_device, self.projector_dtype))
 
-    def encode_batches(self, images, batch_size: int = 16):
-        """Pictures in tower batches of at most ``batch_size``, so 100 pictures stay within memory."""
-        for start in range(0, len(images), batch_size):
-            yield self.encode(images[start:start + batch_size])
+    @torch.inference_mode()
+    def encode(self, images) -> list[torch.Tensor]:
+        """Pictures → each one's projected features [slots, hidden]; all their views in one tower batch."""
+        if not self.pipeline.anyres:
+            return list(self.project_views(preprocess(images, self.processor, self.pipeline)))
+        pixels, sizes = anyres.tiles(images, self.processor, self.pipeline)
+        features = self.project_views(pixels).split([self.pipeline.tile_count(w, h) for w, h in sizes])
+        return [anyres.pack(views, w, h, self.pipeline, self.image_newline) for views, (w, h) in zip(features, sizes)]
+
+    def encode_batches(self, images):
+        """Pictures in tower batches of at most MAX_VIEWS_PER_BATCH views, so 100 pictures stay within memory."""
+        per_batch = max(1, MAX_VIEWS_PER_BATCH // self.pipeline.max_views)
+        for start in range(0, len(images), per_batch):
+            yield self.encode(images[start:start + per_batch])
 
 
 def load_vision_parts(pipeline: Pipeline, vision_source: str, projector_repo: str,
@@ -209,6 +223,7 @@ def load_vision_parts(pipeline: Pipeline, vision_source: str, projector_repo: st
     tower, processor = load_vision_tower(vision_source, pipeline.vision_feature_layer)
     tower.to(tower_device, tower_dtype)
     state, projector_origin = read_projector_tensors(projector_repo, projector_filename)
+    state, image_newline = split_image_newline(state)
     projector_type = projector_type_of(normalise_projector_keys(state))
     projector = projector_from_state(state).to(projector_device, projector_dtype).eval()
     tower_width = tower.config.hidden_size
@@ -218,14 +233,27 @@ def load_vision_parts(pipeline: Pipeline, vision_source: str, projector_repo: st
                               f"the vision tower '{vision_source}' gives {tower_width}-wide ones; "
                               f"they do not belong together (pipeline {pipeline.name}): set llava-clip_repo and "
                               "llava-projector_repo to this model's own tower and projector, or set llava-pipeline")
-    grid = (tower.config.image_size // tower.config.patch_size) ** 2
+    grid = (tower.config.image_size // tower.config.patch_size) ** 2 + pipeline.keeps_cls
     if grid != pipeline.feature_count:
         raise VisionLoadError(f"the vision tower '{vision_source}' gives {grid} patches per image but pipeline "
                               f"{pipeline.name} has {pipeline.feature_count} image slots: set llava-clip_repo to "
                               f"the tower this model was trained with ({pipeline.vision_repo} for {pipeline.name}), "
                               "or set llava-pipeline to the pipeline of this model")
+    if pipeline.anyres:
+        if image_newline is None:
+            raise VisionLoadError(f"pipeline {pipeline.name} tiles pictures and ends each row of tiles with the "
+                                  f"model's image_newline feature, but {projector_origin} has none: convert the "
+                                  "LLaVA-1.6 checkpoint with `python -m extensions.llava convert`, which keeps it")
+        if tuple(image_newline.shape) != (projector_out,):
+            raise VisionLoadError(f"the image_newline of {projector_origin} has shape {tuple(image_newline.shape)}; "
+                                  f"the projector gives {projector_out}-wide features")
+        if tower.config.image_size != pipeline.image_size:
+            raise VisionLoadError(f"the vision tower '{vision_source}' sees {tower.config.image_size} px views but "
+                                  f"pipeline {pipeline.name} tiles pictures into {pipeline.image_size} px ones")
+        image_newline = image_newline.to(projector_device, projector_dtype)
     log(f"llava: vision tower from '{vision_source}' on {tower_device} ({tower_dtype}), projector "
         f"{projector_in}→{projector_out} from {projector_origin} on {projector_device} ({projector_dtype}), "
         f"loaded in {time.perf_counter() - started:.1f} s")
     return VisionParts(tower, processor, projector, pipeline, torch.device(tower_device), tower_dtype,
-                       torch.device(projector_device), projector_dtype, projector_type)
+                       torch.device(projector_device), projector_dtype, projector_type,
+                       image_newline if pipeline.anyres else None)

@@ -106,8 +106,12 @@ def read_tensors(repo: str, wanted: Wanted = lambda key: True) -> dict:
     return state
 
 
+# LLaVA-NeXT's learned row-end feature travels with the projector (both map into the LLM's space).
+IMAGE_NEWLINE_KEYS = ("model.image_newline", "image_newline")
+
+
 def is_projector_key(key: str) -> bool:
-    return key.startswith(PROJECTOR_PREFIXES)
+    return key.startswith(PROJECTOR_PREFIXES) or key in IMAGE_NEWLINE_KEYS
 
 
 def read_projector_tensors(repo: str, filename: str | None = None, wanted: Wanted = is_projector_key) -> tuple[dict, str]:
