@@ -34,12 +34,12 @@ from types import SimpleNamespace
 
 import torch
 
-from .detect import METADATA_FILE, detect_pipeline
+from .detect import METADATA_FILE, detect_pipeline, pipeline_from_config
 from .errors import LlavaError
 from .pipelines import CLIP_224, CLIP_336, PIPELINES, Pipeline, PipelineError, get_pipeline
-from .projector import normalise_projector_keys, projector_type_of
+from .projector import normalise_projector_keys, projector_type_of, split_image_newline
 from .vision import clip_vision_from_state
-from .weights import WeightsError, iter_tensors, load_image_processor, quiet_transformers, read_projector_tensors
+from .weights import IMAGE_NEWLINE_KEYS, WeightsError, iter_tensors, load_image_processor, quiet_transformers, read_projector_tensors
 from .weights import weight_files as checkpoint_files
 
 PROJECTOR_FILE = "mm_projector.safetensors"
@@ -84,9 +84,10 @@ def read_source(folder: str) -> Source:
     except WeightsError as error:
         raise ConvertError(str(error)) from None
     if "text_config" in raw and "vision_config" in raw:
-        if model_type != "llava":
-            raise ConvertError(f"'{folder}' is a {model_type!r} checkpoint; only llava (LlavaForConditionalGeneration) "
-                               "and original LLaVA checkpoints can be converted")
+        if model_type not in ("llava", "llava_next"):
+            raise ConvertError(f"'{folder}' is a {model_type!r} checkpoint; only llava and llava_next "
+                               "(LlavaForConditionalGeneration, LlavaNextForConditionalGeneration) and original "
+                               "LLaVA checkpoints can be converted")
         text = dict(raw["text_config"])
         llm_type = text.get("model_type", "llama")
         if llm_type not in CAUSAL_LM:
@@ -108,15 +109,17 @@ def read_source(folder: str) -> Source:
 def classify(source: Source, key: str) -> tuple[str, str]:
     """('llm', new name) | ('projector', key) | ('vision', key) for one source tensor name."""
     if source.kind == "original":
-        if key.startswith(("model.image_newline", "model.vision_resampler.")):
-            return "unknown", key  # LLaVA-1.6 and resampler variants: not a pipeline here
-        if key.startswith(("model.mm_projector.", "mm_projector.")):
+        if key.startswith("model.vision_resampler."):
+            return "unknown", key  # resampler variants: not a pipeline here
+        if key in IMAGE_NEWLINE_KEYS or key.startswith(("model.mm_projector.", "mm_projector.")):
             return "projector", key
         if key.startswith(("model.vision_tower.", "vision_tower.")):
             return "vision", key
         if key.startswith(("model.", "lm_head.")):
             return "llm", key
         return "unknown", key
+    if key in IMAGE_NEWLINE_KEYS:
+        return "projector", key
     for prefix in ("model.multi_modal_projector.", "multi_modal_projector."):
         if key.startswith(prefix):
             return "projector", key
@@ -155,13 +158,32 @@ def evidence(source: Source, vocab: dict) -> SimpleNamespace:
                            mm_use_im_start_end="<im_start>" in vocab)
 
 
-def choose(source: Source, vocab: dict, name: str) -> Pipeline:
+def choose(source: Source, tokenizer, name: str) -> Pipeline:
+    """The pipeline the checkpoint's own config describes; the named one when given; else the
+    named one that the checkpoint's type, width and tokenizer point to."""
     if name != "auto":
         return get_pipeline(name)
     try:
+        image_token = _image_token_text(source, tokenizer)
+        start_end = image_token == "<im_patch>" and "<im_start>" in tokenizer.get_vocab()
+        described = pipeline_from_config(source.raw, source.folder, image_token, source.text.get("hidden_size"),
+                                         start_end)
+        if described is not None:
+            return described
+        vocab = tokenizer.get_vocab()
         return get_pipeline(detect_pipeline(evidence(source, vocab), vocab, source.folder))
     except PipelineError as error:
         raise ConvertError(f"{error} — for the converter: pass --pipeline NAME") from None
+
+
+def _image_token_text(source: Source, tokenizer) -> str | None:
+    """The text of a llava-hf checkpoint's image token (``<image>`` when the tokenizer lacks it)."""
+    if source.kind != "llava-hf":
+        return None
+    index = source.raw.get("image_token_index", source.raw.get("image_token_id"))
+    if index is None or index >= len(tokenizer):
+        return "<image>"
+    return tokenizer.convert_ids_to_tokens(index)
 
 
 # ---------------------------------------------------------------- the projector
@@ -207,7 +229,7 @@ def projector_io(state: dict) -> tuple[int, int]:
 # ---------------------------------------------------------------- checks
 
 
-def check(source: Source, pipeline: Pipeline, projector: dict, tokenizer) -> None:
+def check(source: Source, pipeline: Pipeline, projector: dict, newline, tokenizer) -> None:
     """The checkpoint and the pipeline belong together, or one error saying what to do."""
     fix = f"pass --pipeline with the right one of: {', '.join(PIPELINES)}"
     found_type = projector_type_of(projector)
@@ -221,13 +243,24 @@ def check(source: Source, pipeline: Pipeline, projector: dict, tokenizer) -> Non
                            f"wide: the checkpoint is inconsistent (pipeline {pipeline.name})")
     layer = source.raw.get("vision_feature_layer" if source.kind == "llava-hf" else "mm_vision_select_layer", -2)
     if layer != pipeline.vision_feature_layer:
-        raise ConvertError(f"the checkpoint takes vision features from layer {layer} but every supported pipeline "
-                           f"(here {pipeline.name}) uses layer {pipeline.vision_feature_layer}; it cannot be converted")
+        raise ConvertError(f"the checkpoint takes vision features from layer {layer} but pipeline {pipeline.name} "
+                           f"uses layer {pipeline.vision_feature_layer}; {fix}")
     strategy = source.raw.get("vision_feature_select_strategy" if source.kind == "llava-hf"
                               else "mm_vision_select_feature", "default")
-    if strategy not in ("default", "patch"):
-        raise ConvertError(f"the checkpoint keeps the CLS feature (select strategy {strategy!r}) but pipeline "
-                           f"{pipeline.name} drops it; it cannot be converted")
+    keeps_cls = strategy in ("full", "cls_patch")
+    if keeps_cls != pipeline.keeps_cls:
+        raise ConvertError(f"the checkpoint {'keeps' if keeps_cls else 'drops'} the CLS feature (select strategy "
+                           f"{strategy!r}) but pipeline {pipeline.name} {'keeps' if pipeline.keeps_cls else 'drops'} "
+                           f"it; {fix}")
+    if pipeline.anyres and newline is None:
+        raise ConvertError(f"pipeline {pipeline.name} tiles pictures (LLaVA-1.6), but the checkpoint has no "
+                           f"image_newline tensor; {fix}")
+    if newline is not None and not pipeline.anyres:
+        raise ConvertError(f"the checkpoint is a LLaVA-1.6 one (it has an image_newline tensor) but pipeline "
+                           f"{pipeline.name} does not tile pictures; {fix}")
+    if newline is not None and tuple(newline.shape) != (projector_out,):
+        raise ConvertError(f"the checkpoint's image_newline has shape {tuple(newline.shape)}; the projector gives "
+                           f"{projector_out}-wide features")
     if source.kind == "llava-hf":
         act = source.raw.get("projector_hidden_act", "gelu")
         if act not in ("gelu", "linear", "identity"):
@@ -270,8 +303,7 @@ def convert(src: str, dst: str, pipeline: str = "auto", log=print) -> dict:
         raise ConvertError(f"'{dst}' exists and is not a folder; give a new folder")
     source = read_source(src)
     tokenizer = load_tokenizer(src)
-    vocab = tokenizer.get_vocab()
-    chosen = choose(source, vocab, pipeline)
+    chosen = choose(source, tokenizer, pipeline)
     created = not os.path.exists(dst)
     os.makedirs(dst, exist_ok=True)
     try:
@@ -317,13 +349,14 @@ class _Shards:
 
 def _write(source: Source, pipeline: Pipeline, tokenizer, dst: str, log) -> dict:
     # the projector first: it is small, and the checks need it before anything big is written
-    projector = projector_state(source, _read_projector(source))
-    check(source, pipeline, projector, tokenizer)
+    projector, newline = split_image_newline(_read_projector(source))
+    projector = projector_state(source, projector)
+    check(source, pipeline, projector, newline, tokenizer)
     vocabulary = _add_image_tokens(source, pipeline, tokenizer)
     shards = _copy_language_model(source, dst, vocabulary)
     written = _name_shards(dst, shards)
     written += _write_config_and_tokenizer(source, tokenizer, vocabulary, dst)
-    written += _write_projector(projector, dst)
+    written += _write_projector(projector, newline, dst)
     if source.kind == "llava-hf":
         vision_tower = VISION_FOLDER
         _write_vision_tower(source, shards.vision_state, os.path.join(dst, VISION_FOLDER))
@@ -331,7 +364,8 @@ def _write(source: Source, pipeline: Pipeline, tokenizer, dst: str, log) -> dict
     else:
         vision_tower = source.raw.get("mm_vision_tower") or pipeline.vision_repo
     shards.vision_state.clear()
-    metadata = {"pipeline": pipeline.name, "vision_tower": vision_tower, "projector": PROJECTOR_FILE,
+    named = PIPELINES.get(pipeline.name) == pipeline
+    metadata = {"pipeline": pipeline.name if named else pipeline.to_json(), "vision_tower": vision_tower, "projector": PROJECTOR_FILE,
                 "image_token": pipeline.image_token, "source": os.path.basename(source.folder),
                 "source_format": source.kind, "added_tokens": vocabulary.added}
     with open(os.path.join(dst, METADATA_FILE), "w") as f:
@@ -380,7 +414,7 @@ def _copy_language_model(source: Source, dst: str, vocabulary: _Vocabulary) -> _
                 unknown.append(key)
         if unknown:
             raise ConvertError(f"'{name}' holds tensors the converter does not know, e.g. {unknown[:3]}; "
-                               "is this a LLaVA-1.6 / other multimodal checkpoint? Only LLaVA v0/llama-2/v1.5 and "
+                               "is this another kind of multimodal checkpoint? LLaVA v0, llama-2, v1.5, v1.6 and "
                                "BakLLaVA checkpoints are supported")
         if out:
             temporary = f"part-{number:05d}.safetensors"
@@ -429,9 +463,11 @@ def _write_config_and_tokenizer(source: Source, tokenizer, vocabulary: _Vocabula
     return written + ["tokenizer files"]
 
 
-def _write_projector(projector: dict, dst: str) -> list[str]:
+def _write_projector(projector: dict, newline, dst: str) -> list[str]:
     from safetensors.torch import save_file
     prefixed = {f"model.mm_projector.{k}": v.contiguous() for k, v in projector.items()}
+    if newline is not None:
+        prefixed[IMAGE_NEWLINE_KEYS[0]] = newline.contiguous()
     save_file(prefixed, os.path.join(dst, PROJECTOR_FILE), metadata={"format": "pt"})
     return [PROJECTOR_FILE]
 

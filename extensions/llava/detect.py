@@ -81,15 +81,16 @@ def _getter(config):
 
 
 def pipeline_from_config(config, model_path: str | None = None, image_token: str | None = None,
-                         llm_hidden_size: int | None = None) -> Pipeline | None:
+                         llm_hidden_size: int | None = None, start_end: bool = False) -> Pipeline | None:
     """The pipeline a LLaVA config describes: an original one (``mm_*`` keys) or a llava-hf one
-    (``vision_config``; then ``image_token`` is the text of its image token). None when the config
+    (``vision_config``; then ``image_token`` is the text of its image token and ``start_end`` says
+    whether its tokenizer puts start and end tokens around an image). None when the config
     does not describe its vision side. Named pipelines are returned when one has exactly this
     vision side and width; otherwise the row is built from the config and named after the folder.
     """
     get = _getter(config)
     if get("vision_config") is not None:
-        row = _llava_hf_row(get, image_token)
+        row = _llava_hf_row(get, image_token, start_end)
         width = llm_hidden_size
     elif get("mm_vision_tower"):
         row = _original_row(get)
@@ -129,7 +130,7 @@ def _common_row(image_size: int, patch_size: int, layer: int, keeps_cls: bool, p
                 grid_pinpoints=pinpoints, preprocess="anyres" if pinpoints else preprocess)
 
 
-def _llava_hf_row(get, image_token: str | None) -> dict:
+def _llava_hf_row(get, image_token: str | None, start_end: bool) -> dict:
     vision = get("vision_config")
     vision = vision if isinstance(vision, dict) else vision.to_dict()
     strategy = get("vision_feature_select_strategy", "default")
@@ -143,7 +144,7 @@ def _llava_hf_row(get, image_token: str | None) -> dict:
         raise PipelineError(f"the config takes vision features from several layers ({layer}); LLaVA uses one")
     model_type = get("model_type", "")
     return _common_row(vision.get("image_size", 224), vision.get("patch_size", 14), layer, strategy == "full",
-                       "linear" if activation != "gelu" else "mlp2x_gelu", image_token or "<image>", False,
+                       "linear" if activation != "gelu" else "mlp2x_gelu", image_token or "<image>", start_end,
                        get("image_grid_pinpoints") if model_type == "llava_next" else None, None)
 
 
