@@ -237,10 +237,11 @@ def img_tag(image, fmt: str = "PNG") -> str:
     return f'<img src="{data_url(image, fmt)}">'
 
 
-def reference_run(reference, ids, pixels, earlier_images_as=None):
-    """transformers' LLaVA on ``ids`` and ``pixels``: the spliced inputs_embeds its language model receives,
-    and the logits. ``earlier_images_as`` (an embedding row) stands in for the features of every picture
-    but the last, as "embed all" off leaves them."""
+def reference_run(reference, ids, pixels, earlier_images_as=None, **inputs):
+    """transformers' LLaVA (or LLaVA-NeXT) on ``ids`` and ``pixels`` (and ``inputs`` such as NeXT's
+    image_sizes): the spliced inputs_embeds its language model receives, and the logits.
+    ``earlier_images_as`` (an embedding row) stands in for the features of every picture but the
+    last, as "embed all" off leaves them."""
     captured = {}
     hook = reference.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
@@ -256,7 +257,7 @@ def reference_run(reference, ids, pixels, earlier_images_as=None):
         reference.model.get_image_features = last_only
     try:
         with torch.no_grad():
-            logits = reference(input_ids=ids, pixel_values=pixels).logits
+            logits = reference(input_ids=ids, pixel_values=pixels, **inputs).logits
     finally:
         hook.remove()
         reference.model.get_image_features = original

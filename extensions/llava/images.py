@@ -188,11 +188,33 @@ def _open_header(data: bytes, source: ImageSource) -> Image.Image:
     return image
 
 
+# EXIF orientations that turn the picture a quarter (transpose, 90°, transverse, 270°)
+_QUARTER_TURNS = {5, 6, 7, 8}
+
+
 def sniff_header(data: bytes, source: ImageSource) -> tuple[str, tuple[int, int]]:
-    """The picture's media type and size, from its header alone; refuses what ``open_picture``
-    would refuse before decoding."""
+    """The picture's media type and its upright size (after its EXIF orientation, as ``open_picture``
+    turns it), from its header alone; refuses what ``open_picture`` would refuse before decoding."""
     image = _open_header(data, source)
-    return image.get_format_mimetype() or "image/png", image.size
+    width, height = image.size
+    if _orientation(image) in _QUARTER_TURNS:
+        width, height = height, width
+    return image.get_format_mimetype() or "image/png", (width, height)
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation known from the header. A PNG's EXIF block may follow its pixel data,
+    and reading it there would decode the picture: only one before the pixels counts (Pillow has
+    then put it into ``info``)."""
+    try:
+        if image.format == "PNG":
+            exif = Image.Exif()
+            if image.info.get("exif"):
+                exif.load(image.info["exif"])
+            return int(exif.get(0x0112, 1) or 1)
+        return int(image.getexif().get(0x0112, 1) or 1)
+    except Exception:
+        return 1
 
 
 def open_picture(data: bytes, source: ImageSource) -> Picture:

@@ -1,0 +1,222 @@
+"""Issue 15: LLaVA-NeXT (1.6) — any-resolution pictures against transformers'
+LlavaNextForConditionalGeneration, converted from both layouts, and per-picture slot counts
+through counting, truncation, the cache and batching."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import random
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from extensions.llava import convert as converter
+from extensions.llava.engine import LlavaEngine
+from extensions.llava.pipelines import NEXT_PINPOINTS, PIPELINES
+from extensions.llava.settings import Settings
+from testbed.tiny import BosEncoder, bytes_url, img_tag, make_tokenizer, picture, reference_run
+from testbed.tiny_family import IMAGE_ID
+from testbed.tiny_next import build_next, image_processor, processor, save_next_hf, save_next_original, save_tower
+
+CPU = {"clip_device": "cpu", "projector_device": "cpu"}
+NEXT = PIPELINES["llava-v1.6-vicuna-7b"]
+
+# (width, height): different canvases, a picture smaller than a tile, a very wide one
+SIZES = {"wide": (500, 300), "tall": (300, 520), "square": (900, 880), "small": (200, 150),
+         "very-wide": (2400, 200), "ceil-resize": (700, 300)}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return build_next()
+
+
+@pytest.fixture(scope="module")
+def converted(reference, tmp_path_factory):
+    model, tokenizer = reference
+    folder = tmp_path_factory.mktemp("next")
+    src = save_next_hf(str(folder / "llava-v1.6-vicuna-7b-hf"), model, tokenizer)
+    dst = str(folder / "converted")
+    converter.convert(src, dst, log=lambda line: None)
+    return load(dst)
+
+
+def load(dst):
+    model, info = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval(), AutoTokenizer.from_pretrained(dst), dst
+
+
+def engine_for(**settings):
+    return LlavaEngine(Settings.from_params({**CPU, **settings}), log=lambda m: None)
+
+
+@functools.lru_cache(maxsize=1)
+def reference_processor():
+    return processor(make_tokenizer(image_tokens=("<image>",)))
+
+
+def reference_count(width, height):
+    """The reference processor's image token count for a picture of this size."""
+    return reference_processor()._get_number_of_features(height, width, 336, 336) - 1  # "default" drops CLS
+
+
+def run_both(converted, reference, images, embed_all=True):
+    model, tokenizer, dst = converted
+    engine = engine_for()
+    prompt = "USER: " + " ".join(img_tag(image) for image in images) + "\nWhat is shown? ASSISTANT:"
+    prepared = engine.prepare(prompt, model=model, tokenizer=tokenizer, encode=BosEncoder(tokenizer),
+                              max_length=None, embed_all=embed_all)
+    with torch.no_grad():
+        logits = model(inputs_embeds=prepared.inputs_embeds).logits
+    batch = image_processor()(images=images, return_tensors="pt")
+    earlier = None if embed_all else reference[0].model.language_model.embed_tokens.weight[IMAGE_ID]
+    ref_embeds, ref_logits = reference_run(reference[0], prepared.input_ids, batch["pixel_values"], earlier,
+                                           image_sizes=batch["image_sizes"])
+    embed_diff = (prepared.inputs_embeds - ref_embeds).abs().max().item()
+    logit_diff = (logits - ref_logits).abs().max().item()
+    print(f"{[image.size for image in images]} embed_all={embed_all}: max embed diff {embed_diff:.3g}, "
+          f"max logit diff {logit_diff:.3g}")
+    assert embed_diff <= 1e-4 and logit_diff <= 1e-4
+    return engine, prepared
+
+
+# ---------------------------------------------------------------- slot counts
+
+
+def test_slot_count_is_the_reference_processors_for_any_size():
+    rng = random.Random(5)
+    sizes = [(rng.randint(1, 6000), rng.randint(1, 6000)) for _ in range(1500)] + list(SIZES.values())
+    sizes += [(1, 1), (1, 5000), (5000, 1), (336, 336), (672, 336), (1008, 336)]
+    counts = {size: NEXT.slot_count(*size) for size in sizes}
+    assert counts == {size: reference_count(*size) for size in sizes}
+    assert NEXT.slot_count(200, 150) == 1368 and NEXT.slot_count(700, 300) == 1944
+    assert max(counts.values()) <= NEXT.max_slot_count() == 2928
+
+
+def test_the_sizes_pick_different_canvases():
+    canvases = {name: NEXT.canvas_patches(*size) for name, size in SIZES.items()}
+    assert len(set(canvases.values())) >= 4, canvases
+    assert canvases["very-wide"] == (24, 72) and canvases["tall"] == (48, 24)
+
+
+# ---------------------------------------------------------------- equality with LlavaNextForConditionalGeneration
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_next_equals_reference(converted, reference, name):
+    width, height = SIZES[name]
+    image = picture(width, height, seed=hash(name) % 1000)
+    engine, prepared = run_both(converted, reference, [image])
+    assert int((prepared.input_ids == IMAGE_ID).sum()) == reference_count(width, height) == NEXT.slot_count(width, height)
+    assert engine.counters.vision_forwards == 1
+
+
+@pytest.mark.parametrize("embed_all", [True, False], ids=["embed-all", "last-only"])
+def test_two_pictures(converted, reference, embed_all):
+    images = [picture(*SIZES["wide"], seed=61), picture(*SIZES["tall"], seed=62)]
+    engine, prepared = run_both(converted, reference, images, embed_all=embed_all)
+    assert prepared.images_embedded == (2 if embed_all else 1)
+    assert int((prepared.input_ids == IMAGE_ID).sum()) == sum(reference_count(*image.size) for image in images)
+    # all new pictures' tiles go through the tower together
+    assert engine.counters.vision_batches == 1 and engine.counters.vision_forwards == (2 if embed_all else 1)
+
+
+def test_original_layout_round_trip(reference, tmp_path):
+    model, tokenizer = reference
+    tower = save_tower(str(tmp_path / "clip-vit-large-patch14-336"), model)
+    src = save_next_original(str(tmp_path / "llava-v1.6-vicuna-7b"), model, tokenizer, tower)
+    dst = str(tmp_path / "converted")
+    converter.convert(src, dst, log=lambda line: None)
+    metadata = json.load(open(os.path.join(dst, "llava.json")))
+    row = metadata["pipeline"]
+    assert row["preprocess"] == "anyres" and [tuple(p) for p in row["grid_pinpoints"]] == list(NEXT_PINPOINTS)
+    run_both(load(dst), reference, [picture(*SIZES["square"], seed=71)])
+
+
+def test_llava_hf_round_trip_keeps_the_newline(converted, reference):
+    from safetensors.torch import load_file
+    _, _, dst = converted
+    saved = load_file(os.path.join(dst, "mm_projector.safetensors"))
+    assert torch.equal(saved["model.image_newline"], reference[0].model.image_newline.detach())
+    assert json.load(open(os.path.join(dst, "llava.json")))["pipeline"]["name"].endswith("(from its config)")
+
+
+# ---------------------------------------------------------------- counts through counting, truncation and the cache
+
+
+def jpeg_turned_a_quarter(width, height):
+    """A JPEG stored ``width`` × ``height`` whose EXIF says to show it turned 90°."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    picture(width, height, seed=81).save(buffer, "JPEG", exif=exif.tobytes())
+    return bytes_url(buffer.getvalue(), "image/jpeg")
+
+
+def test_token_count_reads_headers_only_and_agrees_with_prepare(converted, monkeypatch):
+    model, tokenizer, _ = converted
+    engine = engine_for()
+    encode = BosEncoder(tokenizer)
+    url = jpeg_turned_a_quarter(600, 300)  # shown 300 wide, 600 tall
+    prompt = f'USER: <img src="{url}"> and {img_tag(picture(*SIZES["very-wide"], seed=82))} ASSISTANT:'
+    from extensions.llava import images
+    opened = []
+    monkeypatch.setattr(images, "open_picture", lambda *a: opened.append(1) or pytest.fail("decoded"))
+    counted = engine.token_count(prompt, model, tokenizer, encode)
+    assert not opened
+    monkeypatch.undo()
+    prepared = engine.prepare(prompt, model=model, tokenizer=tokenizer, encode=encode, max_length=None)
+    assert counted == prepared.input_ids.shape[1]
+    assert int((prepared.input_ids == IMAGE_ID).sum()) == NEXT.slot_count(300, 600) + NEXT.slot_count(2400, 200)
+
+
+def test_placeholders_count_as_their_pictures(converted):
+    """``<__media__>`` attachments count at their own sizes; unseen ones at the most a picture takes."""
+    from extensions.llava.images import InlineImage
+    model, tokenizer, _ = converted
+    engine = engine_for()
+    encode = BosEncoder(tokenizer)
+    media = [InlineImage.from_url(jpeg_turned_a_quarter(600, 300)),
+             InlineImage.from_url(img_tag(picture(*SIZES["small"]))[10:-2])]
+    prompt = "USER: <__media__><__media__>\nHi ASSISTANT:"
+    text_only = len(encode("USER: \nHi ASSISTANT:")[0])
+    assert engine.token_count(prompt, model, tokenizer, encode, media=media) == \
+        text_only + NEXT.slot_count(300, 600) + NEXT.slot_count(200, 150)
+    assert engine.token_count(prompt, model, tokenizer, encode) == text_only + 2 * NEXT.max_slot_count()
+    prepared = engine.prepare(prompt, model=model, tokenizer=tokenizer, encode=encode, max_length=None, media=media)
+    assert prepared.input_ids.shape[1] == text_only + NEXT.slot_count(300, 600) + NEXT.slot_count(200, 150)
+
+
+def test_truncation_drops_whole_pictures_of_different_sizes(converted):
+    model, tokenizer, _ = converted
+    engine = engine_for()
+    encode = BosEncoder(tokenizer)
+    images = [picture(*SIZES["very-wide"], seed=91), picture(*SIZES["small"], seed=92)]
+    prompt = f"A {img_tag(images[0])} B {img_tag(images[1])} C"
+    full = engine.prepare(prompt, model=model, tokenizer=tokenizer, encode=encode, max_length=None)
+    small = NEXT.slot_count(*SIZES["small"])
+    for max_length in (small + 10, full.input_ids.shape[1] - 100):  # cuts inside the first picture
+        prepared = engine.prepare(prompt, model=model, tokenizer=tokenizer, encode=encode, max_length=max_length)
+        assert prepared.images_dropped == 1 and prepared.input_ids.shape[1] <= max_length
+        assert int((prepared.input_ids == IMAGE_ID).sum()) == small
+        assert torch.equal(prepared.inputs_embeds[0, -prepared.input_ids.shape[1]:],
+                           full.inputs_embeds[0, -prepared.input_ids.shape[1]:])
+
+
+def test_cache_serves_a_picture_again_without_the_tower(converted):
+    model, tokenizer, _ = converted
+    engine = engine_for()
+    encode = BosEncoder(tokenizer)
+    tag = img_tag(picture(*SIZES["tall"], seed=95))
+    first = engine.prepare(f"Look {tag}", model=model, tokenizer=tokenizer, encode=encode, max_length=None)
+    again = engine.prepare(f"Look {tag} again {img_tag(picture(*SIZES['wide'], seed=96))}", model=model,
+                           tokenizer=tokenizer, encode=encode, max_length=None, embed_all=True)
+    assert engine.counters.vision_forwards == 2 and engine.cache.stats.hits == 1
+    n = first.input_ids.shape[1]
+    assert torch.equal(again.inputs_embeds[0, :n], first.inputs_embeds[0, :n])
