@@ -220,3 +220,30 @@ def test_cache_serves_a_picture_again_without_the_tower(converted):
     assert engine.counters.vision_forwards == 2 and engine.cache.stats.hits == 1
     n = first.input_ids.shape[1]
     assert torch.equal(again.inputs_embeds[0, :n], first.inputs_embeds[0, :n])
+
+
+# ---------------------------------------------------------------- the webui's history trimming
+
+
+def test_history_trimming_keeps_whole_pictures_of_different_sizes(converted, host_factory):
+    """Three chat turns with attached pictures of different sizes fill the context: the host drops the
+    oldest turns by the length the extension reports (each picture at its own slot count) until the
+    prompt fits, so the tokenizer hook never has to cut a picture."""
+    model, tokenizer, dst = converted
+    host = host_factory(model=model, tokenizer=tokenizer, model_dir=os.path.dirname(dst),
+                        model_name=os.path.basename(dst), settings={f"llava-{k}": v for k, v in CPU.items()})
+    sizes = [SIZES["small"], SIZES["very-wide"], SIZES["square"]]
+    counts = [NEXT.slot_count(*size) for size in sizes]  # 1368, 1014, 2830
+    assert len(set(counts)) == 3
+    # room for the last two turns' pictures, not for all three
+    state = host.state(truncation_length=counts[1] + counts[2] + 600, max_new_tokens=8)
+    for turn, size in enumerate(sizes):
+        host.chat(f"Turn {turn}: what is this?", dict(state), attachments=[picture(*size, seed=100 + turn)])
+        kept = host.last_prompt_ids
+        assert kept.shape[1] <= state["truncation_length"] - state["max_new_tokens"]
+        slots = int((kept == IMAGE_ID).sum())
+        expected = {0: [counts[0]], 1: [counts[0], counts[1]], 2: [counts[1], counts[2]]}[turn]
+        assert slots == sum(expected), (turn, slots, expected)
+    assert not host.warned, host.warned  # nothing was cut by the hook
+    engine = host.script.engine()
+    assert engine.counters.vision_forwards == 3  # the earlier pictures came from the cache

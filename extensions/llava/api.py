@@ -52,6 +52,7 @@ class RequestScope:
     references: dict[str, ImageSource] = field(default_factory=dict)
     # per generation: (prompt tokens with the pictures expanded, the context it had)
     generations: list[tuple[int, int]] = field(default_factory=list)
+    generation_state: dict | None = None  # the webui's state of the generation being prepared
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record_generation(self, prompt_length: int, context_length: int) -> None:

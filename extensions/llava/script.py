@@ -159,7 +159,26 @@ def _browser_session():
 
 def state_modifier(state):
     state["llava_embed_all"] = sessions.embed_all(_browser_session(), _embed_all_setting())
+    _hold_generation_state(state)
     return state
+
+
+def _hold_generation_state(state) -> None:
+    """Keep the generation's state for measuring its prompt, in the HTTP request being served or
+    else for the browser session, until the tokenizer hook has run."""
+    scope = api.current_request.get()
+    if scope is not None:
+        scope.generation_state = state
+    else:
+        sessions.hold_state(_browser_session(), state)
+
+
+def _generation_media():
+    """The pictures of the ``<__media__>`` placeholders of the generation whose prompt the webui is
+    measuring (its state is read as the webui fills it: the attachments are listed after this hook)."""
+    scope = api.current_request.get()
+    state = scope.generation_state if scope is not None else sessions.held_state(_browser_session())
+    return webui_state.media_from_state(state) if state is not None else None
 
 
 def history_modifier(history):
@@ -212,6 +231,8 @@ def tokenizer_modifier(state, prompt, input_ids, input_embeds):
             _warn(f"llava: {note}")
         prompt, input_ids, input_embeds = prepared.prompt, prepared.input_ids, prepared.inputs_embeds
     _record_prompt_length(shared.model, int(input_ids.shape[-1]), state)
+    if api.current_request.get() is None:
+        sessions.hold_state(_browser_session(), None)
     return prompt, input_ids, input_embeds
 
 
@@ -244,7 +265,8 @@ def custom_tokenized_length(prompt):
         return None
     try:
         return engine().token_count(prompt, shared.model, shared.tokenizer, lambda text: encode(text),
-                                    model_path=webui_state.model_folder(shared), references=api.request_references())
+                                    media=_generation_media(), model_path=webui_state.model_folder(shared),
+                                    references=api.request_references())
     except LlavaError:
         return None
 

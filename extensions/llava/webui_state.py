@@ -73,7 +73,8 @@ def attach_to_new_message(history: dict, upload: Upload) -> dict:
 
 
 class BrowserSessions:
-    """Per browser session: the picture waiting for its next message and the "embed all" choice.
+    """Per browser session: the picture waiting for its next message, the "embed all" choice, and the
+    state of the generation being prepared (its pictures count in the prompt's length).
 
     Hosts without sessions (the 2023 webui) use the key None. The least recently used sessions
     are forgotten beyond ``limit``; nothing decoded is held, only file paths.
@@ -83,6 +84,7 @@ class BrowserSessions:
         self.limit = limit
         self._pictures: OrderedDict = OrderedDict()
         self._embed_all: OrderedDict = OrderedDict()
+        self._states: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
     def _put(self, table: OrderedDict, session, value) -> None:
@@ -109,6 +111,17 @@ class BrowserSessions:
     def embed_all(self, session, default: bool) -> bool:
         with self._lock:
             return self._embed_all.get(session, default)
+
+    def hold_state(self, session, state: dict | None) -> None:
+        with self._lock:
+            if state is None:
+                self._states.pop(session, None)
+            else:
+                self._put(self._states, session, state)
+
+    def held_state(self, session) -> dict | None:
+        with self._lock:
+            return self._states.get(session)
 
 
 def media_from_state(state: dict) -> list:
