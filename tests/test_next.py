@@ -247,3 +247,20 @@ def test_history_trimming_keeps_whole_pictures_of_different_sizes(converted, hos
     assert not host.warned, host.warned  # nothing was cut by the hook
     engine = host.script.engine()
     assert engine.counters.vision_forwards == 3  # the earlier pictures came from the cache
+
+
+def test_ask_answers_about_a_large_photo(converted, tmp_path):
+    """The headless ``ask`` on a converted 1.6 model: a 12 MP photo is tiled and embedded at its size."""
+    from extensions.llava.cli_ask import Asker
+    from testbed.photos import make_photo
+    _, tokenizer, dst = converted
+    path = make_photo(str(tmp_path / "photo.jpg"))
+    asker = Asker(dst)
+    prompt = asker.prompt(["<img>"], "What is it?")
+    assert prompt.startswith("USER: ") and prompt.endswith(" ASSISTANT:")  # the vicuna format of v1.6
+    asker.ask([path], "What is it?", max_new_tokens=3)
+    width, height = Image.open(path).size
+    assert os.path.getsize(path) > 2_000_000 and width * height >= 12_000_000
+    assert asker.engine.counters.vision_forwards == 1
+    # the one cached feature block has exactly the picture's slots: [slot_count, 64] float32
+    assert asker.engine.cache.stats.stored_bytes == NEXT.slot_count(width, height) * 64 * 4

@@ -28,6 +28,7 @@ FAMILY_TEMPLATES = {
     "v0": "###Human: {images}\n{question}###Assistant:",
     "llama-2": "[INST] {images}\n{question} [/INST]",
     "v1.5": "USER: {images}\n{question} ASSISTANT:",
+    "v1.6": "USER: {images}\n{question} ASSISTANT:",  # vicuna; the mistral and 34b releases carry chat templates
 }
 FALLBACK_TEMPLATE = FAMILY_TEMPLATES["v1.5"]
 
