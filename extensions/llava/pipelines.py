@@ -91,10 +91,9 @@ class Pipeline:
         """An image as one slot between its start and end tokens (widened to all slots in the ids)."""
         return (self.start_token or "") + self.image_token + (self.end_token or "")
 
-    def image_text(self, width: int | None = None, height: int | None = None) -> str:
-        """The text an image becomes before tokenization."""
-        count = self.feature_count if width is None else self.slot_count(width, height)
-        return (self.start_token or "") + self.image_token * count + (self.end_token or "")
+    def image_text(self) -> str:
+        """The text a fixed-size image becomes before tokenization (the demo's training data)."""
+        return (self.start_token or "") + self.image_token * self.feature_count + (self.end_token or "")
 
     def to_json(self) -> dict:
         """The row as JSON data (what the converter writes into a model folder)."""

@@ -93,12 +93,16 @@ class BrowserSessions:
         while len(table) > self.limit:
             table.popitem(last=False)
 
-    def pick(self, session, upload: Upload | None) -> None:
+    def _set(self, table: OrderedDict, session, value) -> None:
+        """``value`` for ``session``; None forgets it."""
         with self._lock:
-            if upload is None:
-                self._pictures.pop(session, None)
+            if value is None:
+                table.pop(session, None)
             else:
-                self._put(self._pictures, session, upload)
+                self._put(table, session, value)
+
+    def pick(self, session, upload: Upload | None) -> None:
+        self._set(self._pictures, session, upload)
 
     def take(self, session) -> Upload | None:
         with self._lock:
@@ -113,11 +117,7 @@ class BrowserSessions:
             return self._embed_all.get(session, default)
 
     def hold_state(self, session, state: dict | None) -> None:
-        with self._lock:
-            if state is None:
-                self._states.pop(session, None)
-            else:
-                self._put(self._states, session, state)
+        self._set(self._states, session, state)
 
     def held_state(self, session) -> dict | None:
         with self._lock:
