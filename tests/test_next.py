@@ -9,10 +9,12 @@ import io
 import json
 import os
 import random
+import time
 
 import pytest
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from extensions.llava import convert as converter
@@ -174,6 +176,70 @@ def test_token_count_reads_headers_only_and_agrees_with_prepare(converted, monke
     prepared = engine.prepare(prompt, model=model, tokenizer=tokenizer, encode=encode, max_length=None)
     assert counted == prepared.input_ids.shape[1]
     assert int((prepared.input_ids == IMAGE_ID).sum()) == NEXT.slot_count(300, 600) + NEXT.slot_count(2400, 200)
+
+
+def noisy_picture(fmt: str, size=(700, 500), icc_bytes: int = 0, turned: bool = True) -> tuple[str, tuple]:
+    """A data URL of a noisy (so large) picture in ``fmt``, turned by its EXIF where the format has
+    one, with an ICC profile of ``icc_bytes`` in front of its pixels; and its upright size."""
+    pixels = np.random.default_rng(7).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    options = {}
+    if turned and fmt in ("JPEG", "PNG", "WEBP", "TIFF"):
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        options["exif"] = exif.tobytes()
+    if icc_bytes:
+        options["icc_profile"] = np.random.default_rng(3).bytes(icc_bytes)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt, **options)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))).size
+    return bytes_url(buffer.getvalue(), f"image/{fmt.lower()}"), upright
+
+
+def full_decodes(monkeypatch) -> list[int]:
+    """Records the length of every base64 payload decoded whole."""
+    from extensions.llava import images
+    calls, decode = [], images.decode_base64
+    monkeypatch.setattr(images, "decode_base64", lambda payload, source: calls.append(len(payload)) or
+                        decode(payload, source))
+    return calls
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"])
+def test_a_header_is_read_from_the_start_of_the_data(fmt, monkeypatch):
+    """The trimming loop counts every picture on every pass: a picture's size comes from the first
+    64 K characters of its data (larger headers from more), never by decoding all of it."""
+    from extensions.llava.images import HEADER_PREFIX_CHARS, InlineImage
+    url, upright = noisy_picture(fmt)
+    assert len(url) > 4 * HEADER_PREFIX_CHARS[0]
+    decoded = full_decodes(monkeypatch)
+    assert InlineImage.from_url(url).header() == upright
+    # Pillow reads a WebP only whole (its EXIF follows its pixels)
+    assert decoded == ([] if fmt != "WEBP" else [len(url) - url.index(",") - 1])
+    assert InlineImage.from_url(url).load().image.size == upright
+
+
+@pytest.mark.parametrize("icc_bytes, whole", [(300_000, False), (900_000, True)])
+def test_a_long_header_is_read_from_more_of_the_data(icc_bytes, whole, monkeypatch):
+    from extensions.llava.images import HEADER_PREFIX_CHARS, InlineImage
+    url, upright = noisy_picture("JPEG", size=(1400, 1000), icc_bytes=icc_bytes)
+    assert len(url) > HEADER_PREFIX_CHARS[1]
+    decoded = full_decodes(monkeypatch)
+    assert InlineImage.from_url(url).header() == upright == (1000, 1400)
+    assert bool(decoded) == whole
+
+
+def test_a_photos_header_costs_no_more_than_a_small_pictures(tmp_path, monkeypatch):
+    from extensions.llava.images import InlineImage
+    from testbed.photos import make_photo
+    with open(make_photo(str(tmp_path / "photo.jpg")), "rb") as f:
+        url = bytes_url(f.read(), "image/jpeg")
+    decoded = full_decodes(monkeypatch)
+    started = time.perf_counter()
+    for _ in range(20):
+        assert InlineImage.from_url(url).header() == (4000, 3000)
+    per_header = (time.perf_counter() - started) / 20
+    print(f"header of a {len(url) / 1e6:.1f} M-character photo: {per_header * 1e3:.2f} ms")
+    assert not decoded and per_header < 0.010  # decoding all of it takes about 18 ms
 
 
 def test_placeholders_count_as_their_pictures(converted):

@@ -23,6 +23,10 @@ MAX_ENCODED_CHARS = 64 * 1024 * 1024
 MAX_PIXELS = 50_000_000
 ALPHA_BACKGROUND = (255, 255, 255)
 SUPPORTED_FORMATS = "PNG, JPEG, GIF, WebP, BMP or TIFF"
+# base64 characters of a data URL read for its header before all of it: a photo's header with its
+# EXIF fits in the first; large ICC profiles or previews may need the second
+HEADER_PREFIX_CHARS = (64 * 1024, 1024 * 1024)
+_URL_SAFE = str.maketrans("-_", "+/")
 
 
 class ImageError(LlavaError):
@@ -89,9 +93,23 @@ class InlineImage(ImageSource):
         return open_picture(self._data(), self)
 
     def header(self) -> tuple[int, int]:
+        """The size from the first part of the data when that part holds the whole header (a
+        photo's size is known from its first kilobytes), else from all of it."""
+        payload = self._payload_start()
+        for chars in HEADER_PREFIX_CHARS:
+            if payload + chars >= self.end:
+                break
+            prefix = decode_base64_prefix(self.text[payload:payload + chars])
+            found = sniff_header(prefix, self, partial=True) if prefix else None
+            if found is not None:
+                return found[1]
         return sniff_header(self._data(), self)[1]
 
     def _data(self) -> bytes:
+        return decode_base64(self.text[self._payload_start():self.end], self)
+
+    def _payload_start(self) -> int:
+        """Where the base64 starts, after checking the URL's header."""
         if self.end - self.start > MAX_ENCODED_CHARS:
             raise self.error(f"the data URL is longer than {MAX_ENCODED_CHARS // 2**20} MB")
         comma = self.text.find(",", self.start, self.end)
@@ -106,7 +124,7 @@ class InlineImage(ImageSource):
             raise self.error(f"the data URL is of type '{media_type or 'none'}', not an image")
         if "base64" not in parameters:
             raise self.error("the data URL is not base64-encoded (expected 'data:image/...;base64,')")
-        return decode_base64(self.text[comma + 1:self.end], self)
+        return comma + 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,7 +180,7 @@ def decode_base64(payload: str, source: ImageSource) -> bytes:
     if not compact:
         raise source.error("the data URL holds no data")
     if "-" in compact or "_" in compact:
-        compact = compact.translate(str.maketrans("-_", "+/"))
+        compact = compact.translate(_URL_SAFE)
     compact += "=" * (-len(compact) % 4)  # tolerate missing padding
     try:
         return base64.b64decode(compact, validate=True)
@@ -170,8 +188,18 @@ def decode_base64(payload: str, source: ImageSource) -> bytes:
         raise source.error("the data after 'base64,' is not valid base64") from None
 
 
-def _open_header(data: bytes, source: ImageSource) -> Image.Image:
-    """Pillow's lazy open: the header is read, no pixel is decoded; size limits are checked here."""
+def decode_base64_prefix(chars: str) -> bytes | None:
+    """The bytes of the first whole base64 quartets of ``chars``; None if they are not base64."""
+    compact = "".join(chars.split()).translate(_URL_SAFE)
+    try:
+        return base64.b64decode(compact[:len(compact) // 4 * 4], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _open_header(data: bytes, source: ImageSource, partial: bool = False) -> Image.Image | None:
+    """Pillow's lazy open: the header is read, no pixel is decoded; size limits are checked here.
+    With ``partial`` (``data`` is the start of the picture) None when the header does not end in it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -179,6 +207,8 @@ def _open_header(data: bytes, source: ImageSource) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise source.error(f"the picture is larger than {MAX_PIXELS:,} pixels") from None
     except Exception:
+        if partial:
+            return None
         raise source.error(f"the data is not a picture in a supported format ({SUPPORTED_FORMATS})") from None
     width, height = image.size
     if width < 1 or height < 1:
@@ -192,14 +222,26 @@ def _open_header(data: bytes, source: ImageSource) -> Image.Image:
 _QUARTER_TURNS = {5, 6, 7, 8}
 
 
-def sniff_header(data: bytes, source: ImageSource) -> tuple[str, tuple[int, int]]:
+def sniff_header(data: bytes, source: ImageSource, partial: bool = False) -> tuple[str, tuple[int, int]] | None:
     """The picture's media type and its upright size (after its EXIF orientation, as ``open_picture``
-    turns it), from its header alone; refuses what ``open_picture`` would refuse before decoding."""
-    image = _open_header(data, source)
-    width, height = image.size
+    turns it), from its header alone; refuses what ``open_picture`` would refuse before decoding.
+    With ``partial`` (``data`` is the start of the picture) None when the header does not end in it."""
+    image = _open_header(data, source, partial)
+    if image is None:
+        return None
+    width, height = _stored_size(image)
     if _orientation(image) in _QUARTER_TURNS:
         width, height = height, width
     return image.get_format_mimetype() or "image/png", (width, height)
+
+
+def _stored_size(image: Image.Image) -> tuple[int, int]:
+    """The size before any EXIF turn. Recent Pillow reports a turned TIFF's size already upright
+    (it turns TIFFs as it loads them), so a TIFF's own width and length tags are read."""
+    if image.format == "TIFF":
+        tags = getattr(image, "tag_v2", {})
+        return int(tags.get(256, image.size[0])), int(tags.get(257, image.size[1]))
+    return image.size
 
 
 def _orientation(image: Image.Image) -> int:
