@@ -62,7 +62,10 @@ class Page:
 
     def attach(self, path: str) -> None:
         """The webui's own attach button (the chat box's file input)."""
-        self.driver.find_element(By.CSS_SELECTOR, "#chat-input input[type=file]").send_keys(path)
+        field = self.driver.find_element(By.CSS_SELECTOR, "#chat-input input[type=file]")
+        # chromedriver adds to what a multiple-file input held before; a person's pick replaces it
+        self.driver.execute_script("arguments[0].value = '';", field)
+        field.send_keys(path)
         name = os.path.basename(path)
         self.wait_for(lambda: name in self.driver.find_element(By.ID, "chat-input").text or
                       self.driver.find_elements(By.CSS_SELECTOR, "#chat-input .thumbnail-item, #chat-input img"),
@@ -77,13 +80,16 @@ class Page:
     def messages(self):
         return self.driver.find_elements(By.CSS_SELECTOR, "#chat .user-message, #chat .assistant-message")
 
-    def send(self, text: str) -> str:
-        """Type ``text``, press Send, and return the reply once generation has ended."""
+    def send(self, text: str, wait_for_reply: bool = True) -> str | None:
+        """Type ``text``, press Send, and return the reply once generation has ended (a random model's
+        reply may show nothing: then only the end of generation is waited for)."""
         replies = len(self.driver.find_elements(By.CSS_SELECTOR, "#chat .assistant-message"))
         done = self.server.count("Output generated in")
         self.driver.find_element(By.CSS_SELECTOR, "#chat-input textarea").send_keys(text)
         self.driver.find_element(By.ID, "Generate").click()
         self.server.wait_for_count("Output generated in", done + 1)
+        if not wait_for_reply:
+            return None
 
         def reply():
             found = self.driver.find_elements(By.CSS_SELECTOR, "#chat .assistant-message")
