@@ -20,9 +20,15 @@ PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
 def build_next(seed: int = 51, mistral: bool = False) -> tuple[LlavaNextForConditionalGeneration, object]:
-    """The reference model with random weights (a non-zero image_newline), and its tokenizer."""
+    """The reference model with random weights (a non-zero image_newline), and its tokenizer; with
+    ``mistral`` its language model is a Mistral, as in llava-v1.6-mistral-7b-hf."""
     tokenizer = make_tokenizer(image_tokens=("<image>",))
     text = llama_config(len(tokenizer)).to_dict()
+    if mistral:
+        from transformers import MistralConfig
+        keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+        text = MistralConfig(**{k: text[k] for k in keep}, rope_theta=1e6, sliding_window=None).to_dict()
     config = LlavaNextConfig(vision_config=vision_config(336).to_dict(), text_config=text, image_token_index=IMAGE_ID,
                              vision_feature_layer=-2, vision_feature_select_strategy="default",
                              projector_hidden_act="gelu", image_grid_pinpoints=PINPOINTS)

@@ -141,6 +141,18 @@ def test_original_layout_round_trip(reference, tmp_path):
     run_both(load(dst), reference, [picture(*SIZES["square"], seed=71)])
 
 
+def test_llava_hf_mistral_round_trip(tmp_path):
+    """llava-v1.6-mistral-7b-hf's layout: a MistralForCausalLM comes out, equal to the reference."""
+    model, tokenizer = build_next(seed=52, mistral=True)
+    assert model.config.text_config.model_type == "mistral"
+    src = save_next_hf(str(tmp_path / "llava-v1.6-mistral-7b-hf"), model, tokenizer)
+    dst = str(tmp_path / "converted")
+    converter.convert(src, dst, log=lambda line: None)
+    converted = load(dst)
+    assert type(converted[0]).__name__ == "MistralForCausalLM"
+    run_both(converted, (model, tokenizer), [picture(*SIZES["tall"], seed=54)])
+
+
 def test_llava_hf_round_trip_keeps_the_newline(converted, reference):
     from safetensors.torch import load_file
     _, _, dst = converted
