@@ -342,3 +342,26 @@ def test_ask_answers_about_a_large_photo(converted, tmp_path):
     assert asker.engine.counters.vision_forwards == 1
     # the one cached feature block has exactly the picture's slots: [slot_count, 64] float32
     assert asker.engine.cache.stats.stored_bytes == NEXT.slot_count(width, height) * 64 * 4
+
+
+# ---------------------------------------------------------------- replies sized by the webui
+
+
+def test_a_reply_ends_at_the_context_length():
+    from transformers import LlamaForCausalLM
+    from extensions.llava.context_limit import EndAtContextLength, reply_limit
+    from testbed.tiny import llama_config
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(llama_config(300)).eval()
+    prompt = torch.randint(3, 300, (1, 10))
+    with torch.no_grad():
+        unlimited = llm.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=2, pad_token_id=0)
+        limited = llm.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=2, pad_token_id=0,
+                               logits_processor=[EndAtContextLength(25, [2])])
+    assert unlimited.shape[1] == 50 and 2 not in unlimited[0, 10:].tolist()
+    assert limited.shape[1] == 25 and limited[0, -1].item() == 2
+    assert torch.equal(limited[0, :24], unlimited[0, :24])  # nothing else changed
+    state = {"auto_max_new_tokens": True, "truncation_length": 4096}
+    assert reply_limit(state, prompt_grew=True) == 4096
+    assert reply_limit(state, prompt_grew=False) is None
+    assert reply_limit({**state, "auto_max_new_tokens": False}, prompt_grew=True) is None

@@ -80,9 +80,14 @@ def log(server) -> str:
     return re.sub(r"\s+", " ", server.log_text())
 
 
+def generations(server) -> list[tuple[int, int]]:
+    """(prompt length, pictures included; new tokens) of each generation so far (the webui's own log line)."""
+    return [(int(context), int(new)) for new, context in
+            re.findall(r"Output generated in [^,]*, (\d+) tokens, context (\d+)", log(server))]
+
+
 def contexts(server) -> list[int]:
-    """The prompt length of each generation so far, pictures included (the webui's own log line)."""
-    return [int(n) for n in re.findall(r"Output generated in [^,]*, [^,]*, context (\d+)", log(server))]
+    return [context for context, _ in generations(server)]
 
 
 def test_completions_and_the_seed_route_answer_as_the_reference(server, model):
@@ -157,3 +162,17 @@ def test_the_webuis_trimming_in_the_chat_page_keeps_whole_pictures(server, model
     assert server.count("llava: 2 image(s) in the prompt, 2 embedded") == 2  # turns 2 and 3
     assert "3 image(s) in the prompt" not in log(server)
     assert "were cut off" not in log(server)
+
+
+def test_an_automatic_reply_length_ends_at_the_context_length(server):
+    """Without max_tokens the webui sizes the reply as (context − prompt), measuring the prompt with
+    each picture as a short reference; the reply still ends where the context ends."""
+    picture = tiny.picture(*SIZES[2], seed=40)
+    limit = COUNTS[2] + 600  # the prompt must leave the 512 tokens the webui then assumes for the reply
+    status, body = post(server.api_base + "/v1/completions", {
+        "prompt": f"USER: {tiny.img_tag(picture)} What is this? ASSISTANT:", "max_tokens": None,
+        "truncation_length": limit})
+    assert status == 200, body
+    context, new = generations(server)[-1]
+    assert context > COUNTS[2] and context + new <= limit, (context, new, limit)
+    assert new >= limit - context - 1  # the random model ran until the context was full

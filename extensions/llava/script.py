@@ -31,6 +31,7 @@ api = _core("api")
 prompt_module = _core("prompt")
 REFERENCES_KEY = "llava_references"  # the state's pictures behind the prompt's llava-ref: sources
 engine_module = _core("engine")
+context_limit = _core("context_limit")
 webui_state = _core("webui_state")
 webui_2023 = _core("webui_2023")
 LlavaError = _core("errors").LlavaError
@@ -226,14 +227,26 @@ def tokenizer_modifier(state, prompt, input_ids, input_embeds):
                 model_path=webui_state.model_folder(shared), references=references)
         except LlavaError as error:
             raise _refusal(error) from None
+    grew = prepared is not None and prepared.input_ids.shape[-1] > input_ids.shape[-1]
     if prepared is not None:
         for note in prepared.notes:
             _warn(f"llava: {note}")
         prompt, input_ids, input_embeds = prepared.prompt, prepared.input_ids, prepared.inputs_embeds
+    _turn.reply_limit = context_limit.reply_limit(state, grew)
     _record_prompt_length(shared.model, int(input_ids.shape[-1]), state)
     if api.current_request.get() is None:
         sessions.hold_state(_browser_session(), None)
     return prompt, input_ids, input_embeds
+
+
+def logits_processor_modifier(processor_list, input_ids):
+    """Runs right after the tokenizer hook, in the same thread: ends the reply at the context length."""
+    from modules import shared
+    limit, _turn.reply_limit = getattr(_turn, "reply_limit", None), None
+    eos = getattr(shared.tokenizer, "eos_token_id", None)
+    if limit is not None and eos is not None:
+        processor_list.append(context_limit.EndAtContextLength(limit, [eos]))
+    return processor_list
 
 
 def _record_prompt_length(model, length: int, state) -> None:
