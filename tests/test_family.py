@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration, MistralConfig
 
 from extensions.llava import convert as converter
-from extensions.llava.detect import choose_pipeline, detect_pipeline
+from extensions.llava.detect import choose_pipeline, detect_pipeline, pipeline_from_config
 from extensions.llava.engine import LlavaEngine
 from extensions.llava.errors import LlavaError
 from extensions.llava.pipelines import NEXT_PINPOINTS, PIPELINES, PipelineError
@@ -353,6 +353,28 @@ def test_auto_detects_each_pipeline(name, tmp_path):
     assert choose_pipeline("auto", config(), vocab, str(tmp_path / "model")).pipeline.name == name
     if "v1.6" not in name:  # the name-and-width evidence of folders without a LLaVA config
         assert detect_pipeline(config(), vocab, str(tmp_path / "model")) == name
+
+
+# llava-hf's llava-v1.6-*-hf configs: LlavaNextConfig's default vision side (CLIP ViT-L/14 at 336 px,
+# layer -2, CLS dropped, gelu projector), the released canvases, the text model's own config
+# ("<image>" is 32000 after a 32000-token vocabulary, 64000 after the 34b's 64000)
+HF_NEXT = {
+    "llava-v1.6-vicuna-7b": (4096, None, 32000),
+    "llava-v1.6-vicuna-13b": (5120, None, 32000),
+    "llava-v1.6-mistral-7b": (4096, MistralConfig, 32000),
+    "llava-v1.6-34b": (7168, None, 64000),
+}
+
+
+@pytest.mark.parametrize("name", list(HF_NEXT))
+def test_llava_hf_next_configs_are_the_named_pipelines(name):
+    from transformers import LlamaConfig, LlavaNextConfig
+    hidden, text_class, image_id = HF_NEXT[name]
+    text = (text_class or LlamaConfig)(hidden_size=hidden, vocab_size=image_id + 64)
+    config = LlavaNextConfig(text_config=text.to_dict(), image_token_index=image_id,
+                             image_grid_pinpoints=[list(p) for p in next_config(64).image_grid_pinpoints])
+    assert pipeline_from_config(config, f"/models/{name}-hf", image_token="<image>", llm_hidden_size=hidden) \
+        is PIPELINES[name]
 
 
 @pytest.mark.parametrize("config,expected", [
