@@ -54,7 +54,7 @@ def server(model, tmp_path_factory):
     work = tmp_path_factory.mktemp("next-server")
     settings = work / "settings.yaml"
     settings.write_text(f"max_new_tokens: {MAX_NEW_TOKENS}\nauto_max_new_tokens: false\n")
-    with running_webui(model[2], "tiny-llava-next", str(work), ui=True, api=True,
+    with running_webui(model[2], "tiny-llava-next", str(work), ui=True, api=True, probe_encode=True,
                        extra_args=("--settings", str(settings))) as running:
         yield running
 
@@ -176,3 +176,26 @@ def test_an_automatic_reply_length_ends_at_the_context_length(server):
     context, new = generations(server)[-1]
     assert context > COUNTS[2] and context + new <= limit, (context, new, limit)
     assert new >= limit - context - 1  # the random model ran until the context was full
+
+
+def test_a_phone_photo_over_each_api(server, tmp_path):
+    """A 12 MP JPEG (4000×3000, about 4 MB) takes 2340 tokens on every route, and no text the
+    webui tokenizes holds its data."""
+    from testbed.photos import make_photo
+    with open(make_photo(str(tmp_path / "photo.jpg")), "rb") as f:
+        url = tiny.bytes_url(f.read(), "image/jpeg")
+    assert len(url) > 5_000_000 and NEXT.slot_count(4000, 3000) == 2340
+    tag = f'<img src="{url}">'
+    seen = len(contexts(server))
+    encoded = len(server.encoded())
+    for path, body in [
+            ("/v1/chat/completions", {"max_tokens": 2, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]}]}),
+            ("/v1/completions", {"prompt": f"USER: {tag} What is this? ASSISTANT:", "max_tokens": 2}),
+            ("/api/v1/generate", {"prompt": f"USER: {tag} What is this? ASSISTANT:", "max_new_tokens": 2})]:
+        status, answer = post(server.api_base + path, body)
+        assert status == 200, (path, answer)
+    lengths = contexts(server)[seen:]
+    assert len(lengths) == 3 and all(2340 < n < 2340 + TEXT_ROOM for n in lengths), lengths
+    assert lengths[1] == lengths[2]  # the same prompt over the completion and seed routes
+    assert max(server.encoded()[encoded:]) < 300
