@@ -69,18 +69,13 @@ class Pipeline:
 
     @property
     def max_views(self) -> int:
-        """The most views the tower sees for one picture."""
-        if not self.anyres:
-            return 1
-        return 1 + max((h // self.image_size) * (w // self.image_size) for h, w in self.grid_pinpoints)
+        """The most views the tower sees for one picture: one that fills the largest canvas."""
+        return max((self.tile_count(w, h) for h, w in self.grid_pinpoints), default=1)
 
     def max_slot_count(self) -> int:
-        """The most slots any picture can take (what an unseen picture is counted at)."""
-        if not self.anyres:
-            return self.feature_count
-        side = self.patches_per_side
-        return self.feature_count + max(h // self.image_size * side * (w // self.image_size * side + 1)
-                                        for h, w in self.grid_pinpoints)
+        """The most slots any picture can take (what an unseen picture is counted at): a picture of
+        exactly a canvas's size has no padding to cut away."""
+        return max((self.slot_count(w, h) for h, w in self.grid_pinpoints), default=self.feature_count)
 
     @property
     def special_tokens(self) -> tuple[str, ...]:
