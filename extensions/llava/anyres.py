@@ -16,19 +16,15 @@ import functools
 import torch
 
 from .pipelines import Pipeline, unpadded_window
+from .weights import image_processor_from
 
 
 @functools.lru_cache(maxsize=4)
 def tile_processor(processor, pinpoints: tuple[tuple[int, int], ...]):
     """transformers' LLaVA-NeXT image processor with the CLIP processor's settings and the pipeline's
-    canvases (the PIL one: the webui has no torchvision, and its resizing is the reference's)."""
-    try:
-        from transformers import LlavaNextImageProcessorPil as processor_class
-    except ImportError:
-        from transformers import LlavaNextImageProcessor as processor_class
-    settings = {k: v for k, v in processor.to_dict().items()
-                if k not in ("image_processor_type", "processor_class", "image_grid_pinpoints")}
-    return processor_class(**{**settings, "image_grid_pinpoints": [list(p) for p in pinpoints], "do_pad": False})
+    canvases."""
+    return image_processor_from(processor.to_dict(), "LlavaNextImageProcessor",
+                                image_grid_pinpoints=[list(p) for p in pinpoints], do_pad=False)
 
 
 def tiles(images, processor, pipeline: Pipeline) -> tuple[torch.Tensor, list[tuple[int, int]]]:

@@ -18,8 +18,8 @@ from torch import nn
 from . import anyres
 from .pipelines import Pipeline
 from .projector import normalise_projector_keys, split_image_newline, projector_from_state, projector_shape, projector_type_of
-from .weights import (WeightsError, load_image_processor, quiet_transformers, read_projector_tensors, read_tensors,
-                      resolve_file)
+from .weights import (WeightsError, image_processor_from, load_image_processor, quiet_transformers,
+                      read_projector_tensors, read_tensors, resolve_file)
 
 # A picture whose sides differ more than this is cut (crop) or shrunk (pad) first, so that
 # preprocessing never builds a huge intermediate image; ordinary pictures are untouched.
@@ -124,12 +124,7 @@ def keep_encoder_layers(model, feature_layer: int) -> None:
 def padding_processor(processor):
     """transformers' LLaVA image processor with the CLIP processor's settings and ``do_pad``: it pads each
     picture to a square of the mean colour (truncated to 0..255, as LLaVA v1.5 trained), then resizes."""
-    try:
-        from transformers import LlavaImageProcessorPil as processor_class
-    except ImportError:
-        from transformers import LlavaImageProcessor as processor_class
-    settings = {k: v for k, v in processor.to_dict().items() if k not in ("image_processor_type", "processor_class")}
-    return processor_class(**{**settings, "do_pad": True})
+    return image_processor_from(processor.to_dict(), "LlavaImageProcessor", do_pad=True)
 
 
 def limit_padded_side(image):

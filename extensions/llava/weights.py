@@ -153,23 +153,31 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def image_processor_class(name: str):
+    """transformers' image processor class ``name``, its PIL variant where there is one (the webui has no
+    torchvision, and PIL resizing is the reference's)."""
+    import transformers
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+
+def image_processor_from(settings: dict, name: str, **overrides):
+    """Image processor ``name`` with another processor's ``settings`` (its ``to_dict()``) and ``overrides``."""
+    kept = {k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class", *overrides)}
+    return image_processor_class(name)(**kept, **overrides)
+
+
 def load_image_processor(source: str):
     """The CLIP image processor of ``source`` (a repo or folder): its ``preprocessor_config.json``, or
     the one nested in ``processor_config.json`` (transformers 5 writes that for llava-hf)."""
-    try:
-        from transformers import CLIPImageProcessorPil as processor_class
-    except ImportError:
-        from transformers import CLIPImageProcessor as processor_class
     nested_path = os.path.join(source, "processor_config.json")
     if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "preprocessor_config.json")) \
             and os.path.isfile(nested_path):
         with open(nested_path) as f:
             nested = json.load(f).get("image_processor")
         if isinstance(nested, dict):
-            return processor_class(**{k: v for k, v in nested.items()
-                                      if k not in ("image_processor_type", "processor_class")})
+            return image_processor_from(nested, "CLIPImageProcessor")
     try:
-        return processor_class.from_pretrained(source)
+        return image_processor_class("CLIPImageProcessor").from_pretrained(source)
     except Exception as error:
         raise WeightsError(f"could not load the image processor of '{source}' ({type(error).__name__}); "
                            "it needs a preprocessor_config.json (copy the one of its CLIP tower)") from None
