@@ -36,7 +36,7 @@ import torch
 
 from .detect import METADATA_FILE, detect_pipeline, pipeline_from_config
 from .errors import LlavaError
-from .pipelines import CLIP_224, CLIP_336, PIPELINES, Pipeline, PipelineError, get_pipeline
+from .pipelines import PIPELINES, Pipeline, PipelineError, get_pipeline
 from .projector import normalise_projector_keys, projector_type_of, split_image_newline
 from .vision import clip_vision_from_state
 from .weights import IMAGE_NEWLINE_KEYS, WeightsError, iter_tensors, load_image_processor, quiet_transformers, read_projector_tensors
@@ -146,21 +146,10 @@ def load_tokenizer(folder: str):
 # ---------------------------------------------------------------- choosing the pipeline
 
 
-def evidence(source: Source, vocab: dict) -> SimpleNamespace:
-    """What detect_pipeline reads, for either kind of source."""
-    if source.kind == "original":
-        return SimpleNamespace(**source.raw)
-    image_size = source.vision.get("image_size", 224)
-    linear = source.raw.get("projector_hidden_act") in ("linear", "identity")
-    return SimpleNamespace(model_type=source.llm_type, hidden_size=source.text.get("hidden_size"),
-                           mm_vision_tower=CLIP_336 if image_size == 336 else CLIP_224,
-                           mm_projector_type="linear" if linear else "mlp2x_gelu",
-                           mm_use_im_start_end="<im_start>" in vocab)
-
-
 def choose(source: Source, tokenizer, name: str) -> Pipeline:
-    """The pipeline the checkpoint's own config describes; the named one when given; else the
-    named one that the checkpoint's type, width and tokenizer point to."""
+    """The named pipeline when given; else the one the checkpoint's own config describes (a llava-hf
+    config always does, an original one when it names its tower); else the named one that the
+    checkpoint's type, width, tokenizer and folder name point to."""
     if name != "auto":
         return get_pipeline(name)
     try:
@@ -171,7 +160,7 @@ def choose(source: Source, tokenizer, name: str) -> Pipeline:
         if described is not None:
             return described
         vocab = tokenizer.get_vocab()
-        return get_pipeline(detect_pipeline(evidence(source, vocab), vocab, source.folder))
+        return get_pipeline(detect_pipeline(SimpleNamespace(**source.raw), vocab, source.folder))
     except PipelineError as error:
         raise ConvertError(f"{error} — for the converter: pass --pipeline NAME") from None
 
