@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import html
 
-from .images import InlineImage, data_url
+from .images import data_url, open_picture
 from .prompt import UI_IMAGE_MARKER, place_image
 from .webui_state import Upload, upload_data_url
 
@@ -21,10 +21,10 @@ def thumbnail_tag(image) -> str:
 
 def inline_in_message(text: str, visible_text: str, upload: Upload, escaped_visible: bool) -> tuple[str, str]:
     """``text`` with the picture, ``visible_text`` with its thumbnail."""
-    url = upload_data_url(upload)
-    text = place_image(text, f'<img src="{url}">')
+    data = upload.data()
+    text = place_image(text, f'<img src="{upload_data_url(upload, data)}">')
     marker = html.escape(UI_IMAGE_MARKER) if escaped_visible else UI_IMAGE_MARKER
-    thumbnail = thumbnail_tag(InlineImage.from_url(url).load().image)
+    thumbnail = thumbnail_tag(open_picture(data, upload).image)
     visible_text = visible_text or ""
     if marker in visible_text:
         visible_text = visible_text.replace(marker, thumbnail, 1)

@@ -53,8 +53,9 @@ class Upload(ImageSource):
             raise self.error("the uploaded file is gone; pick the picture again") from None
 
 
-def upload_data_url(upload: Upload) -> str:
-    data = upload.data()
+def upload_data_url(upload: Upload, data: bytes | None = None) -> str:
+    """The uploaded picture as a data URL; ``data`` is the file's content when already read."""
+    data = upload.data() if data is None else data
     media_type, _ = sniff_header(data, upload)
     return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
 
