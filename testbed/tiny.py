@@ -88,6 +88,12 @@ def processor_config(image_size: int) -> dict:
             "size": {"shortest_edge": image_size}, "image_processor_type": "CLIPImageProcessor"}
 
 
+def write_processor(folder: str, image_size: int) -> None:
+    """CLIP's preprocessor_config.json at ``image_size`` into ``folder``."""
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump(processor_config(image_size), f)
+
+
 def save_clip(folder: str, image_size: int = 224, seed: int = 1) -> CLIPVisionConfig:
     """A full CLIP checkpoint (text and vision), like openai/clip-vit-large-patch14."""
     torch.manual_seed(seed)
@@ -96,8 +102,7 @@ def save_clip(folder: str, image_size: int = 224, seed: int = 1) -> CLIPVisionCo
                           vocab_size=100, max_position_embeddings=16, projection_dim=16)
     model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
     model.save_pretrained(folder)
-    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
-        json.dump(processor_config(image_size), f)
+    write_processor(folder, image_size)
     return vision
 
 

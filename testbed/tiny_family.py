@@ -13,7 +13,7 @@ import shutil
 import torch
 from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
-from testbed.tiny import (VISION_WIDTH, TinyLlava, llama_config, make_llm, make_tokenizer, processor_config,
+from testbed.tiny import (VISION_WIDTH, TinyLlava, llama_config, make_llm, make_tokenizer,
                         reference_llava, save_clip, save_projector)
 
 IMAGE_ID = 32000  # <image> right after the LLaMA vocabulary
@@ -156,8 +156,3 @@ def with_vocab(llm: LlamaForCausalLM, vocab_size: int) -> LlamaForCausalLM:
         state[key] = tensor
     bigger.load_state_dict(state)
     return bigger
-
-
-def write_processor(folder: str, image_size: int) -> None:
-    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
-        json.dump(processor_config(image_size), f)

@@ -13,7 +13,7 @@ import os
 import torch
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
-from testbed.tiny import CLIP_MEAN, CLIP_STD, llama_config, make_tokenizer, vision_config
+from testbed.tiny import CLIP_MEAN, CLIP_STD, llama_config, make_tokenizer, vision_config, write_processor
 from testbed.tiny_family import IMAGE_ID, save_original
 
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -88,7 +88,5 @@ def save_tower(folder: str, reference) -> str:
     tower = CLIPVisionModel(reference.config.vision_config)
     tower.load_state_dict(reference.model.vision_tower.state_dict())
     tower.save_pretrained(folder)
-    from testbed.tiny import processor_config
-    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
-        json.dump(processor_config(336), f)
+    write_processor(folder, 336)
     return folder

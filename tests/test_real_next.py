@@ -8,7 +8,6 @@ Three pictures of 1368, 1014 and 1944 tokens do not fit in it; the last two do; 
 counted at the most any picture can take (2 × 2928) would not.
 """
 
-import os
 import re
 
 import pytest
@@ -108,18 +107,15 @@ def test_completions_and_the_seed_route_answer_as_the_reference(server, model):
     assert contexts(server)[-2:] == [length, length]
 
 
-def chat_turn(text: str, picture=None) -> dict:
-    content = [{"type": "text", "text": text}]
-    if picture is not None:
-        content.append({"type": "image_url", "image_url": {"url": tiny.data_url(picture)}})
-    return {"role": "user", "content": content}
+def chat_turn(text: str, url: str) -> dict:
+    return {"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}
 
 
 def test_chat_completions_count_each_picture_at_its_size(server):
     lengths = []
     for size in (SIZES[0], SIZES[2]):
         status, body = post(server.api_base + "/v1/chat/completions", {
-            "max_tokens": 2, "messages": [chat_turn("What is this?", tiny.picture(*size, seed=7))]})
+            "max_tokens": 2, "messages": [chat_turn("What is this?", tiny.data_url(tiny.picture(*size, seed=7)))]})
         assert status == 200, body
         lengths.append(body["usage"]["prompt_tokens"])
     assert lengths[1] - lengths[0] == COUNTS[2] - COUNTS[0]  # 576: the same text, pictures of 1368 and 1944
@@ -130,7 +126,8 @@ def test_the_webuis_trimming_over_the_chat_api_keeps_whole_pictures(server):
     its picture with it, and the prompt holds the last two pictures whole."""
     messages = []
     for i, picture in enumerate(pictures(seed=20)):
-        messages += [chat_turn(f"Turn {i}: what is this?", picture), {"role": "assistant", "content": "A picture."}]
+        messages += [chat_turn(f"Turn {i}: what is this?", tiny.data_url(picture)),
+                     {"role": "assistant", "content": "A picture."}]
     messages.pop()
     seen = server.count("llava: 2 image(s) in the prompt, 1 embedded")
     status, body = post(server.api_base + "/v1/chat/completions", {"max_tokens": MAX_NEW_TOKENS, "messages": messages})
@@ -189,8 +186,7 @@ def test_a_phone_photo_over_each_api(server, tmp_path):
     seen = len(contexts(server))
     encoded = len(server.encoded())
     for path, body in [
-            ("/v1/chat/completions", {"max_tokens": 2, "messages": [{"role": "user", "content": [
-                {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]}]}),
+            ("/v1/chat/completions", {"max_tokens": 2, "messages": [chat_turn("What is this?", url)]}),
             ("/v1/completions", {"prompt": f"USER: {tag} What is this? ASSISTANT:", "max_tokens": 2}),
             ("/api/v1/generate", {"prompt": f"USER: {tag} What is this? ASSISTANT:", "max_new_tokens": 2})]:
         status, answer = post(server.api_base + path, body)
