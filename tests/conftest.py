@@ -32,7 +32,7 @@ def v0_reference(v0):
 
 @pytest.fixture
 def host_factory():
-    from tests.host import Host
+    from testbed.fake_webui import Host
     hosts = []
 
     def make(**kwargs):

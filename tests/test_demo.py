@@ -102,7 +102,7 @@ def test_demo_chats_in_the_webui(asker, host_factory):
                            session="user")
         right += names(answer, new_colour, new_shape) and colour not in answer and shape not in answer
         turns += 3
-        assert host.script.engine().counters.vision_forwards == 2  # each picture encoded once
+        assert host.engine().counters.vision_forwards == 2  # each picture encoded once
         host.close()
     print(f"demo chat turns answered right: {right} of {turns}")
     assert right >= 0.9 * turns
@@ -170,7 +170,7 @@ def test_module_entry_point_as_in_the_readme():
 
 def test_training_is_seeded():
     """Two short runs with the same seed give the same weights (the demo's recipe is reproducible)."""
-    from extensions.llava.weights import load_image_processor
+    from extensions.llava.preprocess import load_image_processor
     processor = load_image_processor(os.path.join(DEMO_MODEL, "vision_tower"))
     tokenizer = make_tokenizer()
     threads = torch.get_num_threads()

@@ -17,7 +17,7 @@ from extensions.llava.engine import LlavaEngine
 from extensions.llava.errors import LlavaError
 from extensions.llava.pipelines import NEXT_PINPOINTS, PIPELINES, PipelineError
 from extensions.llava.settings import Settings
-from extensions.llava.weights import load_image_processor
+from extensions.llava.preprocess import load_image_processor
 from testbed.tiny import BosEncoder, img_tag, reference_run, make_llm, make_tokenizer, picture, save_projector
 from testbed.tiny_family import (IMAGE_ID, build_v15, llava_mean_colour, reference_v15,
                                save_llava_hf, save_original, with_vocab)
@@ -80,7 +80,7 @@ def test_padding_is_the_truncated_mean_colour(v15):
     """LLaVA fills with int(mean * 255), not round(): (122, 116, 104) for CLIP's mean."""
     from PIL import Image
     from extensions.llava.pipelines import get_pipeline
-    from extensions.llava.vision import preprocess
+    from extensions.llava.preprocess import one_view_each as preprocess
     processor = load_image_processor(v15.clip_dir)
     assert llava_mean_colour(processor.image_mean) == (122, 116, 104)
     pixels = preprocess([Image.new("RGB", (64, 16), (0, 0, 0))], processor, get_pipeline("llava-v1.5-7b"))
@@ -195,7 +195,7 @@ def test_llava_hf_linear_projector_round_trip(v0, v0_reference, tmp_path):
     images = [picture(80, 60, seed=3)]
     prepared, logits = ours(engine, "Look " + img_tag(images[0]) + " now", model, tokenizer)
     vision = engine.vision_parts(engine.choice_for(model, tokenizer, dst))
-    assert vision.projector_type == "linear" and engine.counters.loads == 1
+    assert vision.parts.projector_type == "linear" and engine.counters.loads == 1
     ref_embeds, ref_logits = reference_run(v0_reference, prepared.input_ids, reference_pixels(v0.clip_dir, images, False))
     compare("llava-hf linear → converted", prepared.inputs_embeds, ref_embeds, logits, ref_logits)
 

@@ -6,7 +6,7 @@ import torch
 from extensions.llava.engine import LlavaEngine
 from extensions.llava.errors import LlavaError
 from extensions.llava.settings import Settings, SettingsError
-from extensions.llava.weights import load_image_processor
+from extensions.llava.preprocess import load_image_processor
 from testbed.tiny import END_ID, PATCH_ID, START_ID, BosEncoder, reference_run, img_tag, make_llm, make_tokenizer, picture
 
 
@@ -73,7 +73,7 @@ def test_prompt_without_image_passes_untouched(v0, host_factory):
     ids = host.encode("no pictures here <b>bold</b>")
     prompt, same_ids, embeds = host.script.tokenizer_modifier(host.state(), "no pictures here <b>bold</b>", ids, None)
     assert same_ids is ids and embeds is None and prompt == "no pictures here <b>bold</b>"
-    assert host.script.engine().counters.loads == 0  # nothing loaded for a text-only prompt
+    assert host.engine().counters.loads == 0  # nothing loaded for a text-only prompt
 
 
 def test_vision_loads_lazily_once(v0):

@@ -6,127 +6,19 @@ server-sent events, and a completion endpoint that tokenizes the whole prompt fo
 same cases run against the real webui in test_real_webui.py.
 """
 
-import asyncio
 import json
 import types
 
 import pytest
-from fastapi import Body, Depends, FastAPI, Header, HTTPException, Request
-from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.testclient import TestClient
 
-from extensions.llava import api, images
+from extensions.llava import images
+from testbed.fake_webui_api import AUTH
 from testbed.tiny import PATCH_ID, bytes_url, data_url, header_only_png, img_tag, picture
-
-KEY = "secret"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-class InvalidRequestError(Exception):
-    def __init__(self, message, param=None):
-        self.message, self.param, self.code = message, param, 400
-        super().__init__(message)
-
-
-def webui_api(host) -> dict:
-    """Modules standing in for the webui's ``modules.api``; ``calls`` records what its endpoints saw."""
-    app = FastAPI()
-    calls = types.SimpleNamespace(encoded=[], prompts=[])
-
-    def verify_api_key(authorization: str = Header(None)):
-        if authorization != f"Bearer {KEY}":
-            raise HTTPException(status_code=401, detail="Unauthorized")
-
-    check_key = [Depends(verify_api_key)]
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"],
-                       allow_headers=["*"])
-
-    @app.exception_handler(InvalidRequestError)
-    async def invalid(request, error):
-        return JSONResponse(status_code=400, content=api.error_body(error.message))
-
-    @app.middleware("http")
-    async def validate_host(request, call_next):
-        if request.headers.get("host", "").split(":")[0] not in ("localhost", "127.0.0.1", "testserver"):
-            return JSONResponse(status_code=400, content={"detail": "Invalid host header"})
-        return await call_next(request)
-
-    def completions(body, stop_event=None):
-        prompt = body["prompt"]
-        calls.prompts.append(prompt)
-        token_count = len(host.encode(prompt)[0])  # the webui's usage count, before the hook
-        calls.encoded.append(len(prompt))
-        state = host.state(max_new_tokens=body.get("max_tokens") or 4, truncation_length=4096,
-                           messages=body.get("messages"))
-        text = host.generate(prompt, state)
-        completion_tokens = len(host.encode(text, add_bos_token=False)[0])
-        return {"choices": [{"index": 0, "text": text, "finish_reason":
-                             "length" if token_count + completion_tokens >= 4096 else "stop"}],
-                "usage": {"prompt_tokens": token_count, "completion_tokens": completion_tokens,
-                          "total_tokens": token_count + completion_tokens}}
-
-    def chat(body):
-        parts = body["messages"][-1]["content"]
-        count = sum(1 for p in parts if p.get("type") == "image_url")
-        text = " ".join(p["text"] for p in parts if p.get("type") == "text")
-        state = host.state(max_new_tokens=2, history={"internal": [], "visible": [], "messages": body["messages"]})
-        return host.generate("<__media__>" * count + "\n\n" + text, state)
-
-    @app.post("/v1/completions", dependencies=check_key)
-    async def completions_route(request: Request, body: dict = Body(...)):
-        if body.get("stream"):
-            def events():
-                yield "data: {}\n\n"
-                result = completions(body)
-                yield f"data: {json.dumps(result)}\n\n"
-            return StreamingResponse(iterate(events()), media_type="text/event-stream")
-        return await asyncio.to_thread(completions, body)
-
-    @app.post("/v1/chat/completions", dependencies=check_key)
-    async def chat_route(body: dict = Body(...)):
-        return {"choices": [{"message": {"content": await asyncio.to_thread(chat, body)}}]}
-
-    script = types.ModuleType("modules.api.script")
-    script.app, script.check_key, script.verify_api_key = app, check_key, verify_api_key
-    completions_module = types.ModuleType("modules.api.completions")
-    completions_module.completions = completions
-    def stream_completions(body, stop_event=None):
-        yield completions(body)
-
-    completions_module.stream_completions = stream_completions
-    typing = types.ModuleType("modules.api.typing")
-    typing.CompletionRequest, typing.to_dict = (lambda **body: body), (lambda body: body)
-    errors = types.ModuleType("modules.api.errors")
-    errors.InvalidRequestError = InvalidRequestError
-    package = types.ModuleType("modules.api")
-    package.script, package.completions, package.typing, package.errors = script, completions_module, typing, errors
-    modules = {"modules.api": package, "modules.api.script": script, "modules.api.completions": completions_module,
-               "modules.api.typing": typing, "modules.api.errors": errors}
-    return {"modules": modules, "app": app, "calls": calls}
-
-
-async def iterate(generator):
-    """Run a blocking generator's steps in threads, copying the context as the webui's server does."""
-    while True:
-        item = await asyncio.to_thread(next, generator, None)
-        if item is None:
-            return
-        yield item
-
 
 @pytest.fixture
 def served(v0, host_factory):
-    holder = {}
-
-    stand_in = webui_api(types.SimpleNamespace(encode=lambda *a, **k: holder["host"].encode(*a, **k),
-                                               state=lambda **k: holder["host"].state(**k),
-                                               generate=lambda *a, **k: holder["host"].generate(*a, **k)))
-    settings = v0.webui_settings()
-    holder["host"] = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=settings, api=True,
-                                  extra_modules=stand_in["modules"])
-    return types.SimpleNamespace(host=holder["host"], client=TestClient(stand_in["app"], raise_server_exceptions=False),
-                                 calls=stand_in["calls"])
+    host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=v0.webui_settings(), api=True)
+    return types.SimpleNamespace(host=host, client=host.api.client(), calls=host.api.calls)
 
 
 def chat_body(*urls, text="What is this?"):
@@ -237,7 +129,7 @@ def test_a_cache_hit_decodes_nothing(served, no_decoding):
     url = data_url(picture(seed=7))
     for _ in range(2):
         assert served.client.post("/v1/chat/completions", json=chat_body(url), headers=AUTH).status_code == 200
-    assert no_decoding.count("decode") == 1 and served.host.script.engine().counters.vision_forwards == 1
+    assert no_decoding.count("decode") == 1 and served.host.engine().counters.vision_forwards == 1
 
 
 def test_a_refusal_after_a_stream_started_is_an_error_event(served):

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from extensions.llava import convert as converter
 from extensions.llava.engine import LlavaEngine
 from extensions.llava.pipelines import NEXT_PINPOINTS, PIPELINES
+from extensions.llava.preprocess import canvas_patches, max_slot_count, slot_count
 from extensions.llava.settings import Settings
 from testbed.tiny import BosEncoder, bytes_url, img_tag, make_tokenizer, picture, reference_run
 from testbed.tiny_family import IMAGE_ID
@@ -95,14 +96,14 @@ def test_slot_count_is_the_reference_processors_for_any_size():
     rng = random.Random(5)
     sizes = [(rng.randint(1, 6000), rng.randint(1, 6000)) for _ in range(1500)] + list(SIZES.values())
     sizes += [(1, 1), (1, 5000), (5000, 1), (336, 336), (672, 336), (1008, 336)]
-    counts = {size: NEXT.slot_count(*size) for size in sizes}
+    counts = {size: slot_count(NEXT, *size) for size in sizes}
     assert counts == {size: reference_count(*size) for size in sizes}
-    assert NEXT.slot_count(200, 150) == 1368 and NEXT.slot_count(700, 300) == 1944
-    assert max(counts.values()) <= NEXT.max_slot_count() == 2928
+    assert slot_count(NEXT, 200, 150) == 1368 and slot_count(NEXT, 700, 300) == 1944
+    assert max(counts.values()) <= max_slot_count(NEXT) == 2928
 
 
 def test_the_sizes_pick_different_canvases():
-    canvases = {name: NEXT.canvas_patches(*size) for name, size in SIZES.items()}
+    canvases = {name: canvas_patches(NEXT, *size) for name, size in SIZES.items()}
     assert len(set(canvases.values())) >= 4, canvases
     assert canvases["very-wide"] == (24, 72) and canvases["tall"] == (48, 24)
 
@@ -115,7 +116,7 @@ def test_next_equals_reference(converted, reference, name):
     width, height = SIZES[name]
     image = picture(width, height, seed=hash(name) % 1000)
     engine, prepared = run_both(converted, reference, [image])
-    assert int((prepared.input_ids == IMAGE_ID).sum()) == reference_count(width, height) == NEXT.slot_count(width, height)
+    assert int((prepared.input_ids == IMAGE_ID).sum()) == reference_count(width, height) == slot_count(NEXT, width, height)
     assert engine.counters.vision_forwards == 1
 
 
@@ -187,7 +188,7 @@ def test_token_count_reads_headers_only_and_agrees_with_prepare(converted, monke
     monkeypatch.undo()
     prepared = engine.prepare(prompt, model=model, tokenizer=tokenizer, encode=encode, max_length=None)
     assert counted == prepared.input_ids.shape[1]
-    assert int((prepared.input_ids == IMAGE_ID).sum()) == NEXT.slot_count(300, 600) + NEXT.slot_count(2400, 200)
+    assert int((prepared.input_ids == IMAGE_ID).sum()) == slot_count(NEXT, 300, 600) + slot_count(NEXT, 2400, 200)
 
 
 def noisy_picture(fmt: str, size=(700, 500), icc_bytes: int = 0, turned: bool = True) -> tuple[str, tuple]:
@@ -265,10 +266,10 @@ def test_placeholders_count_as_their_pictures(converted):
     prompt = "USER: <__media__><__media__>\nHi ASSISTANT:"
     text_only = len(encode("USER: \nHi ASSISTANT:")[0])
     assert engine.token_count(prompt, model, tokenizer, encode, media=media) == \
-        text_only + NEXT.slot_count(300, 600) + NEXT.slot_count(200, 150)
-    assert engine.token_count(prompt, model, tokenizer, encode) == text_only + 2 * NEXT.max_slot_count()
+        text_only + slot_count(NEXT, 300, 600) + slot_count(NEXT, 200, 150)
+    assert engine.token_count(prompt, model, tokenizer, encode) == text_only + 2 * max_slot_count(NEXT)
     prepared = engine.prepare(prompt, model=model, tokenizer=tokenizer, encode=encode, max_length=None, media=media)
-    assert prepared.input_ids.shape[1] == text_only + NEXT.slot_count(300, 600) + NEXT.slot_count(200, 150)
+    assert prepared.input_ids.shape[1] == text_only + slot_count(NEXT, 300, 600) + slot_count(NEXT, 200, 150)
 
 
 def test_truncation_drops_whole_pictures_of_different_sizes(converted):
@@ -278,7 +279,7 @@ def test_truncation_drops_whole_pictures_of_different_sizes(converted):
     images = [picture(*SIZES["very-wide"], seed=91), picture(*SIZES["small"], seed=92)]
     prompt = f"A {img_tag(images[0])} B {img_tag(images[1])} C"
     full = engine.prepare(prompt, model=model, tokenizer=tokenizer, encode=encode, max_length=None)
-    small = NEXT.slot_count(*SIZES["small"])
+    small = slot_count(NEXT, *SIZES["small"])
     for max_length in (small + 10, full.input_ids.shape[1] - 100):  # cuts inside the first picture
         prepared = engine.prepare(prompt, model=model, tokenizer=tokenizer, encode=encode, max_length=max_length)
         assert prepared.images_dropped == 1 and prepared.input_ids.shape[1] <= max_length
@@ -311,7 +312,7 @@ def test_history_trimming_keeps_whole_pictures_of_different_sizes(converted, hos
     host = host_factory(model=model, tokenizer=tokenizer, model_dir=os.path.dirname(dst),
                         model_name=os.path.basename(dst), settings={f"llava-{k}": v for k, v in CPU.items()})
     sizes = [SIZES["small"], SIZES["very-wide"], SIZES["square"]]
-    counts = [NEXT.slot_count(*size) for size in sizes]  # 1368, 1014, 2830
+    counts = [slot_count(NEXT, *size) for size in sizes]  # 1368, 1014, 2830
     assert len(set(counts)) == 3
     # room for the last two turns' pictures, not for all three
     state = host.state(truncation_length=counts[1] + counts[2] + 600, max_new_tokens=8)
@@ -323,7 +324,7 @@ def test_history_trimming_keeps_whole_pictures_of_different_sizes(converted, hos
         expected = {0: [counts[0]], 1: [counts[0], counts[1]], 2: [counts[1], counts[2]]}[turn]
         assert slots == sum(expected), (turn, slots, expected)
     assert not host.warned, host.warned  # nothing was cut by the hook
-    engine = host.script.engine()
+    engine = host.engine()
     assert engine.counters.vision_forwards == 3  # the earlier pictures came from the cache
 
 
@@ -341,7 +342,7 @@ def test_ask_answers_about_a_large_photo(converted, tmp_path):
     assert os.path.getsize(path) > 2_000_000 and width * height >= 12_000_000
     assert asker.engine.counters.vision_forwards == 1
     # the one cached feature block has exactly the picture's slots: [slot_count, 64] float32
-    assert asker.engine.cache.stats.stored_bytes == NEXT.slot_count(width, height) * 64 * 4
+    assert asker.engine.cache.stats.stored_bytes == slot_count(NEXT, width, height) * 64 * 4
 
 
 # ---------------------------------------------------------------- replies sized by the webui

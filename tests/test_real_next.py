@@ -15,6 +15,7 @@ import torch
 
 from extensions.llava import convert as converter
 from extensions.llava.pipelines import PIPELINES
+from extensions.llava.preprocess import max_slot_count, slot_count
 from testbed import tiny
 from testbed.real_host import WEBUI, is_current, needs_webui, post, running_webui
 from testbed.tiny_next import build_next, processor, save_next_hf
@@ -26,7 +27,7 @@ NEXT = PIPELINES["llava-v1.6-vicuna-7b"]
 CONTEXT = 4096
 # oldest first: a picture smaller than a tile, a very wide one, a wide one
 SIZES = [(200, 150), (2400, 200), (700, 300)]
-COUNTS = [NEXT.slot_count(*size) for size in SIZES]  # 1368, 1014, 1944
+COUNTS = [slot_count(NEXT, *size) for size in SIZES]  # 1368, 1014, 1944
 TEXT_ROOM = 400  # more than the text and template around the pictures in these prompts
 MAX_NEW_TOKENS = 16  # the chat page's (settings.yaml), and the API requests'
 
@@ -35,7 +36,7 @@ def test_the_sizes_make_the_case():
     room = CONTEXT - MAX_NEW_TOKENS
     assert sum(COUNTS) > room  # all three do not fit
     assert COUNTS[1] + COUNTS[2] + TEXT_ROOM <= room  # the last two do
-    assert 2 * NEXT.max_slot_count() > room  # pictures counted at the most would leave one
+    assert 2 * max_slot_count(NEXT) > room  # pictures counted at the most would leave one
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,7 @@ def test_a_phone_photo_over_each_api(server, tmp_path):
     from testbed.photos import make_photo
     with open(make_photo(str(tmp_path / "photo.jpg")), "rb") as f:
         url = tiny.bytes_url(f.read(), "image/jpeg")
-    assert len(url) > 5_000_000 and NEXT.slot_count(4000, 3000) == 2340
+    assert len(url) > 5_000_000 and slot_count(NEXT, 4000, 3000) == 2340
     tag = f'<img src="{url}">'
     seen = len(contexts(server))
     encoded = len(server.encoded())

@@ -17,7 +17,7 @@ from testbed.tiny import BosEncoder, img_tag, picture
 def test_ten_turn_chat_encodes_each_picture_once(v0, host_factory, embed_all):
     host = host_factory(model=v0.llm, tokenizer=v0.tokenizer,
                         settings=v0.webui_settings(add_all_images_to_prompt=embed_all))
-    engine = host.script.engine()
+    engine = host.engine()
     for turn in range(10):
         host.chat(f"turn {turn}: {img_tag(picture(40, 40, seed=100 + turn))}",
                   host.state(max_new_tokens=1, truncation_length=4096))
@@ -34,7 +34,7 @@ def test_without_cache_every_turn_reencodes(v0, host_factory):
                         settings=v0.webui_settings(add_all_images_to_prompt=True, cache_size_mb=0))
     for turn in range(4):
         host.chat(f"turn {turn}: {img_tag(picture(40, 40, seed=200 + turn))}", host.state(max_new_tokens=1))
-    assert host.script.engine().counters.vision_forwards == 1 + 2 + 3 + 4
+    assert host.engine().counters.vision_forwards == 1 + 2 + 3 + 4
 
 
 def test_new_pictures_of_one_prompt_go_in_one_batch_and_repeats_once(v0):
@@ -129,7 +129,8 @@ def test_counting_tokens_never_decodes_base64(v0, host_factory, monkeypatch):
 
 def test_http_check_reads_headers_and_generation_decodes_a_picture_once(v0, monkeypatch):
     from extensions.llava import images
-    from extensions.llava.api import check_pictures, pictures_in_body
+    from extensions.llava.api.check import check_pictures
+    from extensions.llava.messages import pictures_in_body
     engine = LlavaEngine(Settings.from_params(v0.settings_params), log=lambda m: None)
     decoded = []
     real = images.open_picture

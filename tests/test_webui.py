@@ -6,7 +6,7 @@ import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from extensions.llava import api
+from extensions.llava.api.generate_route import add_generate_route, completion_body
 from extensions.llava.errors import LlavaError
 from testbed.tiny import PATCH_ID, data_url, img_tag, picture
 
@@ -32,7 +32,7 @@ def test_upload_goes_with_the_next_message_as_an_attachment(host):
     host.chat("And now?", host.state(max_new_tokens=2, truncation_length=4096), session="a")
     assert host.attachments_of(1) == []
     assert int((host.last_prompt_ids == PATCH_ID).sum()) == 256
-    assert host.script.engine().counters.vision_forwards == 1
+    assert host.engine().counters.vision_forwards == 1
 
 
 def parse_single_image(text):
@@ -46,7 +46,7 @@ def test_clearing_the_field_cancels(host):
     host.pick(picture(seed=3), session="a")
     host.pick(None, session="a")
     host.chat("no picture", host.state(max_new_tokens=1), session="a")
-    assert host.attachments_of(0) == [] and host.script.engine().counters.vision_forwards == 0
+    assert host.attachments_of(0) == [] and host.engine().counters.vision_forwards == 0
 
 
 def test_a_picture_goes_only_with_its_own_sessions_message(host):
@@ -59,12 +59,12 @@ def test_a_picture_goes_only_with_its_own_sessions_message(host):
 
 
 def test_embed_all_is_chosen_per_session(host):
-    host.script.sessions.set_embed_all("a", True)
-    with host.browser_session("a"):
-        assert host.state()["llava_embed_all"] is True
-    with host.browser_session("b"):
-        assert host.state()["llava_embed_all"] is False  # the setting's default
-    assert host.state()["llava_embed_all"] is False
+    host.choose_embed_all(True, session="a")
+    two = "first " + img_tag(picture(seed=1)) + " second " + img_tag(picture(seed=2))
+    for session, embedded in (("a", 2), ("b", 1), (None, 1)):  # b and the API follow the setting: off
+        with host.browser_session(session):
+            host.generate(two, host.state(max_new_tokens=1))
+        assert f"llava: 2 image(s) in the prompt, {embedded} embedded" in host.logged
 
 
 def test_a_file_that_is_not_a_picture_is_refused_when_picked(host, tmp_path, caplog):
@@ -85,7 +85,8 @@ def test_seed_era_input_hijack(v0, host_factory):
     hijack["state"] = False  # what the seed-era host does before calling it
     text, visible = hijack["value"]("Hello <image>", "Hello <image>")
     assert text.startswith("Hello <img src=\"data:image/png") and visible.startswith("Hello <img src=\"data:image/jpeg")
-    assert host.script.sessions.take(None) is None
+    text, visible = hijack["value"]("Again <image>", "Again <image>")
+    assert (text, visible) == ("Again <image>", "Again <image>")  # the picture went with its message only
     text, visible = hijack["value"]("No <image> now", "No <image> now")
     assert (text, visible) == ("No <image> now", "No <image> now")
 
@@ -173,7 +174,7 @@ def test_unsupported_loader_says_so(v0, host_factory):
     with host.browser_session("a"):
         host.script.history_modifier(history)
         host.script.chat_input_modifier("and this?", "and this?", host.state())
-    host.script.input_modifier("and this?", host.state(), is_chat=True)
+        host.script.input_modifier("and this?", host.state(), is_chat=True)
     assert len(warnings) == 1 and len(history["metadata"]["user_0"]["attachments"]) == 1
 
 
@@ -185,10 +186,10 @@ def test_loaders_that_drop_the_embeddings_are_warned(v0, host_factory, loader):
     host.script.input_modifier("see " + img_tag(picture()), host.state(), is_chat=False)
     host.pick(picture(), session="a")
     host.script.chat_input_modifier("and this?", "and this?", host.state())  # outside a session: no picture
-    with host.browser_session("a"):
+    with host.browser_session("a"):  # the webui runs the chat hooks in the message's own UI event
         host.script.history_modifier({"internal": [], "visible": []})
         host.script.chat_input_modifier("and this?", "and this?", host.state())
-    host.script.input_modifier("and this?", host.state(), is_chat=True)
+        host.script.input_modifier("and this?", host.state(), is_chat=True)
     assert len(warnings) == 2 and all(f"the {loader} loader does not give" in w for w in warnings)
     assert "1 picture(s)" in warnings[1]
 
@@ -198,9 +199,7 @@ def test_no_model_loaded_does_not_crash(v0, host_factory):
     text = "x " + img_tag(picture())
     assert host.script.custom_tokenized_length(text) is None
     assert host.script.input_modifier(text, host.state(), is_chat=True) == text
-    state = host.state()
-    assert host.script.input_modifier(text, state, is_chat=False) == 'x <img src="llava-ref:1">'
-    assert list(state["llava_references"]) == ["1"]  # the picture waits beside the prompt for the hook
+    assert host.script.input_modifier(text, host.state(), is_chat=False) == 'x <img src="llava-ref:1">'
 
 
 # ---------------------------------------------------------------- HTTP
@@ -215,7 +214,7 @@ def seed_app(host, fail_with=None):
         state = host.state(max_new_tokens=body["max_tokens"])
         return {"choices": [{"text": host.generate(body["prompt"], state)}]}
 
-    api.add_generate_route(app, complete)
+    add_generate_route(app, complete)
     return app
 
 
@@ -227,10 +226,10 @@ def test_seed_generate_contract(host):
     assert response.status_code == 200
     results = response.json()["results"]
     assert len(results) == 1 and isinstance(results[0]["text"], str)
-    assert api.completion_body({"prompt": "p", "max_new_tokens": 3, "stopping_strings": ["a"], "top_p": 0.5}) == \
+    assert completion_body({"prompt": "p", "max_new_tokens": 3, "stopping_strings": ["a"], "top_p": 0.5}) == \
         {"prompt": "p", "stream": False, "max_tokens": 3, "stop": ["a"], "top_p": 0.5}
     # both stop lists count, neither replaces the other
-    assert api.completion_body({"prompt": "p", "stopping_strings": ["a", "b"], "custom_stopping_strings": ["c", "a"]}) \
+    assert completion_body({"prompt": "p", "stopping_strings": ["a", "b"], "custom_stopping_strings": ["c", "a"]}) \
         == {"prompt": "p", "stream": False, "stop": ["a", "b", "c"], "max_tokens": 200}
 
 
@@ -278,4 +277,6 @@ def test_embed_all_setting_is_read_as_validated(v0, host_factory, value, expecte
     """A settings file may hold the text "false": it must not count as a true value."""
     host = host_factory(model=v0.llm, tokenizer=v0.tokenizer,
                         settings=v0.webui_settings(add_all_images_to_prompt=value))
-    assert host.state()["llava_embed_all"] is expected
+    two = "first " + img_tag(picture(seed=1)) + " second " + img_tag(picture(seed=2))
+    host.generate(two, host.state(max_new_tokens=1))
+    assert f"llava: 2 image(s) in the prompt, {2 if expected else 1} embedded" in host.logged

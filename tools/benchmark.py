@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         text_config=LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=16, num_hidden_layers=1,
                                 num_attention_heads=4).to_dict())).eval()
     reference.model.vision_tower.load_state_dict(CLIPVisionModel.from_pretrained(clip_dir).state_dict())
-    from extensions.llava.weights import load_image_processor
+    from extensions.llava.preprocess import load_image_processor
     processor = load_image_processor(clip_dir)
     photo = picture(640, 480, seed=1)
     ours = engine()

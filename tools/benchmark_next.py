@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     from extensions.llava.detect import Choice
     from extensions.llava.engine import LlavaEngine
     from extensions.llava.pipelines import PIPELINES
+    from extensions.llava.preprocess import tile_count
     from extensions.llava.prompt import ImageRef
     from extensions.llava.images import PilImage
     from extensions.llava.settings import Settings
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         print(f"{'turn':24} {'views':>5} {'ours':>8} {'reference':>10} {'ratio':>6}  equal")
         for name, sizes in TURNS.items():
             images = [photo if size == (4000, 3000) else picture(*size, seed=i) for i, size in enumerate(sizes)]
-            views = sum(pipeline.tile_count(*image.size) for image in images)
+            views = sum(tile_count(pipeline, *image.size) for image in images)
             ours_times, reference_times = [], []
             for _ in range(args.repeats):
                 engine = LlavaEngine(settings, log=lambda m: None)

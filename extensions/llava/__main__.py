@@ -1,9 +1,10 @@
 """Command line: ``python -m extensions.llava ask ...`` and ``python -m extensions.llava convert ...``."""
 
-import importlib
 import sys
 
-COMMANDS = {"ask": "cli_ask", "convert": "convert"}
+from . import cli_ask, convert
+
+COMMANDS = {"ask": cli_ask.main, "convert": convert.main}
 
 
 def main(argv=None) -> int:
@@ -14,8 +15,7 @@ def main(argv=None) -> int:
               "  convert  turn an original or llava-hf LLaVA checkpoint into a folder the webui loads",
               file=sys.stderr)
         return 2
-    module = importlib.import_module(f"{__package__}.{COMMANDS[argv[0]]}")
-    return module.main(argv[1:])
+    return COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ import base64
 import os
 import sys
 
-from .errors import LlavaError
+from .errors import LlavaError, first_line
 from .images import ImageError, InlineImage
+from .weights import quiet_transformers
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
 # The user's message: the pictures' tags, then the question. A model with a chat template (the demo
@@ -65,7 +66,7 @@ class Asker:
         if pipeline != "auto":
             get_pipeline(pipeline)  # an unknown name fails before the model loads
         settings = Settings.from_params({"pipeline": pipeline, "clip_device": device, "projector_device": device,
-                                         "add_all_images_to_prompt": embed_all})
+                                         "add_all_images_to_prompt": embed_all})  # the setting's key
         if not os.path.isdir(model_dir):
             raise LlavaError(f"no model folder at '{model_dir}'")
         self.model_dir = model_dir
@@ -125,8 +126,8 @@ def load_language_model(model_dir: str, device):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
     except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LlavaError(f"'{model_dir}' does not load as a causal language model: {first_line}") from None
+        raise LlavaError(f"'{model_dir}' does not load as a causal language model: "
+                         f"{first_line(error) or type(error).__name__}") from None
     return tokenizer, model
 
 
@@ -154,23 +155,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def quiet_transformers() -> None:
-    """No progress bars or advice on stderr: it carries only errors."""
-    try:
-        from transformers.utils import logging as transformers_logging
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    quiet_transformers()
     try:
-        tags = [picture_tag(path, position) for position, path in enumerate(args.image, 1)]
-        asker = Asker(args.model, args.pipeline, args.device, args.embed_all)
-        print(asker.ask_tags(tags, args.question, args.max_new_tokens))
+        with quiet_transformers():  # no progress bars or advice: stderr carries only errors
+            tags = [picture_tag(path, position) for position, path in enumerate(args.image, 1)]
+            asker = Asker(args.model, args.pipeline, args.device, args.embed_all)
+            print(asker.ask_tags(tags, args.question, args.max_new_tokens))
     except LlavaError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -178,7 +169,6 @@ def main(argv=None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # anything unforeseen is still one line, not a traceback
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        print(f"error: {type(error).__name__}: {first_line}", file=sys.stderr)
+        print(f"error: {type(error).__name__}: {first_line(error)}", file=sys.stderr)
         return 1
     return 0

@@ -1,10 +1,6 @@
 """``python -m extensions.llava convert SRC DST``: a LLaVA checkpoint → a folder the webui loads.
 
-SRC is either an original LLaVA checkpoint (config with ``mm_*`` keys, model type
-``llava``/``llava_llama``/``llava_mistral``, weights with ``model.mm_projector.*``) or a
-llava-hf one (``LlavaForConditionalGeneration``; language model under
-``model.language_model.*`` + ``lm_head.*`` in transformers 5.x, under
-``language_model.model.*`` + ``language_model.lm_head.*`` before).
+SRC is an original LLaVA checkpoint or a llava-hf one (see ``checkpoint``, which reads it).
 
 DST receives:
 
@@ -30,254 +26,22 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 
-from .detect import METADATA_FILE, detect_pipeline, pipeline_from_config
+from .checkpoint import (CAUSAL_LM, ConvertError, Source, choose, classify, load_tokenizer, parts_of, projector_io,
+                         projector_state, read_projector, read_source)
+from .checkpoint_rules import check
+from .detect import METADATA_FILE
 from .errors import LlavaError
-from .pipelines import PIPELINES, Pipeline, PipelineError, get_pipeline
-from .projector import normalise_projector_keys, projector_type_of, split_image_newline
-from .vision import clip_vision_from_state
-from .weights import IMAGE_NEWLINE_KEYS, WeightsError, iter_tensors, load_image_processor, quiet_transformers, read_projector_tensors
-from .weights import weight_files as checkpoint_files
+from .pipelines import PIPELINES, Pipeline
+from .preprocess import load_image_processor
+from .projector import projector_type_of, split_image_newline
+from .towers import clip_vision_from_state
+from .weights import IMAGE_NEWLINE_KEYS, WeightsError, iter_tensors, quiet_transformers
 
 PROJECTOR_FILE = "mm_projector.safetensors"
 VISION_FOLDER = "vision_tower"
-ORIGINAL_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
-CAUSAL_LM = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
-# Keys of an original LLaVA config that describe the vision side or the training run, not the LLM.
-_ORIGINAL_ONLY = {"image_aspect_ratio", "image_grid_pinpoints", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter",
-                  "tune_mm_vision_resampler", "freeze_mm_vision_resampler", "unfreeze_mm_vision_tower",
-                  "use_mm_proj", "tokenizer_model_max_length", "tokenizer_padding_side", "model_type",
-                  "architectures", "transformers_version", "_name_or_path", "mm_patch_merge_type"}
-
-
-class ConvertError(LlavaError):
-    """The source cannot be converted; the message says why and what to do."""
-
-
-@dataclass
-class Source:
-    folder: str
-    kind: str  # "original" or "llava-hf"
-    raw: dict  # config.json as read
-    text: dict  # the language model's config
-    llm_type: str  # "llama" or "mistral"
-    weight_files: list[str]
-    vision: dict | None = None  # llava-hf vision_config
-    notes: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------- reading the source
-
-
-def read_source(folder: str) -> Source:
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        raise ConvertError(f"'{folder}' has no config.json: give the folder of a downloaded LLaVA checkpoint")
-    with open(config_path) as f:
-        raw = json.load(f)
-    model_type = raw.get("model_type", "")
-    try:
-        files = checkpoint_files(folder)
-    except WeightsError as error:
-        raise ConvertError(str(error)) from None
-    if "text_config" in raw and "vision_config" in raw:
-        if model_type not in ("llava", "llava_next"):
-            raise ConvertError(f"'{folder}' is a {model_type!r} checkpoint; only llava and llava_next "
-                               "(LlavaForConditionalGeneration, LlavaNextForConditionalGeneration) and original "
-                               "LLaVA checkpoints can be converted")
-        text = dict(raw["text_config"])
-        llm_type = text.get("model_type", "llama")
-        if llm_type not in CAUSAL_LM:
-            raise ConvertError(f"the language model of '{folder}' is {llm_type!r}; supported: llama, mistral")
-        if "tie_word_embeddings" not in text and "tie_word_embeddings" in raw:
-            text["tie_word_embeddings"] = raw["tie_word_embeddings"]
-        return Source(folder, "llava-hf", raw, text, llm_type, files, vision=dict(raw["vision_config"]))
-    if model_type in ORIGINAL_TYPES or any(k.startswith("mm_") for k in raw):
-        llm_type = ORIGINAL_TYPES.get(model_type) or ("mistral" if "mistral" in model_type else "llama")
-        if model_type not in ORIGINAL_TYPES and model_type not in CAUSAL_LM:
-            raise ConvertError(f"'{folder}' is an original LLaVA checkpoint of type {model_type!r}; supported: "
-                               f"{', '.join(ORIGINAL_TYPES)} (and llama/mistral configs with mm_* keys)")
-        text = {k: v for k, v in raw.items() if not k.startswith("mm_") and k not in _ORIGINAL_ONLY}
-        return Source(folder, "original", raw, text, llm_type, files)
-    raise ConvertError(f"'{folder}' is not a LLaVA checkpoint: its config has neither mm_* keys nor a "
-                       "llava vision_config/text_config")
-
-
-def classify(source: Source, key: str) -> tuple[str, str]:
-    """('llm', new name) | ('projector', key) | ('vision', key) for one source tensor name."""
-    if source.kind == "original":
-        if key.startswith("model.vision_resampler."):
-            return "unknown", key  # resampler variants: not a pipeline here
-        if key in IMAGE_NEWLINE_KEYS or key.startswith(("model.mm_projector.", "mm_projector.")):
-            return "projector", key
-        if key.startswith(("model.vision_tower.", "vision_tower.")):
-            return "vision", key
-        if key.startswith(("model.", "lm_head.")):
-            return "llm", key
-        return "unknown", key
-    if key in IMAGE_NEWLINE_KEYS:
-        return "projector", key
-    for prefix in ("model.multi_modal_projector.", "multi_modal_projector."):
-        if key.startswith(prefix):
-            return "projector", key
-    for prefix in ("model.vision_tower.", "vision_tower."):
-        if key.startswith(prefix):
-            return "vision", key
-    for old, new in (("model.language_model.", "model."), ("language_model.model.", "model."),
-                     ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head.")):
-        if key.startswith(old):
-            return "llm", new + key[len(old):]
-    return "unknown", key
-
-
-def load_tokenizer(folder: str):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except Exception as error:
-        raise ConvertError(f"could not load the tokenizer of '{folder}' ({type(error).__name__}: "
-                           f"{str(error).splitlines()[0] if str(error) else ''}); copy the tokenizer files of the "
-                           "checkpoint's base model into it") from None
-
-
-# ---------------------------------------------------------------- choosing the pipeline
-
-
-def choose(source: Source, tokenizer, name: str) -> Pipeline:
-    """The named pipeline when given; else the one the checkpoint's own config describes (a llava-hf
-    config always does, an original one when it names its tower); else the named one that the
-    checkpoint's type, width, tokenizer and folder name point to."""
-    if name != "auto":
-        return get_pipeline(name)
-    try:
-        image_token = _image_token_text(source, tokenizer)
-        start_end = image_token == "<im_patch>" and "<im_start>" in tokenizer.get_vocab()
-        described = pipeline_from_config(source.raw, source.folder, image_token, source.text.get("hidden_size"),
-                                         start_end)
-        if described is not None:
-            return described
-        vocab = tokenizer.get_vocab()
-        return get_pipeline(detect_pipeline(SimpleNamespace(**source.raw), vocab, source.folder))
-    except PipelineError as error:
-        raise ConvertError(f"{error} — for the converter: pass --pipeline NAME") from None
-
-
-def _image_token_text(source: Source, tokenizer) -> str | None:
-    """The text of a llava-hf checkpoint's image token (``<image>`` when the tokenizer lacks it)."""
-    if source.kind != "llava-hf":
-        return None
-    index = source.raw.get("image_token_index", source.raw.get("image_token_id"))
-    if index is None or index >= len(tokenizer):
-        return "<image>"
-    return tokenizer.convert_ids_to_tokens(index)
-
-
-# ---------------------------------------------------------------- the projector
-
-
-def projector_state(source: Source, tensors: dict) -> dict:
-    """The projector in the original naming, without prefix: 'weight'/'bias' or '0.*', '2.*'."""
-    state = normalise_projector_keys(tensors)
-    if source.kind == "llava-hf":
-        state = _fill_biases(state)
-        if source.raw.get("projector_hidden_act") in ("linear", "identity"):
-            state = _compose_linear(state)
-    if set(state) == {"0.weight", "0.bias"}:
-        state = {"weight": state["0.weight"], "bias": state["0.bias"]}
-    return state
-
-
-def _fill_biases(state: dict) -> dict:
-    """llava-hf may have a projector without biases; the original layout always has them."""
-    state = dict(state)
-    for key in [k for k in state if k.endswith(".weight")]:
-        bias = key[:-len("weight")] + "bias"
-        if bias not in state:
-            state[bias] = torch.zeros(state[key].shape[0], dtype=state[key].dtype)
-    return state
-
-
-def _compose_linear(state: dict) -> dict:
-    """Linear · identity · Linear is one Linear: W = W2 W1, b = W2 b1 + b2 (computed in float64)."""
-    w1, b1 = state["0.weight"].double(), state["0.bias"].double()
-    w2, b2 = state["2.weight"].double(), state["2.bias"].double()
-    dtype = state["0.weight"].dtype
-    return {"weight": (w2 @ w1).to(dtype), "bias": (w2 @ b1 + b2).to(dtype)}
-
-
-def projector_io(state: dict) -> tuple[int, int]:
-    if "weight" in state:
-        return state["weight"].shape[1], state["weight"].shape[0]
-    indices = sorted(int(k.split(".")[0]) for k in state if k.endswith(".weight"))
-    return state[f"{indices[0]}.weight"].shape[1], state[f"{indices[-1]}.weight"].shape[0]
-
-
-# ---------------------------------------------------------------- checks
-
-
-def check(source: Source, pipeline: Pipeline, projector: dict, newline, tokenizer) -> None:
-    """The checkpoint and the pipeline belong together, or one error saying what to do."""
-    fix = f"pass --pipeline with the right one of: {', '.join(PIPELINES)}"
-    found_type = projector_type_of(projector)
-    if found_type != pipeline.projector_type:
-        raise ConvertError(f"the checkpoint's projector is {found_type} but pipeline {pipeline.name} uses "
-                           f"{pipeline.projector_type}; {fix}")
-    projector_in, projector_out = projector_io(projector)
-    hidden = source.text.get("hidden_size")
-    if hidden is not None and projector_out != hidden:
-        raise ConvertError(f"the projector gives {projector_out}-wide features but the language model is {hidden} "
-                           f"wide: the checkpoint is inconsistent (pipeline {pipeline.name})")
-    layer = source.raw.get("vision_feature_layer" if source.kind == "llava-hf" else "mm_vision_select_layer", -2)
-    if layer != pipeline.vision_feature_layer:
-        raise ConvertError(f"the checkpoint takes vision features from layer {layer} but pipeline {pipeline.name} "
-                           f"uses layer {pipeline.vision_feature_layer}; {fix}")
-    strategy = source.raw.get("vision_feature_select_strategy" if source.kind == "llava-hf"
-                              else "mm_vision_select_feature", "default")
-    keeps_cls = strategy in ("full", "cls_patch")
-    if keeps_cls != pipeline.keeps_cls:
-        raise ConvertError(f"the checkpoint {'keeps' if keeps_cls else 'drops'} the CLS feature (select strategy "
-                           f"{strategy!r}) but pipeline {pipeline.name} {'keeps' if pipeline.keeps_cls else 'drops'} "
-                           f"it; {fix}")
-    if pipeline.anyres and newline is None:
-        raise ConvertError(f"pipeline {pipeline.name} tiles pictures (LLaVA-1.6), but the checkpoint has no "
-                           f"image_newline tensor; {fix}")
-    if newline is not None and not pipeline.anyres:
-        raise ConvertError(f"the checkpoint is a LLaVA-1.6 one (it has an image_newline tensor) but pipeline "
-                           f"{pipeline.name} does not tile pictures; {fix}")
-    if newline is not None and tuple(newline.shape) != (projector_out,):
-        raise ConvertError(f"the checkpoint's image_newline has shape {tuple(newline.shape)}; the projector gives "
-                           f"{projector_out}-wide features")
-    if source.kind == "llava-hf":
-        act = source.raw.get("projector_hidden_act", "gelu")
-        if act not in ("gelu", "linear", "identity"):
-            raise ConvertError(f"the checkpoint's projector uses the activation {act!r}; pipeline {pipeline.name} "
-                               "(like every LLaVA release) uses exact GELU; it cannot be converted faithfully")
-        width = source.vision.get("hidden_size")
-        grid = (source.vision.get("image_size", 224) // source.vision.get("patch_size", 14)) ** 2
-        if width is not None and projector_in != width:
-            raise ConvertError(f"the projector takes {projector_in}-wide features but the vision tower gives {width}: "
-                               f"the checkpoint is inconsistent (pipeline {pipeline.name})")
-        if grid != pipeline.feature_count:
-            raise ConvertError(f"the checkpoint's vision tower gives {grid} features per image but pipeline "
-                               f"{pipeline.name} has {pipeline.feature_count} image slots; {fix}")
-        index = source.raw.get("image_token_index", source.raw.get("image_token_id"))
-        if index is not None and index < len(tokenizer):
-            token = tokenizer.convert_ids_to_tokens(index)
-            if token != pipeline.image_token:
-                raise ConvertError(f"the checkpoint puts image features at token {index} ({token!r}) but pipeline "
-                                   f"{pipeline.name} uses {pipeline.image_token!r}; {fix}")
-    else:
-        width = source.raw.get("mm_hidden_size")
-        if width is not None and projector_in != width:
-            raise ConvertError(f"the projector takes {projector_in}-wide features but mm_hidden_size is {width}: "
-                               f"the checkpoint is inconsistent (pipeline {pipeline.name})")
-        start_end = bool(source.raw.get("mm_use_im_start_end", False))
-        if "mm_use_im_start_end" in source.raw and start_end != (pipeline.start_token is not None):
-            raise ConvertError(f"the checkpoint {'uses' if start_end else 'does not use'} image start/end tokens but "
-                               f"pipeline {pipeline.name} {'does not' if start_end else 'does'}; {fix}")
 
 
 # ---------------------------------------------------------------- writing
@@ -338,9 +102,11 @@ class _Shards:
 
 def _write(source: Source, pipeline: Pipeline, tokenizer, dst: str, log) -> dict:
     # the projector first: it is small, and the checks need it before anything big is written
-    projector, newline = split_image_newline(_read_projector(source))
+    projector, newline = split_image_newline(read_projector(source))
     projector = projector_state(source, projector)
-    check(source, pipeline, projector, newline, tokenizer)
+    fix = f"pass --pipeline with the right one of: {', '.join(PIPELINES)}"
+    check(parts_of(source, projector, newline, tokenizer), pipeline,
+          {"parts": "the checkpoint is inconsistent", "pipeline": fix}, ConvertError)
     vocabulary = _add_image_tokens(source, pipeline, tokenizer)
     shards = _copy_language_model(source, dst, vocabulary)
     written = _name_shards(dst, shards)
@@ -481,15 +247,6 @@ def _report(source: Source, pipeline: Pipeline, projector: dict, vocabulary: _Vo
     lines.append(f"  wrote: {', '.join(written)}")
     for line in lines:
         log(line)
-
-
-def _read_projector(source: Source) -> dict:
-    """The projector's tensors: only those are read, only from the files that hold them."""
-    try:
-        state, _ = read_projector_tensors(source.folder, wanted=lambda key: classify(source, key)[0] == "projector")
-    except WeightsError as error:
-        raise ConvertError(str(error)) from None
-    return state
 
 
 def _with_rows(tensor: torch.Tensor, known: int, rows: int, new_ids: list[int]) -> torch.Tensor:

@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from .checkpoint_rules import PROJECTOR_ACTIVATIONS
 from .pipelines import CLIP_224, CLIP_336, DEFAULT_PIPELINE, PIPELINES, Pipeline, PipelineError, get_pipeline
 
 METADATA_FILE = "llava.json"
@@ -137,7 +138,7 @@ def _llava_hf_row(get, image_token: str | None, start_end: bool) -> dict:
     if strategy not in ("default", "full"):
         raise PipelineError(f"the config's vision_feature_select_strategy {strategy!r} is not one LLaVA uses")
     activation = get("projector_hidden_act", "gelu")
-    if activation not in ("gelu", "linear", "identity"):
+    if activation not in PROJECTOR_ACTIVATIONS:
         raise PipelineError(f"the config's projector activation {activation!r} is not one LLaVA uses (exact GELU)")
     layer = get("vision_feature_layer", -2)
     if not isinstance(layer, int):

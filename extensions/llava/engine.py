@@ -10,25 +10,29 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
 
 from .cache import FeatureCache
+from .checkpoint_rules import check
 from .detect import Choice, choose_pipeline
 from .errors import LlavaError
 from .images import ImageError, ImageSource
 from .pipelines import PIPELINES, Pipeline, PipelineError
+from .preprocess import max_slot_count, slot_count
 from .prompt import MEDIA_PLACEHOLDER, ImageRef, escape_special_tokens, expand_prompt, parse_prompt
 from .settings import Settings
 from .splice import LayoutError, TokenLayout, find_images, shift_spans, splice, truncation_cut, widen_image_slots
-from .vision import VisionLoadError, VisionParts, load_vision_parts
+from .towers import VisionLoadError
+from .vision import LOADER_FIX, Placement, Sources, VisionParts, load_vision_parts
 
 logger = logging.getLogger("llava")
 
 Encode = Callable[[str], torch.Tensor]
-IMAGE_TOKENS = tuple(sorted({token for pipeline in PIPELINES.values() for token in pipeline.special_tokens}))
+# Image tokens a typed prompt may hold whatever the model: those of every named pipeline.
+NAMED_IMAGE_TOKENS = frozenset(token for pipeline in PIPELINES.values() for token in pipeline.special_tokens)
 
 
 @dataclass
@@ -68,6 +72,7 @@ class LlavaEngine:
         self._load_lock = threading.Lock()
         self._encode_lock = threading.Lock()
         self._choices: dict[tuple, Choice] = {}
+        self._image_tokens: dict[tuple, list[str]] = {}
 
     @staticmethod
     def _cache_bytes(settings: Settings) -> int:
@@ -80,6 +85,7 @@ class LlavaEngine:
         self.settings = settings
         self.cache.resize(self._cache_bytes(settings))
         self._choices.clear()
+        self._image_tokens.clear()
 
     # ------------------------------------------------------------ pipeline and tokens
 
@@ -118,10 +124,10 @@ class LlavaEngine:
         counts = []
         for image in images:
             if isinstance(image.source, _Placeholder):
-                counts.append(pipeline.max_slot_count())
+                counts.append(max_slot_count(pipeline))
                 continue
             try:
-                counts.append(pipeline.slot_count(*image.source.header()))
+                counts.append(slot_count(pipeline, *image.source.header()))
             except ImageError:
                 counts.append(pipeline.feature_count)
         return torch.tensor(counts, dtype=torch.long)
@@ -152,7 +158,7 @@ class LlavaEngine:
         """ids and embeddings for ``prompt``; None when the host's ids stand as they are."""
         parsed = parse_prompt(prompt, media, references)
         if not parsed.images:
-            return self._without_images(prompt, tokenizer, encode, max_length)
+            return self._without_images(prompt, model, tokenizer, encode, max_length, model_path)
         choice = self.choice_for(model, tokenizer, model_path)
         pipeline = choice.pipeline
         layout = self.token_layout(tokenizer, pipeline)
@@ -177,7 +183,7 @@ class LlavaEngine:
                              f"{int(counts[-1]) + layout.extra_tokens} tokens and the prompt may only use {max_length}; "
                              "raise truncation_length or lower max_new_tokens")
         kept = parsed.images[dropped:]
-        embed_all = self.settings.add_all_images_to_prompt if embed_all is None else embed_all
+        embed_all = self.settings.embed_all if embed_all is None else embed_all
         chosen = list(range(len(kept))) if embed_all else list(range(len(kept)))[-1:]
 
         embeddings = model.get_input_embeddings()
@@ -195,14 +201,11 @@ class LlavaEngine:
             self.log(f"llava: {note}")
         return Prepared(prompt, ids.to(embeds.device), embeds, notes, dropped, len(chosen))
 
-    @staticmethod
-    def _without_images(prompt: str, tokenizer, encode: Encode, max_length: int | None) -> Prepared | None:
+    def _without_images(self, prompt: str, model, tokenizer, encode: Encode, max_length: int | None,
+                        model_path: str | None) -> Prepared | None:
         """A prompt without pictures keeps the host's ids, unless the user typed an image token:
         that stays text, as it does beside pictures, so that no image slot appears out of nothing."""
-        typed = [token for token in IMAGE_TOKENS if token in prompt]
-        if typed and hasattr(tokenizer, "get_vocab"):
-            vocab = tokenizer.get_vocab()
-            typed = [token for token in typed if token in vocab]
+        typed = [token for token in self.image_tokens(model, tokenizer, model_path) if token in prompt]
         if not typed:
             return None
         ids = encode(escape_special_tokens(prompt, typed))
@@ -211,6 +214,21 @@ class LlavaEngine:
         if max_length:
             ids = ids[:, -max_length:]
         return Prepared(prompt, ids, None)
+
+    def image_tokens(self, model, tokenizer, model_path: str | None = None) -> list[str]:
+        """The image tokens of the loaded tokenizer that only the extension may place: those of the
+        model's pipeline (named, from its llava.json or from its config) and of every named one."""
+        key = (id(model), id(tokenizer), model_path or model_path_of(model), self.settings.pipeline)
+        known = self._image_tokens.get(key)
+        if known is None:
+            tokens = set(NAMED_IMAGE_TOKENS)
+            try:
+                tokens.update(self.choice_for(model, tokenizer, model_path).pipeline.special_tokens)
+            except LlavaError:
+                pass  # not a LLaVA model: only the named tokens its tokenizer knows can matter
+            vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else None
+            known = self._image_tokens[key] = sorted(t for t in tokens if vocab is None or t in vocab)
+        return known
 
     # ------------------------------------------------------------ features
 
@@ -221,11 +239,8 @@ class LlavaEngine:
         if not images:
             return []
         vision, vision_key = self._vision_and_key(choice)
-        if vision.output_size != width:
-            raise PipelineError(f"the projector gives {vision.output_size}-wide features but the loaded model's "
-                                f"embeddings are {width} wide: wrong model or wrong pipeline ({pipeline.name}); "
-                                "set llava-pipeline or llava-projector_repo to the projector of this model, or "
-                                "convert the checkpoint with `python -m extensions.llava convert`")
+        check(replace(vision.parts, llm_width=width), pipeline, {"parts": LOADER_FIX, "pipeline": LOADER_FIX},
+              PipelineError)
         keys = [(image.source.digest(),) + vision_key for image in images]
         found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
         if any(v is None for v in found.values()):
@@ -256,43 +271,37 @@ class LlavaEngine:
     def vision_parts(self, choice: Choice) -> VisionParts:
         return self._vision_and_key(choice)[0]
 
+    def _sources(self, choice: Choice) -> Sources:
+        """The settings name a tower or projector; else the model folder's metadata; else the pipeline's."""
+        s, pipeline = self.settings, choice.pipeline
+        projector_repo = s.projector_repo or choice.projector_repo or pipeline.projector_repo
+        if projector_repo is None:
+            raise VisionLoadError(f"pipeline {pipeline.name} has no released projector to fall back on; "
+                                  "set llava-projector_repo (a repo id or a local folder)")
+        filename = s.projector_filename or (choice.projector_filename if not s.projector_repo else None) \
+            or (pipeline.projector_filename if not choice.projector_repo else None)
+        if not filename and not choice.projector_repo and not s.projector_repo:
+            self.log(f"llava: no projector file is known for {pipeline.name}; reading it out of the full "
+                     f"checkpoint {projector_repo} (a large download unless cached). Converting the model "
+                     "with `python -m extensions.llava convert` avoids this")
+        return Sources(s.clip_repo or choice.vision_source or pipeline.vision_repo, projector_repo, filename)
+
     def _vision_and_key(self, choice: Choice) -> tuple[VisionParts, tuple]:
         """The vision parts for ``choice`` under the current settings, with the key of what they are
         (the features cache keys on it: a reconfigure during this call cannot mix the two)."""
         s = self.settings
-        pipeline = choice.pipeline
-        vision_source = s.clip_repo or choice.vision_source or pipeline.vision_repo
-        projector_repo = s.projector_repo or choice.projector_repo or pipeline.projector_repo
-        projector_filename = s.projector_filename or (choice.projector_filename if not s.projector_repo else None) \
-            or (pipeline.projector_filename if not choice.projector_repo else None)
-        key = (pipeline, vision_source, projector_repo, projector_filename, str(s.clip_device),
-               str(s.clip_dtype), str(s.projector_device), str(s.projector_dtype))
+        placement = Placement(s.clip_device, s.clip_dtype, s.projector_device, s.projector_dtype)
         with self._load_lock:
+            sources = self._sources(choice)
+            key = (choice.pipeline, sources, str(placement))
             if self._vision_key != key:
                 self._vision = None
-                if projector_repo is None:
-                    raise VisionLoadError(f"pipeline {pipeline.name} has no released projector to fall back on; "
-                                          "set llava-projector_repo (a repo id or a local folder)")
-                if not projector_filename and not choice.projector_repo and not s.projector_repo:
-                    self.log(f"llava: no projector file is known for {pipeline.name}; reading it out of the full "
-                             f"checkpoint {projector_repo} (a large download unless cached). Converting the model "
-                             "with `python -m extensions.llava convert` avoids this")
-                if s.clip_device.type == "cpu" and s.clip_bits == 16 or s.projector_device.type == "cpu" and s.projector_bits == 16:
+                if "cpu" in (s.clip_device.type, s.projector_device.type) and 16 in (s.clip_bits, s.projector_bits):
                     self.log("llava: 16 bits on the CPU means bfloat16 (float16 matmuls are slow or unsupported there)")
-                vision = load_vision_parts(pipeline, vision_source, projector_repo, projector_filename,
-                                           s.clip_device, s.clip_dtype, s.projector_device, s.projector_dtype,
-                                           log=self.log)
-                self._check_projector_type(vision, pipeline)
-                self._vision, self._vision_key = vision, key
+                self._vision = load_vision_parts(choice.pipeline, sources, placement, log=self.log)
+                self._vision_key = key
                 self.counters.loads += 1
             return self._vision, key
-
-    @staticmethod
-    def _check_projector_type(vision: VisionParts, pipeline: Pipeline) -> None:
-        if vision.projector_type != pipeline.projector_type:
-            raise PipelineError(f"the projector is {vision.projector_type} but pipeline {pipeline.name} expects "
-                                f"{pipeline.projector_type}: wrong projector or wrong pipeline (set llava-pipeline, "
-                                "or convert the checkpoint with `python -m extensions.llava convert`)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -305,7 +314,6 @@ class _Placeholder(ImageSource):
         return ""
 
 
-def has_work(prompt: str, media: Sequence[ImageSource] | None = None, references: dict | None = None) -> bool:
-    """Whether ``prepare`` may change the host's ids: pictures, or typed image tokens to keep as text."""
-    return "<" in prompt and (any(token in prompt for token in IMAGE_TOKENS)
-                              or bool(parse_prompt(prompt, media, references).images))
+def pictures_in(prompt: str, media: Sequence[ImageSource] | None = None, references: dict | None = None) -> bool:
+    """Whether ``prompt`` holds pictures (``<img>`` tags, or placeholders with ``media`` behind them)."""
+    return "<" in prompt and bool(parse_prompt(prompt, media, references).images)

@@ -3,3 +3,9 @@
 
 class LlavaError(ValueError):
     """Something the user can fix: the message says what and how, in plain words."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (third-party messages can run for pages)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""

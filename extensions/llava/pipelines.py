@@ -2,7 +2,8 @@
 
 A pipeline says which vision tower and projector belong to a language model, how an
 image is preprocessed and how it is laid out in the token stream. Everything else in
-the extension reads these fields; nothing subclasses them.
+the extension reads these fields; nothing subclasses them. How many slots a picture of a
+given size takes is computed from them in ``preprocess``.
 """
 
 from __future__ import annotations
@@ -45,38 +46,6 @@ class Pipeline:
     def patches_per_side(self) -> int:
         return self.image_size // self.patch_size
 
-    def slot_count(self, width: int, height: int) -> int:
-        """Image slots of a ``width`` × ``height`` picture: ``feature_count``, or for any-resolution
-        pipelines the base view, the unpadded tile grid and one newline slot per grid row."""
-        if not self.anyres:
-            return self.feature_count
-        rows, columns = self.canvas_patches(width, height)
-        top, bottom, left, right = unpadded_window(width, height, rows, columns)
-        return self.feature_count + (bottom - top) * (right - left + 1)
-
-    def canvas_patches(self, width: int, height: int) -> tuple[int, int]:
-        """Patch rows and columns of the canvas that a picture of this size is tiled onto."""
-        canvas_height, canvas_width = best_canvas(width, height, self.grid_pinpoints)
-        side = self.patches_per_side
-        return canvas_height // self.image_size * side, canvas_width // self.image_size * side
-
-    def tile_count(self, width: int, height: int) -> int:
-        """Views the tower sees for one picture: the base view, plus the canvas tiles if any-resolution."""
-        if not self.anyres:
-            return 1
-        rows, columns = self.canvas_patches(width, height)
-        return 1 + rows * columns // self.patches_per_side ** 2
-
-    @property
-    def max_views(self) -> int:
-        """The most views the tower sees for one picture: one that fills the largest canvas."""
-        return max((self.tile_count(w, h) for h, w in self.grid_pinpoints), default=1)
-
-    def max_slot_count(self) -> int:
-        """The most slots any picture can take (what an unseen picture is counted at): a picture of
-        exactly a canvas's size has no padding to cut away."""
-        return max((self.slot_count(w, h) for h, w in self.grid_pinpoints), default=self.feature_count)
-
     @property
     def special_tokens(self) -> tuple[str, ...]:
         """Token texts that only the extension may put into a prompt."""
@@ -108,25 +77,6 @@ class Pipeline:
             raise PipelineError(f"the pipeline row is not valid: {'; '.join(problems)}")
         row = dict(row, grid_pinpoints=tuple(tuple(int(x) for x in p) for p in row.get("grid_pinpoints") or ()))
         return cls(**row)
-
-
-def best_canvas(width: int, height: int, pinpoints) -> tuple[int, int]:
-    """The (height, width) canvas of ``pinpoints`` that shows the picture at the highest resolution with
-    the least waste, as transformers' LLaVA-NeXT picks it (pinpoints read as (height, width))."""
-    from transformers.image_processing_utils import select_best_resolution
-    return tuple(select_best_resolution((height, width), [list(p) for p in pinpoints]))
-
-
-def unpadded_window(width: int, height: int, rows: int, columns: int) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of the feature grid ``rows`` × ``columns`` that shows the picture
-    itself, without the padding added to fit it onto its canvas (rounded as transformers does)."""
-    if width / height > columns / rows:
-        shown = int(round(height * (columns / width), 7))
-        padding = (rows - shown) // 2
-        return padding, rows - padding, 0, columns
-    shown = int(round(width * (rows / height), 7))
-    padding = (columns - shown) // 2
-    return 0, rows, padding, columns - padding
 
 
 CLIP_224 = "openai/clip-vit-large-patch14"

@@ -8,7 +8,7 @@ import re
 import torch
 from torch import nn
 
-from .weights import IMAGE_NEWLINE_KEYS, PROJECTOR_PREFIXES, WeightsError
+from .weights import IMAGE_NEWLINE_KEYS, PROJECTOR_PREFIXES, WeightsError, without_prefix
 
 # llava-hf names its two projector layers linear_1/linear_2; the original numbers them in a Sequential.
 _HF_LAYER_INDEX = {"linear_1": "0", "linear_2": "2"}
@@ -44,12 +44,8 @@ def split_image_newline(state: dict) -> tuple[dict, torch.Tensor | None]:
 def normalise_projector_keys(state: dict) -> dict:
     """Projector tensors keyed as the module from ``build_projector`` expects."""
     state = split_image_newline(state)[0]
-    found = {}
-    for key, tensor in state.items():
-        for prefix in PROJECTOR_PREFIXES:
-            if key.startswith(prefix):
-                found[key[len(prefix):]] = tensor
-                break
+    found = {without_prefix(key, PROJECTOR_PREFIXES): tensor for key, tensor in state.items()
+             if key.startswith(PROJECTOR_PREFIXES)}
     if not found:
         found = dict(state)  # a bare projector file: "weight"/"bias" or "0.weight"/...
     renamed = {}

@@ -1,11 +1,14 @@
 """The extension's settings: defaults, validation, device and dtype choice.
 
 The webui overrides ``params[name]`` from the settings key ``llava-<name>``; every
-error here names that key so the user knows what to change.
+error here names that key so the user knows what to change. The "embed all" choice is
+the one setting whose key (``add_all_images_to_prompt``, the 2023 extension's) differs
+from its name in the code (``embed_all``).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +47,8 @@ def _bits(name: str, value) -> int:
     return bits
 
 
-def available_devices() -> list[str]:
+@functools.cache
+def available_devices() -> tuple[str, ...]:
     devices = ["cpu"]
     if torch.cuda.is_available():
         devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -53,7 +57,7 @@ def available_devices() -> list[str]:
     xpu = getattr(torch, "xpu", None)
     if xpu is not None and xpu.is_available():
         devices += [f"xpu:{i}" for i in range(xpu.device_count())]
-    return devices
+    return tuple(devices)
 
 
 def default_device() -> str:
@@ -111,6 +115,19 @@ def _cache_size(name: str, value) -> float:
     return size
 
 
+def _pipeline(name: str, value) -> str:
+    return _optional_text(name, value) or "auto"
+
+
+# settings key (after "llava-") → the field of ``Settings`` it becomes, and how its value is checked
+CHECKS = {"pipeline": ("pipeline", _pipeline), "clip_bits": ("clip_bits", _bits),
+          "clip_device": ("clip_device", resolve_device), "clip_repo": ("clip_repo", _optional_text),
+          "projector_bits": ("projector_bits", _bits), "projector_device": ("projector_device", resolve_device),
+          "projector_repo": ("projector_repo", _optional_text),
+          "projector_filename": ("projector_filename", _optional_text),
+          "add_all_images_to_prompt": ("embed_all", _flag), "cache_size_mb": ("cache_size_mb", _cache_size)}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Validated settings. ``DEFAULTS`` is the one source of defaults: ``Settings.from_params({})``."""
@@ -123,7 +140,7 @@ class Settings:
     projector_device: torch.device
     projector_repo: str | None
     projector_filename: str | None
-    add_all_images_to_prompt: bool
+    embed_all: bool
     cache_size_mb: float
 
     @property
@@ -138,16 +155,26 @@ class Settings:
     def from_params(cls, params: dict) -> "Settings":
         """Validate the webui's ``params`` dict (unknown keys are ignored)."""
         values = {**DEFAULTS, **{k: v for k, v in params.items() if k in DEFAULTS}}
-        pipeline = _optional_text("pipeline", values["pipeline"]) or "auto"
-        return cls(
-            pipeline=pipeline,
-            clip_bits=_bits("clip_bits", values["clip_bits"]),
-            clip_device=resolve_device("clip_device", values["clip_device"]),
-            clip_repo=_optional_text("clip_repo", values["clip_repo"]),
-            projector_bits=_bits("projector_bits", values["projector_bits"]),
-            projector_device=resolve_device("projector_device", values["projector_device"]),
-            projector_repo=_optional_text("projector_repo", values["projector_repo"]),
-            projector_filename=_optional_text("projector_filename", values["projector_filename"]),
-            add_all_images_to_prompt=_flag("add_all_images_to_prompt", values["add_all_images_to_prompt"]),
-            cache_size_mb=_cache_size("cache_size_mb", values["cache_size_mb"]),
-        )
+        return cls(**{field: check(key, values[key]) for key, (field, check) in CHECKS.items()})
+
+
+class SettingsWatch:
+    """The settings of a ``params`` dict that the webui may change at any time, validated again only
+    when a value changed (a bad value keeps its error until it is changed too)."""
+
+    def __init__(self, params: dict):
+        self.params = params
+        self._seen: tuple | None = None
+        self._outcome: Settings | SettingsError | None = None
+
+    def current(self) -> Settings:
+        seen = tuple(repr(self.params.get(name)) for name in DEFAULTS)
+        if seen != self._seen:
+            try:
+                self._outcome = Settings.from_params(self.params)
+            except SettingsError as error:
+                self._outcome = error
+            self._seen = seen
+        if isinstance(self._outcome, SettingsError):
+            raise SettingsError(str(self._outcome))
+        return self._outcome

@@ -14,23 +14,26 @@ from typing import Callable, Iterator
 
 import torch
 
-from .errors import LlavaError
+from .errors import LlavaError, first_line
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 PROJECTOR_FILES = ("mm_projector.safetensors", "mm_projector.bin")
 PROJECTOR_PREFIXES = ("model.mm_projector.", "mm_projector.", "model.multi_modal_projector.",
                       "multi_modal_projector.")
+# Where a llava-hf checkpoint keeps its vision tower (an original checkpoint's copy has the same names).
+TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.")
 
 Wanted = Callable[[str], bool]
 
 
+def without_prefix(key: str, prefixes: tuple[str, ...]) -> str | None:
+    """``key`` without the first of ``prefixes`` it starts with; None when it starts with none."""
+    return next((key[len(p):] for p in prefixes if key.startswith(p)), None)
+
+
 class WeightsError(LlavaError):
     """Weights that cannot be found, read or used."""
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else ""
 
 
 def resolve_file(repo: str, filename: str) -> str:
@@ -45,7 +48,7 @@ def resolve_file(repo: str, filename: str) -> str:
         return hf_hub_download(repo, filename)
     except Exception as error:
         raise WeightsError(f"could not get '{filename}' from '{repo}' ({type(error).__name__}: "
-                           f"{_first_line(error)}); download it first or point the setting at a local folder") from None
+                           f"{first_line(error)}); download it first or point the setting at a local folder") from None
 
 
 def has_file(repo: str, filename: str) -> bool:
@@ -151,33 +154,3 @@ def quiet_transformers():
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def image_processor_class(name: str):
-    """transformers' image processor class ``name``, its PIL variant where there is one (the webui has no
-    torchvision, and PIL resizing is the reference's)."""
-    import transformers
-    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
-
-
-def image_processor_from(settings: dict, name: str, **overrides):
-    """Image processor ``name`` with another processor's ``settings`` (its ``to_dict()``) and ``overrides``."""
-    kept = {k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class", *overrides)}
-    return image_processor_class(name)(**kept, **overrides)
-
-
-def load_image_processor(source: str):
-    """The CLIP image processor of ``source`` (a repo or folder): its ``preprocessor_config.json``, or
-    the one nested in ``processor_config.json`` (transformers 5 writes that for llava-hf)."""
-    nested_path = os.path.join(source, "processor_config.json")
-    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "preprocessor_config.json")) \
-            and os.path.isfile(nested_path):
-        with open(nested_path) as f:
-            nested = json.load(f).get("image_processor")
-        if isinstance(nested, dict):
-            return image_processor_from(nested, "CLIPImageProcessor")
-    try:
-        return image_processor_class("CLIPImageProcessor").from_pretrained(source)
-    except Exception as error:
-        raise WeightsError(f"could not load the image processor of '{source}' ({type(error).__name__}); "
-                           "it needs a preprocessor_config.json (copy the one of its CLIP tower)") from None

@@ -1,6 +1,6 @@
-"""What only the 2023 webui needs: it has no attachments, so a picture from the extension's field goes
-into the message text as an ``<img>`` tag (where the user wrote ``<image>``, else at the end), and the
-chat shows a thumbnail. The adapter hands it over through ``input_hijack``."""
+"""The 2023 webui's chat: it has no attachments, so a picture from the extension's field goes into the
+message text as an ``<img>`` tag (where the user wrote ``<image>``, else at the end), and the chat
+shows a thumbnail. The adapter hands it over through ``input_hijack``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import html
 
 from .images import data_url, open_picture
 from .prompt import UI_IMAGE_MARKER, place_image
-from .webui_state import Upload, upload_data_url
+from .attachments import Upload, upload_data_url
 
 THUMBNAIL_SIDE = 300
 

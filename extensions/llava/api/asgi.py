@@ -1,0 +1,89 @@
+"""ASGI plumbing the request check needs: reading a body once and handing it on, answering with JSON,
+and turning an error raised inside a started event stream into an event the client can read."""
+
+from __future__ import annotations
+
+import json
+from typing import Awaitable, Callable
+
+
+def is_json(scope) -> bool:
+    """Whether the request says its body is JSON."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-type":
+            media_type = value.split(b";")[0].strip().lower()
+            return media_type == b"application/json" or media_type.endswith(b"+json")
+    return False
+
+
+def error_body(message: str) -> dict:
+    """An error answer in the shape of the webui's (OpenAI's) errors."""
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+
+
+async def read_body(receive) -> tuple[bytes, dict | None]:
+    """The whole request body, or (b"", the message that ended it early: a disconnect)."""
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"", message
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    return b"".join(chunks), None
+
+
+def body_message(raw: bytes) -> dict:
+    return {"type": "http.request", "body": raw, "more_body": False}
+
+
+def replay(messages: list, receive: Callable[[], Awaitable[dict]]):
+    """A ``receive`` that gives ``messages`` first, then whatever the client sends next."""
+    pending = list(messages)
+
+    async def replayed():
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
+
+
+async def send_json(send, status: int, content: dict) -> None:
+    payload = json.dumps(content).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def errors_as_events(app, scope, receive, send) -> None:
+    """Run ``app``; an error raised once a streamed (server-sent events) response has started becomes
+    an ``error`` event and the end of the stream, instead of a cut connection."""
+    started = {"stream": False, "open": False}
+
+    async def watched(message):
+        if message["type"] == "http.response.start":
+            headers = dict(message.get("headers", []))
+            started["stream"] = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            started["open"] = True
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            started["open"] = False
+        await send(message)
+
+    try:
+        await app(scope, receive, watched)
+    except Exception as error:
+        if not (started["stream"] and started["open"]):
+            raise
+        problem = first_error(error)
+        message = getattr(problem, "message", None) or str(problem) or type(problem).__name__
+        event = {"error": {"message": message, "type": "invalid_request_error" if getattr(problem, "code", 500) < 500
+                           else "server_error", "param": getattr(problem, "param", None), "code": None}}
+        await send({"type": "http.response.body", "body": f"data: {json.dumps(event)}\n\n".encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+def first_error(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error

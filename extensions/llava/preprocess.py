@@ -1,0 +1,193 @@
+"""From RGB pictures to the pixel views the vision tower sees, and how many image slots each
+picture takes: the counterpart of transformers' ``image_processing_*`` and the processors' counting.
+
+A pipeline's ``preprocess`` names one of three ways:
+
+- ``crop``: the tower's image processor as it stands (resize the short side, centre crop);
+- ``pad``: pad the picture to a square of the processor's mean colour first (LLaVA v1.5);
+- ``anyres``: the whole picture squashed to one view (the base view) plus the tiles of the canvas
+  (from the pipeline's ``grid_pinpoints``) that shows it largest with the least padding (LLaVA-1.6).
+
+The image processors are transformers' own, built from the tower's processor settings (its
+``preprocessor_config.json``), in their PIL variant: the webui has no torchvision, and PIL's resizing
+is the reference's. The geometry of any-resolution pictures (the canvas, the unpadded window of
+the feature grid, the slot count) is computed from a picture's size alone, so a picture is counted
+from its header without decoding it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import torch
+
+from .pipelines import Pipeline
+from .weights import WeightsError
+
+# A picture whose sides differ more than this is cut (crop) or shrunk (pad) first, so that
+# preprocessing never builds a huge intermediate image; ordinary pictures are untouched.
+MAX_ASPECT_RATIO = 8
+MAX_PADDED_SIDE = 4096
+
+
+# ---------------------------------------------------------------- image processors
+
+
+def image_processor_class(name: str):
+    """transformers' image processor class ``name``, its PIL variant where there is one."""
+    import transformers
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+
+def image_processor_from(settings: dict, name: str, **overrides):
+    """Image processor ``name`` with another processor's ``settings`` (its ``to_dict()``) and ``overrides``."""
+    kept = {k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class", *overrides)}
+    return image_processor_class(name)(**kept, **overrides)
+
+
+def load_image_processor(source: str):
+    """The CLIP image processor of ``source`` (a repo or folder): its ``preprocessor_config.json``, or
+    the one nested in ``processor_config.json`` (transformers 5 writes that for llava-hf)."""
+    nested_path = os.path.join(source, "processor_config.json")
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "preprocessor_config.json")) \
+            and os.path.isfile(nested_path):
+        with open(nested_path) as f:
+            nested = json.load(f).get("image_processor")
+        if isinstance(nested, dict):
+            return image_processor_from(nested, "CLIPImageProcessor")
+    try:
+        return image_processor_class("CLIPImageProcessor").from_pretrained(source)
+    except Exception as error:
+        raise WeightsError(f"could not load the image processor of '{source}' ({type(error).__name__}); "
+                           "it needs a preprocessor_config.json (copy the one of its CLIP tower)") from None
+
+
+@functools.lru_cache(maxsize=4)
+def padding_processor(processor):
+    """transformers' LLaVA image processor with the tower's settings and ``do_pad``: it pads each
+    picture to a square of the mean colour (truncated to 0..255, as LLaVA v1.5 trained), then resizes."""
+    return image_processor_from(processor.to_dict(), "LlavaImageProcessor", do_pad=True)
+
+
+@functools.lru_cache(maxsize=4)
+def tile_processor(processor, pinpoints: tuple[tuple[int, int], ...]):
+    """transformers' LLaVA-NeXT image processor with the tower's settings and the pipeline's canvases."""
+    return image_processor_from(processor.to_dict(), "LlavaNextImageProcessor",
+                                image_grid_pinpoints=[list(p) for p in pinpoints], do_pad=False)
+
+
+# ---------------------------------------------------------------- pixel views
+
+
+def limit_padded_side(image):
+    """Shrink a picture whose long side exceeds MAX_PADDED_SIDE, so that its padded square stays small."""
+    from PIL import Image
+    width, height = image.size
+    side = max(width, height)
+    if side <= MAX_PADDED_SIDE:
+        return image
+    scale = MAX_PADDED_SIDE / side
+    return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BICUBIC)
+
+
+def limit_aspect_ratio(image):
+    """Cut the middle of a very long picture: a centre crop only looks at the middle anyway."""
+    width, height = image.size
+    if width > MAX_ASPECT_RATIO * height:
+        keep = MAX_ASPECT_RATIO * height
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    if height > MAX_ASPECT_RATIO * width:
+        keep = MAX_ASPECT_RATIO * width
+        top = (height - keep) // 2
+        return image.crop((0, top, width, top + keep))
+    return image
+
+
+def one_view_each(images, processor, pipeline: Pipeline) -> torch.Tensor:
+    """RGB pictures → one pixel batch [n, 3, S, S], one view per picture (``crop`` and ``pad``)."""
+    if pipeline.preprocess == "pad":
+        images = [limit_padded_side(image) for image in images]
+        processor = padding_processor(processor)
+    else:
+        images = [limit_aspect_ratio(image) for image in images]
+    try:
+        batch = processor(images=images, return_tensors="pt", input_data_format="channels_last")
+    except TypeError:  # transformers before 4.31 has no input_data_format and always sees channels last
+        batch = processor(images=images, return_tensors="pt")
+    return batch["pixel_values"]
+
+
+def tiled_views(images, processor, pipeline: Pipeline) -> torch.Tensor:
+    """RGB pictures → all their any-resolution views in one pixel batch [sum of views, 3, S, S]."""
+    processor = tile_processor(processor, pipeline.grid_pinpoints)
+    views = [processor(images=[image], return_tensors="pt")["pixel_values"][0]  # one at a time: a batch
+             for image in images]                                                # pads each to the most views
+    return torch.cat(views)
+
+
+def pixel_views(images, processor, pipeline: Pipeline) -> tuple[torch.Tensor, list[int]]:
+    """RGB pictures → the views the tower sees, in one batch, and how many of them belong to each picture."""
+    if not pipeline.anyres:
+        return one_view_each(images, processor, pipeline), [1] * len(images)
+    return tiled_views(images, processor, pipeline), [tile_count(pipeline, *image.size) for image in images]
+
+
+# ---------------------------------------------------------------- any-resolution geometry
+
+
+def best_canvas(width: int, height: int, pinpoints) -> tuple[int, int]:
+    """The (height, width) canvas of ``pinpoints`` that shows the picture at the highest resolution with
+    the least waste, as transformers' LLaVA-NeXT picks it (pinpoints read as (height, width))."""
+    from transformers.image_processing_utils import select_best_resolution
+    return tuple(select_best_resolution((height, width), [list(p) for p in pinpoints]))
+
+
+def unpadded_window(width: int, height: int, rows: int, columns: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the feature grid ``rows`` × ``columns`` that shows the picture
+    itself, without the padding added to fit it onto its canvas (rounded as transformers does)."""
+    if width / height > columns / rows:
+        shown = int(round(height * (columns / width), 7))
+        padding = (rows - shown) // 2
+        return padding, rows - padding, 0, columns
+    shown = int(round(width * (rows / height), 7))
+    padding = (columns - shown) // 2
+    return 0, rows, padding, columns - padding
+
+
+def canvas_patches(pipeline: Pipeline, width: int, height: int) -> tuple[int, int]:
+    """Patch rows and columns of the canvas that a picture of this size is tiled onto."""
+    canvas_height, canvas_width = best_canvas(width, height, pipeline.grid_pinpoints)
+    side = pipeline.patches_per_side
+    return canvas_height // pipeline.image_size * side, canvas_width // pipeline.image_size * side
+
+
+def tile_count(pipeline: Pipeline, width: int, height: int) -> int:
+    """Views the tower sees for one picture: the base view, plus the canvas tiles if any-resolution."""
+    if not pipeline.anyres:
+        return 1
+    rows, columns = canvas_patches(pipeline, width, height)
+    return 1 + rows * columns // pipeline.patches_per_side ** 2
+
+
+def slot_count(pipeline: Pipeline, width: int, height: int) -> int:
+    """Image slots of a ``width`` × ``height`` picture: ``feature_count``, or for any-resolution
+    pipelines the base view, the unpadded tile grid and one newline slot per grid row."""
+    if not pipeline.anyres:
+        return pipeline.feature_count
+    rows, columns = canvas_patches(pipeline, width, height)
+    top, bottom, left, right = unpadded_window(width, height, rows, columns)
+    return pipeline.feature_count + (bottom - top) * (right - left + 1)
+
+
+def max_views(pipeline: Pipeline) -> int:
+    """The most views the tower sees for one picture: one that fills the largest canvas."""
+    return max((tile_count(pipeline, w, h) for h, w in pipeline.grid_pinpoints), default=1)
+
+
+def max_slot_count(pipeline: Pipeline) -> int:
+    """The most slots any picture can take (what an unseen picture is counted at): a picture of
+    exactly a canvas's size has no padding to cut away."""
+    return max((slot_count(pipeline, w, h) for h, w in pipeline.grid_pinpoints), default=pipeline.feature_count)

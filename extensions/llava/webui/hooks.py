@@ -1,0 +1,134 @@
+"""The webui's hooks, in the order the webui calls them for a generation; each hands its data to
+the core and keeps what a later hook needs in the generation's session."""
+
+from __future__ import annotations
+
+from ..attachments import attach_to_new_message, media_from_state
+from ..context_limit import EndAtContextLength, reply_limit
+from ..engine import pictures_in
+from ..errors import LlavaError
+from ..loaders import unseen_pictures_warning
+from ..prompt import reference_pictures
+from ..settings import SettingsError
+from .extension import embed_all, engine, log, model_folder, session, warn
+from .page import input_hijack
+from .server import serve_api
+
+
+def setup():
+    """Validate the settings and serve the extension's API parts; nothing heavy loads here."""
+    try:
+        engine()
+    except LlavaError as error:
+        log(f"llava: {error}", "error")
+    serve_api()
+
+
+def history_modifier(history):
+    session().history = history  # the copy that the message being sent is added to
+    return history
+
+
+def state_modifier(state):
+    session().state = state  # the webui lists its attachments later; the length hook counts them
+    return state
+
+
+def chat_input_modifier(text, visible_text, state):
+    current = session()
+    history, upload = current.take("history"), current.take("picked")
+    input_hijack["state"] = False
+    if upload is not None and history is not None:
+        try:
+            attach_to_new_message(history, upload)
+            current.attached = 1
+        except LlavaError as error:
+            warn(f"llava: {error}")
+    return text, visible_text
+
+
+def input_modifier(string, state=None, is_chat=False):  # the 2023 webui passes only the text
+    """Default and Notebook tabs: the webui tokenizes this text before the tokenizer hook, so each
+    picture's data URL becomes a short reference, resolved by that hook."""
+    from modules import shared
+    current = session()
+    attached = current.take("attached")
+    if not is_chat and isinstance(string, str) and "data:" in string:
+        string = reference_pictures(string, current.references)
+    warning = unseen_pictures_warning(string, getattr(shared.args, "loader", None), shared.model,
+                                      attached if is_chat else 0)
+    if warning:
+        warn(warning)
+    return string
+
+
+def tokenizer_modifier(state, prompt, input_ids, input_embeds):
+    from modules import shared
+    from modules.text_generation import encode, get_max_prompt_length
+    current = session()
+    media = media_from_state(state)
+    try:
+        prepared = engine().prepare(
+            prompt, model=shared.model, tokenizer=shared.tokenizer,
+            encode=lambda text: encode(text, add_bos_token=state["add_bos_token"]),
+            max_length=get_max_prompt_length(state), media=media, embed_all=embed_all(current),
+            model_path=model_folder(shared), references=current.references)
+    except SettingsError as error:
+        if pictures_in(prompt, media, current.references):
+            raise _refusal(error) from None
+        prepared = None  # a bad setting leaves text-only generations alone
+    except LlavaError as error:
+        raise _refusal(error) from None
+    if prepared is not None:
+        for note in prepared.notes:
+            warn(f"llava: {note}")
+        grew = prepared.input_ids.shape[-1] > input_ids.shape[-1]
+        prompt, input_ids, input_embeds = prepared.prompt, prepared.input_ids, prepared.inputs_embeds
+        current.reply_limit = reply_limit(state, grew)
+    _record_prompt_length(shared.model, current, int(input_ids.shape[-1]), state)
+    current.finish_generation()
+    return prompt, input_ids, input_embeds
+
+
+def logits_processor_modifier(processor_list, input_ids):
+    """Runs right after the tokenizer hook: ends the reply at the context length."""
+    from modules import shared
+    limit = session().take("reply_limit")
+    eos = getattr(shared.tokenizer, "eos_token_id", None)
+    if limit is not None and eos is not None:
+        processor_list.append(EndAtContextLength(limit, [eos]))
+    return processor_list
+
+
+def custom_tokenized_length(prompt):
+    from modules import shared
+    from modules.text_generation import encode
+    if shared.model is None or shared.tokenizer is None:
+        return None
+    current = session()
+    media = media_from_state(current.state) if current.state is not None else None
+    try:
+        return engine().token_count(prompt, shared.model, shared.tokenizer, lambda text: encode(text), media=media,
+                                    model_path=model_folder(shared), references=current.references)
+    except LlavaError:
+        return None
+
+
+def _record_prompt_length(model, current, length: int, state) -> None:
+    """The true prompt length, pictures widened: the webui's chat API reads it from the model (as its
+    llama.cpp and ExLlamaV3 loaders provide it), a completion's usage from the request's session."""
+    try:
+        model.last_prompt_token_count = length
+    except Exception:
+        pass
+    current.record_prompt(length, int(state.get("truncation_length") or 0))
+
+
+def _refusal(error: Exception) -> Exception:
+    """Show the problem; over the API it becomes the webui's 400 error."""
+    warn(f"llava: {error}")
+    try:
+        from modules.api.errors import InvalidRequestError
+    except ImportError:
+        return error
+    return InvalidRequestError(message=str(error), param="image")

@@ -1,0 +1,61 @@
+"""The extension's parts of the webui's API server: the request check, innermost of the webui's
+middleware (after its host and CORS checks, and doing nothing for a request its key check refuses),
+and the 2023 route ``/api/v1/generate`` behind the webui's own key check."""
+
+from __future__ import annotations
+
+from ..api.check import PictureRequestMiddleware
+from ..api.generate_route import add_generate_route
+from ..errors import LlavaError
+from .extension import embed_all_setting, log, sessions
+
+
+def serve_api() -> None:
+    from modules import shared
+    if not (getattr(shared.args, "api", False) or getattr(shared.args, "public_api", False)):
+        return
+    try:
+        from modules.api import script as api_script
+    except ImportError:
+        return  # the 2023 webui serves /api/v1/generate from its own api extension
+    from starlette.middleware import Middleware
+    app = api_script.app
+    if app.middleware_stack is not None:
+        log("llava: the API server was already running when the extension was enabled; restart the webui "
+            "with --extensions llava to use pictures over the API", "warning")
+        return
+    add_generate_route(app, _complete, dependencies=api_script.check_key)
+    app.user_middleware.append(Middleware(PictureRequestMiddleware, authorized=_authorized,
+                                          embed_all=embed_all_setting, sessions=sessions))
+
+
+def _authorized(scope) -> bool:
+    from modules.api import script as api_script
+    header = dict(scope.get("headers", [])).get(b"authorization")
+    try:
+        api_script.verify_api_key(authorization=header.decode("latin-1") if header is not None else None)
+    except Exception:
+        return False
+    return True
+
+
+def _complete(body: dict, stop_event) -> dict:
+    """Run a completion request body through the webui's own completion logic. Its streamed form is
+    used: only that one checks ``stop_event`` between tokens, so a client that leaves stops the
+    generation."""
+    from modules.api import completions
+    from modules.api.typing import CompletionRequest, to_dict
+    try:
+        request = CompletionRequest(**{**body, "stream": True})
+    except ValueError as error:
+        raise LlavaError(f"the request is not valid: {error}") from None
+    chunks = completions.stream_completions(to_dict(request), stop_event=stop_event)
+    texts = []
+    try:
+        for chunk in chunks:
+            texts.append(chunk["choices"][0].get("text") or "")
+            if stop_event.is_set():
+                break
+    finally:
+        chunks.close()  # ends the generation thread now, not whenever the generator is collected
+    return {"choices": [{"text": "".join(texts)}]}
