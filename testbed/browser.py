@@ -27,6 +27,14 @@ class Page:
         self.driver.get(server.base)
         self.wait_for(lambda: self.driver.find_elements(By.CSS_SELECTOR, "#llava-picture input[type=file]"),
                       "the LLaVA field")
+        assert self.styled_rules("#chat-input") > 0, "the page is not styled: the webui's css/main.css is missing"
+
+    def styled_rules(self, selector: str) -> int:
+        """How many style rules of the page name ``selector`` (the webui's own css/main.css has many)."""
+        return self.driver.execute_script(
+            "let n = 0; for (const sheet of document.styleSheets) { let rules; try { rules = sheet.cssRules; } "
+            "catch (e) { continue; } for (const rule of rules) { if ((rule.selectorText || '').includes(arguments[0])) "
+            "n++; } } return n;", selector)
 
     def wait_for(self, condition, what: str, timeout: float = 60):
         deadline = time.time() + timeout

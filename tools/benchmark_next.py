@@ -1,6 +1,6 @@
 """LLaVA-NeXT vision: the extension's per-picture time against transformers' reference.
 
-    python tools/benchmark_next.py [--repeats N] [--device cpu|cuda]
+    python tools/benchmark_next.py [--repeats N] [--device cpu|cuda] [--quick]
 
 Real geometry with random weights: CLIP ViT-L/14 at 336 px (cut after its second-to-last layer,
 as both run it), an mlp2x_gelu projector into a 4096-wide LLM space, the 1.6 canvases. Each row is
@@ -11,7 +11,8 @@ one chat turn that brings new pictures, from decoded pictures to their spliceabl
 - reference: ``LlavaNextImageProcessorPil`` + ``LlavaNextModel.get_image_features`` (the same
   weights; its processor pads every picture to the most tiles of the batch).
 
-Seconds per picture, median of ``--repeats`` runs, and whether the features are equal.
+Seconds per picture, median of ``--repeats`` runs, and whether the features are equal. ``--quick``
+uses a narrow tower and one run: it checks that the script still runs (CI runs it), not the speed.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ TURNS = {"one 4000x3000 photo": [(4000, 3000)], "one 500x300 picture": [(500, 30
          "three new pictures": [(4000, 3000), (1024, 768), (300, 900)]}
 
 
-def build_reference(folder: str):
+def build_reference(folder: str, quick: bool = False):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextModel
     from testbed.tiny_next import PINPOINTS
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=64, num_hidden_layers=1,
+    width, layers, heads, llm_width = (64, 3, 2, 128) if quick else (1024, 24, 16, 4096)
+    vision = CLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                              num_attention_heads=heads, image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(vocab_size=32064, hidden_size=llm_width, intermediate_size=64, num_hidden_layers=1,
                        num_attention_heads=32)
     config = LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=32000,
                              vision_feature_layer=-2, vision_feature_select_strategy="default",
@@ -87,10 +89,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="a narrow tower, one run: checks the script")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats = 1
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory() as folder:
-        reference = build_reference(folder)
+        reference = build_reference(folder, args.quick)
         tower_dir = save_parts(reference, folder)
         reference.to(args.device)
         photo = Image.open(make_photo(os.path.join(folder, "photo.jpg"))).convert("RGB")
@@ -110,7 +115,7 @@ def main(argv=None) -> int:
                 engine.vision_parts(choice)  # loading is not timed
                 refs = [ImageRef(i + 1, 0, 0, PilImage(image)) for i, image in enumerate(images)]
                 start = time.perf_counter()
-                ours = engine.features_for(refs, choice, 4096)
+                ours = engine.features_for(refs, choice, reference.config.text_config.hidden_size)
                 ours_times.append((time.perf_counter() - start) / len(images))
                 start = time.perf_counter()
                 batch = processor(images=images, return_tensors="pt")

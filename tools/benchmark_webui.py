@@ -1,6 +1,6 @@
 """Phone photos in the real webui: the figures of the README's "Real photos" table.
 
-    LLAVA_WEBUI_PATH=... LLAVA_WEBUI_PYTHON=... python tools/benchmark_webui.py
+    LLAVA_WEBUI_PATH=... LLAVA_WEBUI_PYTHON=... python tools/benchmark_webui.py [--quick]
 
 Starts the current webui (UI and API, the bundled demo, default settings) with testbed/encode_probe,
 then measures, each picture a fresh 12-megapixel JPEG (so every request pays one decode and one
@@ -11,6 +11,8 @@ vision forward, never a cache hit):
    text-only chat of the same length: mean time of turns 2-10;
 3. the most characters the webui's encode received in any call of each request;
 4. the size of the saved history of the chat in 2.
+``--quick`` sends one photo per route and chats 2 turns: it checks that the script still runs
+against the real webui (CI runs it with the real-webui tests), not the speed.
 """
 
 import os
@@ -28,7 +30,6 @@ from testbed.real_host import WEBUI, post, running_webui  # noqa: E402
 from testbed.tiny import file_url  # noqa: E402
 
 QUESTION = "What shape is in the picture?"
-REPEATS = 3
 
 
 def timed(server, action):
@@ -39,7 +40,7 @@ def timed(server, action):
     return result, elapsed, max(server.encoded()[before:] or [0])
 
 
-def api_requests(server, folder):
+def api_requests(server, folder, repeats: int):
     prompt = "USER: <img src=\"{}\">\n" + QUESTION + "\nASSISTANT:"
     bodies = {
         "/v1/chat/completions": lambda url: {"max_tokens": 16, "temperature": 0, "messages": [{"role": "user", "content": [
@@ -57,7 +58,7 @@ def api_requests(server, folder):
     for path, body_for in bodies.items():
         _, _, twin = timed(server, lambda: post(server.api_base + path, text_only[path]))
         times, chars = [], []
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             seed += 1
             url = file_url(make_photo(os.path.join(folder, f"api-{seed}.jpg"), seed=seed))
             (status, answer), elapsed, most = timed(server, lambda: post(server.api_base + path, body_for(url)))
@@ -68,7 +69,7 @@ def api_requests(server, folder):
     return figures
 
 
-def chat_turns(server, folder, with_photo: bool):
+def chat_turns(server, folder, with_photo: bool, turns: int):
     from testbed.browser import Page
     page = Page(server)
     try:
@@ -76,7 +77,7 @@ def chat_turns(server, folder, with_photo: bool):
         if with_photo:
             page.pick(make_photo(os.path.join(folder, "chat.jpg"), seed=999))
         times, chars = [], []
-        for turn in range(10):
+        for turn in range(turns):
             question = QUESTION if turn == 0 else ("What colour is the shape?" if turn % 2 else QUESTION)
             _, elapsed, most = timed(server, lambda: page.send(question))
             times.append(elapsed)
@@ -97,7 +98,9 @@ def saved_history_size(server, marker: str) -> int:
     return max(sizes)
 
 
-def main():
+def main(argv=None):
+    quick = "--quick" in (sys.argv[1:] if argv is None else argv)
+    repeats, turns = (1, 2) if quick else (3, 10)
     if not WEBUI:
         sys.exit("set LLAVA_WEBUI_PATH and LLAVA_WEBUI_PYTHON (the hosts' prepare.sh prints both)")
     folder = tempfile.mkdtemp(prefix="llava-photos-")
@@ -107,19 +110,19 @@ def main():
           f"{len(file_url(sample)) / 1e6:.1f} M characters as a data URL")
     with running_webui(models, model, folder, ui=True, api=True, probe_encode=True) as server:
         post(server.api_base + "/v1/completions", {"prompt": "warm up", "max_tokens": 2})
-        figures = api_requests(server, folder)
+        figures = api_requests(server, folder, repeats)
         chat_time = figures["/v1/chat/completions"][0]
-        print("\n1. one photo per request, end to end (median of 3); the most characters any encode call of the "
-              "request received, and of the same request without the photo:")
+        print(f"\n1. one photo per request, end to end (median of {repeats}); the most characters any encode call "
+              "of the request received, and of the same request without the photo:")
         for path, (seconds, most, twin) in figures.items():
             print(f"   {path:22s} {seconds:6.2f} s  ratio to chat {seconds / chat_time:.2f}  "
                   f"encode <= {most} chars (without the photo: {twin})")
-        photo_times, photo_chars = chat_turns(server, folder, with_photo=True)
-        text_times, text_chars = chat_turns(server, folder, with_photo=False)
+        photo_times, photo_chars = chat_turns(server, folder, with_photo=True, turns=turns)
+        text_times, text_chars = chat_turns(server, folder, with_photo=False, turns=turns)
         photo_mean, text_mean = statistics.mean(photo_times[1:]), statistics.mean(text_times[1:])
-        print(f"\n2. 10-turn chat in the browser, photo through the LLaVA field in turn 1: turn 1 {photo_times[0]:.2f} s, "
-              f"turns 2-10 mean {photo_mean:.2f} s; text-only chat turns 2-10 mean {text_mean:.2f} s; "
-              f"ratio {photo_mean / text_mean:.2f}")
+        print(f"\n2. {turns}-turn chat in the browser, photo through the LLaVA field in turn 1: turn 1 "
+              f"{photo_times[0]:.2f} s, turns 2-{turns} mean {photo_mean:.2f} s; text-only chat turns 2-{turns} mean "
+              f"{text_mean:.2f} s; ratio {photo_mean / text_mean:.2f}")
         print(f"3. most characters encode received in any turn: {max(photo_chars)} with the photo, "
               f"{max(text_chars)} text only")
         size = saved_history_size(server, "What colour is the shape?\"")
@@ -128,4 +131,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """Train the bundled demo model: a tiny LLaVA that names coloured shapes.
 
     python tools/train_demo.py [--out extensions/llava/demo] [--steps 4000] [--batch-size 48] [--seed 1234]
-        [--threads 2]
+        [--threads 2] [--quick]
 
 Every picture is drawn here (a coloured shape on a varied background, at a random size,
 place and angle) and the model is trained end to end through the same token layout and
@@ -18,6 +18,8 @@ The run is seeded: the same seed and thread count give the same weights (the bun
 was made with the defaults: two threads, about fifteen minutes). It writes about 1.5 MB.
 At the end the saved folder is loaded the way `python -m extensions.llava ask` loads it
 and scored on freshly drawn pictures, for each place a picture can take in a message.
+``--quick`` trains a few steps into a temporary folder and scores a few pictures: it checks that
+the script still runs (CI runs it), and leaves the bundled demo alone.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -347,27 +350,28 @@ def one_message_prompt(tokenizer, content: str) -> str:
     return tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True, bos_token="")
 
 
-def held_out_accuracy(folder: str, seed: int, per_combination: int) -> dict[str, tuple[float, list[str]]]:
+def held_out_accuracy(folder: str, seed: int, per_combination: int,
+                      combinations: int | None = None) -> dict[str, tuple[float, list[str]]]:
     """Per place of the pictures in the message, the share of fresh pictures the saved model names right (colour and
-    shape), the prompt rendered by its chat template as the webui renders it."""
+    shape), the prompt rendered by its chat template as the webui renders it; ``combinations`` limits the
+    colour and shape pairs scored (all by default)."""
     from extensions.llava.images import data_url
     from extensions.llava.cli_ask import Asker
     asker = Asker(folder)
     rng = random.Random(seed)
+    pairs = [(colour, shape) for colour in COLOURS for shape in SHAPES][:combinations]
     scores = {}
     for origin, layout in MESSAGE_LAYOUTS.items():
         right, mistakes = 0, []
-        for colour in COLOURS:
-            for shape in SHAPES:
-                for _ in range(per_combination):
-                    tag = f'<img src="{data_url(draw(colour, shape, rng))}">'
-                    content = layout.format(images=tag, question=SHAPE_QUESTIONS[0])
-                    answer = asker.answer(one_message_prompt(asker.tokenizer, content))
-                    if colour in answer and shape in answer:
-                        right += 1
-                    else:
-                        mistakes.append(f"{colour} {shape} → {answer!r}")
-        scores[origin] = right / (len(COLOURS) * len(SHAPES) * per_combination), mistakes
+        for colour, shape in pairs * per_combination:
+            tag = f'<img src="{data_url(draw(colour, shape, rng))}">'
+            content = layout.format(images=tag, question=SHAPE_QUESTIONS[0])
+            answer = asker.answer(one_message_prompt(asker.tokenizer, content))
+            if colour in answer and shape in answer:
+                right += 1
+            else:
+                mistakes.append(f"{colour} {shape} → {answer!r}")
+        scores[origin] = right / (len(pairs) * per_combination), mistakes
     return scores
 
 
@@ -379,7 +383,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (the result depends on it)")
     parser.add_argument("--no-example", action="store_true", help="do not (re)write examples/red-circle.png")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few steps into a temporary folder, a few pictures scored: checks the script")
     args = parser.parse_args(argv)
+    scored_per_combination, scored_combinations = 25, None
+    if args.quick:
+        args.steps, args.batch_size, args.no_example, scored_per_combination, scored_combinations = 4, 4, True, 1, 1
+        if "--out" not in (argv if argv is not None else sys.argv):
+            args.out = os.path.join(tempfile.mkdtemp(prefix="llava-demo-"), "demo")
     torch.set_num_threads(args.threads)
     staging = args.out.rstrip("/") + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -399,7 +410,9 @@ def main(argv=None) -> int:
         example_picture().save(EXAMPLE_PICTURE)
     size = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(args.out) for n in names)
     print(f"trained in {trained_in:.0f} s on {args.threads} thread(s); {args.out}: {size / 2**20:.2f} MB")
-    for origin, (accuracy, mistakes) in held_out_accuracy(args.out, seed=args.seed + 1, per_combination=25).items():
+    scores = held_out_accuracy(args.out, seed=args.seed + 1, per_combination=scored_per_combination,
+                               combinations=scored_combinations)
+    for origin, (accuracy, mistakes) in scores.items():
         print(f"held-out accuracy, pictures placed as by the {origin}: {accuracy:.1%}")
         for mistake in mistakes[:5]:
             print("  wrong:", mistake)

@@ -1,0 +1,61 @@
+"""Every command the READMEs document runs, each tool in its quick mode: a tool that drifts from the code
+fails here, not in a reader's hands. Each runs as a reader runs it, in a process of its own."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from testbed.real_host import ROOT, needs_webui
+
+pytestmark = pytest.mark.slow
+
+
+def run(*command: str, timeout: float = 600) -> str:
+    """The command's output; it must succeed."""
+    done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_benchmark_prints_its_five_figures():
+    out = run("tools/benchmark.py", "--quick")
+    for figure in ("1. one image: ours", "2. 10-turn chat, embed all on: 10 vision forwards (re-encoding "
+                   "everything: 55)", "2. 10-turn chat, embed all off: 10 vision forwards", "3. cache hit",
+                   "4. custom_tokenized_length with 10 × 1 MB images", "5. splice at 4096 tokens"):
+        assert figure in out, out
+
+
+def test_benchmark_next_compares_equal_features():
+    out = run("tools/benchmark_next.py", "--quick")
+    rows = [line for line in out.splitlines() if line.startswith(("one ", "three "))]
+    assert len(rows) == 3 and all(row.endswith("True") for row in rows), out  # the features are equal
+
+
+def test_benchmark_vision_cpu_prints_both_figures():
+    out = run("tools/benchmark_vision_cpu.py", "--quick")
+    assert out.count("s/picture") == 3 and out.count("demo held-out accuracy") == 2, out
+
+
+def test_train_demo_trains_and_scores_without_touching_the_bundled_demo():
+    demo = os.path.join(ROOT, "extensions", "llava", "demo", "model.safetensors")
+    before = os.path.getmtime(demo)
+    out = run("tools/train_demo.py", "--quick")
+    assert "trained in" in out and out.count("held-out accuracy") == 3, out
+    assert os.path.getmtime(demo) == before
+
+
+def test_convert_command_as_in_the_readme(tmp_path):
+    from testbed.tiny_family import build_v15, reference_v15, save_llava_hf
+    v15 = build_v15(str(tmp_path / "v15"))
+    source = save_llava_hf(str(tmp_path / "llava-1.5-7b-hf"), reference_v15(v15), v15.tokenizer, v15.clip_dir)
+    out = run("-m", "extensions.llava", "convert", source, str(tmp_path / "converted"))
+    assert "converted llava-hf checkpoint" in out and os.path.isfile(tmp_path / "converted" / "llava.json")
+
+
+@needs_webui
+def test_benchmark_webui_runs_against_the_real_webui():
+    out = run("tools/benchmark_webui.py", "--quick", timeout=900)
+    assert out.count("encode <= ") == 3 and "2-turn chat in the browser" in out, out
