@@ -90,7 +90,7 @@ def contexts(server) -> list[int]:
     return [context for context, _ in generations(server)]
 
 
-def test_completions_and_the_seed_route_answer_as_the_reference(server, model):
+def test_completions_and_the_2023_route_answer_as_the_reference(server, model):
     picture = tiny.picture(*SIZES[2], seed=5)
     prompt = f"USER: {tiny.img_tag(picture)} What is this? ASSISTANT:"
     expected, length = reference_answer(model, "USER: <image> What is this? ASSISTANT:", picture, 6)
@@ -101,9 +101,10 @@ def test_completions_and_the_seed_route_answer_as_the_reference(server, model):
     assert status == 200, body
     assert body["choices"][0]["text"] == expected
     assert body["usage"]["prompt_tokens"] == length  # the picture at its own 1944 tokens
-    status, seed = post(server.api_base + "/api/v1/generate", {"prompt": prompt, "max_new_tokens": 6, "do_sample": False})
-    assert status == 200, seed
-    assert seed["results"][0]["text"] == expected
+    status, answer = post(server.api_base + "/api/v1/generate", {"prompt": prompt, "max_new_tokens": 6,
+                                                                  "do_sample": False})
+    assert status == 200, answer
+    assert answer["results"][0]["text"] == expected
     assert server.count("llava: 1 image(s) in the prompt, 1 embedded") == before + 2
     assert contexts(server)[-2:] == [length, length]
 

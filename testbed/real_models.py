@@ -1,0 +1,47 @@
+"""Models written into a real webui's models folder for the real-webui tests, and their pictures."""
+
+import json
+import os
+import shutil
+
+from testbed import tiny
+
+
+def write_model(folder: str, current: bool):
+    """The tiny v0 model as a webui model folder; returns its parts (tokenizer included)."""
+    v0 = tiny.build_v0(folder + "-parts")
+    if current:
+        v0.llm.save_pretrained(folder)
+    else:
+        # The 2023 webui loads every LlamaForCausalLM with a sentencepiece LlamaTokenizer, which a
+        # tiny test tokenizer cannot provide; a tiny GPT-2 goes through its AutoTokenizer path instead.
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(v0.tokenizer), n_embd=64, n_layer=2, n_head=4,
+                                   n_positions=2048, bos_token_id=1, eos_token_id=2)).save_pretrained(folder)
+    v0.tokenizer.save_pretrained(folder)
+    if not current:  # a tokenizer class name the 2023 transformers knows
+        config_path = os.path.join(folder, "tokenizer_config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(config_path, "w") as f:
+            json.dump(config, f)
+    shutil.copytree(v0.clip_dir, os.path.join(folder, "vision_tower"))
+    shutil.copy(os.path.join(v0.projector_dir, "mm_projector.bin"), folder)
+    with open(os.path.join(folder, "llava.json"), "w") as f:
+        json.dump({"pipeline": "llava-v0-13b", "vision_tower": "vision_tower", "projector": "mm_projector.bin"}, f)
+    return v0
+
+
+def picture_url(seed: int) -> str:
+    return tiny.data_url(tiny.picture(64, 48, seed=seed))
+
+
+def v0_prompt_tokens(tokenizer, text_with_pictures: str, placeholder: str = "<picture>", bos: bool = True) -> int:
+    """The tokens a prompt takes on the tiny v0 model, each ``placeholder`` counted as a picture's 258
+    tokens, with one BOS in front when ``bos`` (as the webui's encode puts it)."""
+    expanded = text_with_pictures.replace(placeholder, "<im_start>" + "<im_patch>" * 256 + "<im_end>")
+    ids = tokenizer(expanded, add_special_tokens=False)["input_ids"]
+    return len(ids) + (bos and (not ids or ids[0] != tokenizer.bos_token_id))
