@@ -73,6 +73,7 @@ class Host:
             self.script.ui()
         self.history = {"internal": [], "visible": [], "metadata": {}}
         self.upload_dir = tempfile.mkdtemp(prefix="llava-uploads-")
+        self.last_prompt: str | None = None  # the prompt of the last generation, as the webui rendered it
         self.last_prompt_ids = None
         self.last_generate_params: dict = {}
 
@@ -143,6 +144,7 @@ class Host:
 
     def generate(self, prompt: str, state: dict | None = None, is_chat: bool = False) -> str:
         """_generate_reply, then generate_reply_HF."""
+        self.last_prompt = prompt
         state = state or self.state()
         if not is_chat:
             state = self.script.state_modifier(state)
@@ -322,7 +324,7 @@ def _fake_gradio(request_context, logger):
                 request_context.reset(token)
 
     gradio.Accordion = gradio.Blocks = lambda *args, **kwargs: contextlib.nullcontext()
-    gradio.File = gradio.Checkbox = component
+    gradio.File = gradio.Checkbox = gradio.Image = component
     gradio.Request = Request
     gradio.Warning = lambda message: None  # a toast: the log line is what the tests read
     gradio.fire = fire

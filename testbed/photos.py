@@ -1,10 +1,16 @@
-"""Phone-photo-sized pictures for the real-host tests and the benchmark: 12 megapixels of smooth
-gradients under fine noise, which JPEG compresses about as badly as a real photo (about 4 MB)."""
+"""Pictures as files hold them: encoded bytes, EXIF-turned JPEGs, noisy (so large) pictures, and
+phone-photo-sized ones for the real-host tests and the benchmark: 12 megapixels of smooth gradients
+under fine noise, which JPEG compresses about as badly as a real photo (about 4 MB)."""
+
+from __future__ import annotations
+
+import io
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 PHOTO_SIZE = (4000, 3000)
+TURNED_A_QUARTER = 6  # the EXIF orientation "rotate 90° clockwise for display"
 
 
 def make_photo(path: str, seed: int = 0, size=PHOTO_SIZE, shape_colour=(215, 35, 35)) -> str:
@@ -22,3 +28,35 @@ def make_photo(path: str, seed: int = 0, size=PHOTO_SIZE, shape_colour=(215, 35,
                                     height // 2 + radius), fill=shape_colour)
     canvas.save(path, format="JPEG", quality=90)
     return path
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **save_args) -> bytes:
+    """``image`` as the bytes of a file in ``fmt``."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+def turned_exif() -> bytes:
+    """EXIF data that tells a viewer to show the picture turned a quarter clockwise."""
+    exif = Image.Exif()
+    exif[0x0112] = TURNED_A_QUARTER
+    return exif.tobytes()
+
+
+def turned_jpeg(image: Image.Image) -> bytes:
+    """A JPEG stored as ``image`` is, whose EXIF says to show it turned 90° (so its width and height swap)."""
+    return encoded(image, "JPEG", exif=turned_exif())
+
+
+def noisy_picture(fmt: str, size=(700, 500), icc_bytes: int = 0, turned: bool = True) -> tuple[bytes, tuple]:
+    """A noisy (so large) picture's bytes in ``fmt``, turned by its EXIF where the format has one, with an
+    ICC profile of ``icc_bytes`` in front of its pixels; and its upright size."""
+    pixels = np.random.default_rng(7).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    options = {}
+    if turned and fmt in ("JPEG", "PNG", "WEBP", "TIFF"):
+        options["exif"] = turned_exif()
+    if icc_bytes:
+        options["icc_profile"] = np.random.default_rng(3).bytes(icc_bytes)
+    data = encoded(Image.fromarray(pixels), fmt, **options)
+    return data, ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size

@@ -9,19 +9,22 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-from tokenizers import Tokenizer, decoders, models
-from tokenizers import AddedToken
-from extensions.llava.images import data_url  # noqa: F401  (the one way to build a data URL)
+from tokenizers import AddedToken, Tokenizer, decoders, models
 from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, LlamaConfig,
                           LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
                           PreTrainedTokenizerFast)
 
+from extensions.llava.engine import LlavaEngine
+from extensions.llava.images import data_url  # noqa: F401  (the one way to build a data URL)
+from extensions.llava.settings import Settings
+
 VISION_WIDTH = 32
 LLM_WIDTH = 64
 BASE_VOCAB = 32000
-PATCH_ID, START_ID, END_ID = 32000, 32001, 32002  # the seed's image tokens, after the LLaMA vocabulary  # the seed's image token ids 32000/32001/32002 follow the LLaMA vocabulary
+PATCH_ID, START_ID, END_ID = 32000, 32001, 32002  # the seed's image tokens, after the LLaMA vocabulary
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -63,6 +66,59 @@ class BosEncoder:
         if self.add_bos_token:
             ids = [self.tokenizer.bos_token_id] + ids
         return torch.tensor([ids], dtype=torch.long)
+
+
+CPU = {"clip_device": "cpu", "projector_device": "cpu"}
+CPU_SETTINGS = {f"llava-{key}": value for key, value in CPU.items()}  # as the webui's settings file holds them
+
+
+def quiet_engine(**params) -> LlavaEngine:
+    """An engine under these settings (the vision parts on the CPU unless they say otherwise) that logs nothing."""
+    return LlavaEngine(Settings.from_params({**CPU, **params}), log=lambda message: None)
+
+
+def prepare(engine: LlavaEngine, prompt: str, model, tokenizer, **kwargs):
+    """``engine.prepare`` with the host's BOS encoding and, unless ``kwargs`` say otherwise, no truncation."""
+    return engine.prepare(prompt, **{"model": model, "tokenizer": tokenizer, "encode": BosEncoder(tokenizer),
+                                     "max_length": None, **kwargs})
+
+
+class Loaded(NamedTuple):
+    """A model folder as the webui's Transformers loader gives it to the extension."""
+
+    model: object
+    tokenizer: object
+    folder: str
+
+    def prepare(self, engine: LlavaEngine, prompt: str, **kwargs):
+        return prepare(engine, prompt, self.model, self.tokenizer, **kwargs)
+
+    def token_count(self, engine: LlavaEngine, prompt: str, **kwargs) -> int | None:
+        return engine.token_count(prompt, self.model, self.tokenizer, BosEncoder(self.tokenizer), **kwargs)
+
+    def encode(self, text: str):
+        return BosEncoder(self.tokenizer)(text)
+
+    def in_the_webui(self, **settings) -> dict:
+        """The fake webui's arguments for this folder loaded by its Transformers loader (vision on the CPU)."""
+        models, name = os.path.split(self.folder)
+        return {"model": self.model, "tokenizer": self.tokenizer, "model_dir": models, "model_name": name,
+                "settings": {**CPU_SETTINGS, **settings}}
+
+
+def load_folder(folder: str) -> Loaded:
+    """A converted model folder, loaded as the webui loads it; every tensor is where the config wants it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return Loaded(model.eval(), AutoTokenizer.from_pretrained(folder), folder)
+
+
+def convert_and_load(src: str, dst: str, **kwargs) -> tuple[dict, Loaded]:
+    """``extensions.llava.convert.convert`` without its report, then the written folder loaded."""
+    from extensions.llava.convert import convert
+    result = convert(src, dst, log=lambda line: None, **kwargs)
+    return result, load_folder(dst)
 
 
 def llama_config(vocab_size: int, width: int = LLM_WIDTH) -> LlamaConfig:
@@ -151,10 +207,13 @@ class TinyLlava:
         """The same settings as the webui's settings file holds them (``llava-`` keys)."""
         return {f"llava-{k}": v for k, v in {**self.settings_params, **extra}.items()}
 
+    def engine(self, **extra) -> LlavaEngine:
+        """A quiet engine under this model's settings and ``extra`` ones."""
+        return quiet_engine(**{**self.settings_params, **extra})
+
     def prepare(self, engine, prompt: str, **kwargs):
         """``engine.prepare`` with this model, its tokenizer and the host's BOS encoding; no truncation."""
-        return engine.prepare(prompt, **{"model": self.llm, "tokenizer": self.tokenizer,
-                                         "encode": BosEncoder(self.tokenizer), "max_length": None, **kwargs})
+        return prepare(engine, prompt, self.llm, self.tokenizer, **kwargs)
 
 
 def build_v0(folder: str) -> TinyLlava:
@@ -209,10 +268,6 @@ def picture(width: int = 64, height: int = 48, seed: int = 0, mode: str = "RGB")
     return Image.fromarray(data.squeeze(-1) if channels == 1 else data, mode=mode)
 
 
-
-
-
-
 def bytes_url(data: bytes, media: str = "image/png") -> str:
     """A data URL of raw bytes, whatever they hold."""
     import base64
@@ -240,6 +295,16 @@ def header_only_png(width: int, height: int) -> bytes:
 
 def img_tag(image, fmt: str = "PNG") -> str:
     return f'<img src="{data_url(image, fmt)}">'
+
+
+def two_pictures() -> str:
+    """A prompt with two different pictures (what "embed all" decides about)."""
+    return "first " + img_tag(picture(seed=1)) + " second " + img_tag(picture(seed=2))
+
+
+def embedded_line(count: int, embedded: int) -> str:
+    """The log line of a generation with ``count`` pictures of which ``embedded`` got features."""
+    return f"llava: {count} image(s) in the prompt, {embedded} embedded"
 
 
 def reference_run(reference, ids, pixels, earlier_images_as=None, **inputs):

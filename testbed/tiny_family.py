@@ -46,22 +46,24 @@ _NEW_TO_OLD = (("model.language_model.", "language_model.model."), ("lm_head.", 
                ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."))
 
 
-def _to_new(key: str) -> str:
-    for new, old in _NEW_TO_OLD:
-        if key.startswith(old):
-            return new + key[len(old):]
+def _renamed(key: str, prefixes) -> str:
+    """``key`` with the first of its (from, to) ``prefixes`` that it starts with replaced."""
+    for before, after in prefixes:
+        if key.startswith(before):
+            return after + key[len(before):]
     return key
+
+
+def _to_new(key: str) -> str:
+    return _renamed(key, [(old, new) for new, old in _NEW_TO_OLD])
 
 
 def _to_old(key: str) -> str:
     """The names of llava-hf checkpoints saved with transformers 4.x (the tower nested in vision_model)."""
     key = _to_new(key)
-    if key.startswith("model.vision_tower.") and not key.startswith("model.vision_tower.vision_model."):
-        key = "model.vision_tower.vision_model." + key[len("model.vision_tower."):]
-    for new, old in _NEW_TO_OLD:
-        if key.startswith(new):
-            return old + key[len(new):]
-    return key
+    if not key.startswith("model.vision_tower.vision_model."):
+        key = _renamed(key, [("model.vision_tower.", "model.vision_tower.vision_model.")])
+    return _renamed(key, _NEW_TO_OLD)
 
 
 def rewrite_keys(folder: str, rename) -> None:

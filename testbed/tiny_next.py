@@ -7,16 +7,23 @@ checkpoint or in the original LLaVA layout, for the converter and the extension 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
 import torch
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
+from extensions.llava.pipelines import PIPELINES
 from testbed.tiny import CLIP_MEAN, CLIP_STD, llama_config, make_tokenizer, vision_config, write_processor
 from testbed.tiny_family import IMAGE_ID, save_original
 
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+PIPELINE = PIPELINES["llava-v1.6-vicuna-7b"]  # the named pipeline with the tiny model's vision side
+
+# (width, height): different canvases, a picture smaller than a tile, a very wide one
+SIZES = {"wide": (500, 300), "tall": (300, 520), "square": (900, 880), "small": (200, 150),
+         "very-wide": (2400, 200), "ceil-resize": (700, 300)}
 
 
 def build_next(seed: int = 51, mistral: bool = False) -> tuple[LlavaNextForConditionalGeneration, object]:
@@ -50,6 +57,17 @@ def processor(tokenizer):
     from transformers import LlavaNextProcessor
     return LlavaNextProcessor(image_processor=image_processor(), tokenizer=tokenizer, patch_size=14,
                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_processor():
+    return processor(make_tokenizer(image_tokens=("<image>",)))
+
+
+def reference_slot_count(width: int, height: int) -> int:
+    """The image tokens transformers' LlavaNextProcessor gives a picture of this size."""
+    # its private helper: the public way (processing a picture of each size) is too slow for thousands of sizes
+    return _reference_processor()._get_number_of_features(height, width, 336, 336) - 1  # "default" drops CLS
 
 
 def save_next_hf(folder: str, reference, tokenizer) -> str:

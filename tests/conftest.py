@@ -30,6 +30,35 @@ def v0_reference(v0):
     return tiny.reference_llava(v0.clip_dir, v0.llm, v0.projector_state, image_token_id=32000)
 
 
+@pytest.fixture(scope="session")
+def v15(tmp_path_factory):
+    from testbed.tiny_family import build_v15
+    return build_v15(str(tmp_path_factory.mktemp("v15")))
+
+
+@pytest.fixture(scope="session")
+def v15_reference(v15):
+    from testbed.tiny_family import reference_v15
+    return reference_v15(v15)
+
+
+@pytest.fixture(scope="session")
+def next_reference():
+    """transformers' LlavaNextForConditionalGeneration at LLaVA-1.6's geometry, and its tokenizer."""
+    from testbed.tiny_next import build_next
+    return build_next()
+
+
+@pytest.fixture(scope="session")
+def next_converted(next_reference, tmp_path_factory):
+    """``next_reference`` saved as a llava-hf llava-v1.6-vicuna-7b-hf checkpoint, converted and loaded
+    (a ``testbed.tiny.Loaded``)."""
+    from testbed.tiny_next import save_next_hf
+    folder = tmp_path_factory.mktemp("next")
+    src = save_next_hf(str(folder / "llava-v1.6-vicuna-7b-hf"), *next_reference)
+    return tiny.convert_and_load(src, str(folder / "converted"))[1]
+
+
 @pytest.fixture
 def host_factory():
     from testbed.fake_webui import Host
@@ -43,6 +72,12 @@ def host_factory():
     yield make
     for host in reversed(hosts):  # each host restores the modules it found, so the last one goes first
         host.close()
+
+
+@pytest.fixture
+def host(v0, host_factory):
+    """The fake webui with the tiny v0 model loaded and its LLaVA settings."""
+    return host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=v0.webui_settings())
 
 
 @pytest.hookimpl(hookwrapper=True)

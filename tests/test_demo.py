@@ -1,4 +1,5 @@
-"""Issue 7: the bundled demo model sees, and the `ask` command answers or fails clearly."""
+"""The bundled demo model sees (in `ask` and in the webui), and the `ask` command answers or fails clearly,
+on the demo and on a converted LLaVA-1.6 model with a 12 MP photo."""
 
 import json
 import os
@@ -8,13 +9,15 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
-from extensions.llava.images import data_url
-from testbed.tiny import file_url
 from extensions.llava.cli_ask import DEMO_MODEL, Asker, main
+from extensions.llava.preprocess import slot_count
+from testbed.photos import make_photo
+from testbed.tiny import Loaded, file_url, img_tag
+from testbed.tiny_next import PIPELINE
 from tools.train_demo import (ASK_LAYOUT, CHAT_TEMPLATE, COLOUR_QUESTION, COLOURS, HELD_OUT_SEED, MESSAGE_LAYOUTS,
-                              SHAPES, draw,
-                              make_tokenizer, one_message_prompt, train)
+                              SHAPES, draw, make_tokenizer, one_message_prompt, train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "red-circle.png")
@@ -27,8 +30,9 @@ def asker():
     return Asker()
 
 
-def tag(image) -> str:
-    return f'<img src="{data_url(image)}">'
+def in_the_webui(asker, **settings) -> dict:
+    """The fake webui with the demo loaded by its Transformers loader, from its folder."""
+    return Loaded(asker.model, asker.tokenizer, DEMO_MODEL).in_the_webui(**settings)
 
 
 def names(answer: str, colour: str, shape: str) -> bool:
@@ -45,7 +49,7 @@ def test_demo_is_small_enough_to_ship():
 def test_demo_names_held_out_pictures(asker):
     rng = random.Random(HELD_OUT_SEED)
     per_combination = 10
-    right = sum(names(asker.ask_tags([tag(draw(colour, shape, rng))], QUESTION), colour, shape)
+    right = sum(names(asker.ask_tags([img_tag(draw(colour, shape, rng))], QUESTION), colour, shape)
                 for colour, shape in COMBINATIONS for _ in range(per_combination))
     accuracy = right / (len(COMBINATIONS) * per_combination)
     print(f"demo accuracy on {len(COMBINATIONS) * per_combination} held-out pictures: {accuracy:.1%}")
@@ -62,7 +66,7 @@ def test_demo_names_pictures_placed_as_the_webui_places_them(asker, origin):
     right = 0
     for colour, shape in COMBINATIONS:
         for _ in range(per_combination):
-            content = layout.format(images=tag(draw(colour, shape, rng)), question=QUESTION)
+            content = layout.format(images=img_tag(draw(colour, shape, rng)), question=QUESTION)
             right += names(asker.answer(one_message_prompt(asker.tokenizer, content)), colour, shape)
     print(f"demo, pictures placed as by the {origin}: {right} of {len(COMBINATIONS) * per_combination} right")
     assert right >= 0.9 * len(COMBINATIONS) * per_combination
@@ -85,12 +89,10 @@ def test_the_webui_and_ask_render_chats_as_the_demo_was_trained(asker):
 def test_demo_chats_in_the_webui(asker, host_factory):
     """Instruct-mode chats in the webui: a picture from the upload field, a follow-up question without
     one, then a new picture from the attach button; every answer is about the latest picture."""
-    models, name = os.path.split(DEMO_MODEL)
     rng = random.Random(HELD_OUT_SEED + 4)
     right = turns = 0
     for i, (colour, shape) in enumerate(COMBINATIONS):
-        host = host_factory(model=asker.model, tokenizer=asker.tokenizer, model_dir=models, model_name=name,
-                            settings={"llava-clip_device": "cpu", "llava-projector_device": "cpu"})
+        host = host_factory(**in_the_webui(asker))
         # the webui's defaults: max_new_tokens 512, truncation_length from the model's config
         state = host.state(mode="instruct", max_new_tokens=512,
                            truncation_length=asker.model.config.max_position_embeddings)
@@ -110,7 +112,7 @@ def test_demo_chats_in_the_webui(asker, host_factory):
 
 def test_demo_answers_the_colour_question(asker):
     rng = random.Random(HELD_OUT_SEED + 1)
-    answers = [(colour, asker.ask_tags([tag(draw(colour, shape, rng))], "What colour is the shape?"))
+    answers = [(colour, asker.ask_tags([img_tag(draw(colour, shape, rng))], "What colour is the shape?"))
                for colour, shape in COMBINATIONS]
     assert sum(answer == f"{colour.capitalize()}." for colour, answer in answers) >= 0.9 * len(answers)
 
@@ -124,7 +126,7 @@ def test_two_pictures_without_embed_all_answer_about_the_last(asker):
     forwards_before = asker.engine.counters.vision_forwards
     about_last = about_first = 0
     for first, last in pairs:
-        answer = asker.ask_tags([tag(draw(*first, rng)), tag(draw(*last, rng))], QUESTION)
+        answer = asker.ask_tags([img_tag(draw(*first, rng)), img_tag(draw(*last, rng))], QUESTION)
         about_last += names(answer, *last)
         about_first += first[0] in answer or first[1] in answer
     assert asker.engine.counters.vision_forwards - forwards_before == len(pairs)  # one picture each time
@@ -187,10 +189,21 @@ def test_training_is_seeded():
 
 def test_demo_in_the_webui(asker, host_factory):
     """The webui's Transformers loader gives the extension the demo as a plain causal LM from its folder."""
-    models, name = os.path.split(DEMO_MODEL)
-    host = host_factory(model=asker.model, tokenizer=asker.tokenizer, model_dir=models, model_name=name,
-                        settings={"llava-pipeline": "auto", "llava-clip_device": "cpu",
-                                  "llava-projector_device": "cpu"})
+    host = host_factory(**in_the_webui(asker, **{"llava-pipeline": "auto"}))
     picture = f'<img src="{file_url(EXAMPLE)}">'
     reply = host.generate(f"USER: {picture}\n{QUESTION}\nASSISTANT:", host.state(max_new_tokens=20))
     assert "red" in reply and "circle" in reply
+
+
+def test_ask_answers_about_a_large_photo(next_converted, tmp_path):
+    """The headless ``ask`` on a converted 1.6 model: a 12 MP photo is tiled and embedded at its size."""
+    path = make_photo(str(tmp_path / "photo.jpg"))
+    asker = Asker(next_converted.folder)
+    prompt = asker.prompt(["<img>"], "What is it?")
+    assert prompt.startswith("USER: ") and prompt.endswith(" ASSISTANT:")  # the vicuna format of v1.6
+    asker.ask([path], "What is it?", max_new_tokens=3)
+    width, height = Image.open(path).size
+    assert os.path.getsize(path) > 2_000_000 and (width, height) == (4000, 3000)
+    assert asker.engine.counters.vision_forwards == 1
+    # the one cached feature block has exactly the picture's slots: [slot_count, 64] float32
+    assert asker.engine.cache.stats.stored_bytes == slot_count(PIPELINE, width, height) * 64 * 4

@@ -1,19 +1,25 @@
-"""The extension's HTTP layer wired into a stand-in of the webui's API server by ``setup()`` itself.
-
-The stand-in has what the real one (modules/api/script.py) has around the extension: a key check as a
-route dependency, CORS for every origin, a host check middleware, its error handler, streamed answers as
-server-sent events, and a completion endpoint that tokenizes the whole prompt for its usage count. The
-same cases run against the real webui in test_real_webui.py.
-"""
+"""The extension's parts of the webui's API server, wired into a stand-in of it (``testbed.fake_webui_api``)
+by ``setup()`` itself: the webui's key and host checks before any work, JSON only, pictures checked from
+their headers, true usage counts, refusals as 400s or streamed error events; pictures of the chat API's
+raw images and history messages; the 2023 ``/api/v1/generate`` route; and the Default and Notebook tabs,
+whose prompt the webui tokenizes without the pictures' data. The same cases run against the real webui
+in the ``test_real_*`` tests."""
 
 import json
 import types
 
 import pytest
+import torch
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
 from extensions.llava import images
+from extensions.llava.api.generate_route import add_generate_route, completion_body
+from extensions.llava.errors import LlavaError
 from testbed.fake_webui_api import AUTH
 from testbed.tiny import PATCH_ID, bytes_url, data_url, header_only_png, img_tag, picture
+from testbed.watch import record_calls
+
 
 @pytest.fixture
 def served(v0, host_factory):
@@ -28,11 +34,9 @@ def chat_body(*urls, text="What is this?"):
 
 @pytest.fixture
 def no_decoding(monkeypatch):
-    """Fail on any decode or header read of a picture (``header`` is the check's only work)."""
-    seen = []
-    real_open, real_sniff = images.open_picture, images.sniff_header
-    monkeypatch.setattr(images, "open_picture", lambda data, source: seen.append("decode") or real_open(data, source))
-    monkeypatch.setattr(images, "sniff_header", lambda data, source: seen.append("header") or real_sniff(data, source))
+    """Every decode ("decode") and header read ("header") of a picture from now on, in order."""
+    seen = record_calls(monkeypatch, images, "open_picture", note=lambda *args, **kwargs: "decode")
+    record_calls(monkeypatch, images, "sniff_header", note=lambda *args, **kwargs: seen.append("header"))
     return seen
 
 
@@ -69,7 +73,7 @@ def test_the_webuis_tokenizer_never_sees_picture_data(served):
     response = served.client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2}, headers=AUTH)
     assert response.status_code == 200, response.text
     [seen] = served.calls.prompts
-    assert seen.startswith('Look: <img src="llava-ref:1">') and len(seen) <= len("Look:  what is it?") + 100
+    assert seen == 'Look: <img src="llava-ref:1"> what is it?'
     assert int((served.host.last_prompt_ids == PATCH_ID).sum()) == 256  # the reference was the picture
     usage = response.json()["usage"]
     assert usage["prompt_tokens"] == served.host.last_prompt_ids.shape[1]  # pictures at their token length
@@ -144,26 +148,14 @@ def test_a_refusal_after_a_stream_started_is_an_error_event(served):
     assert error["message"] == "image 1 in the prompt: the picture's data is damaged or cut short"
 
 
-def test_typed_image_tokens_stay_text_without_a_picture(served):
-    host = served.host
-    prompt = "I typed <im_patch> and <im_start> myself"
-    ids = host.encode(prompt)
-    assert int((ids == PATCH_ID).sum()) == 1  # what the webui's encode makes of it
-    _, ids, embeds = host.script.tokenizer_modifier(host.state(), prompt, ids, None)
-    assert int((ids == PATCH_ID).sum()) == 0 and embeds is None
-    assert int((ids == PATCH_ID + 1).sum()) == 0
-    plain = "nothing special here"
-    same = host.encode(plain)
-    assert host.script.tokenizer_modifier(host.state(), plain, same, None)[1] is same
-
-
 def test_a_streamed_completion_reports_the_true_usage(served):
     prompt = "Look: " + img_tag(picture(200, 100, seed=9)) + " what is it?"
     response = served.client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2, "stream": True},
                                   headers=AUTH)
     assert response.status_code == 200
     last = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")][-1]
-    assert last["usage"]["prompt_tokens"] == served.host.last_prompt_ids.shape[1] > 256
+    assert last["usage"]["prompt_tokens"] == served.host.last_prompt_ids.shape[1] \
+        == len(served.host.encode("Look:  what is it?")[0]) + 258
     assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]
 
 
@@ -181,3 +173,115 @@ def test_a_bad_picture_that_will_not_be_embedded_is_not_opened(served):
     response = served.client.post("/v1/chat/completions", json=chat_body(broken, data_url(picture())), headers=AUTH)
     assert response.status_code == 400
     assert response.json()["error"]["message"].startswith("image 1 in the request: the data is not a picture")
+
+
+# ---------------------------------------------------------------- the chat API's pictures beside the prompt
+
+
+def test_chat_api_raw_images(host):
+    photo = picture(seed=30)
+    state = host.state(raw_images=[photo])
+    prompt = "<__media__>\n\nWhat is in the picture?"
+    _, ids, embeds = host.script.tokenizer_modifier(state, prompt, host.encode(prompt), None)
+    assert int((ids == PATCH_ID).sum()) == 256 and embeds.shape[1] == ids.shape[1]
+    reference = img_tag(photo) + "\n\nWhat is in the picture?"
+    _, _, same = host.script.tokenizer_modifier(host.state(), reference, host.encode(reference), None)
+    assert torch.allclose(embeds, same, atol=1e-6)
+
+
+def test_chat_completions_history_messages(host):
+    """/v1/chat/completions: placeholders in the prompt, the pictures only in state['history']['messages']."""
+    first, second = picture(seed=31), picture(seed=32)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(first)}},
+                                             {"type": "text", "text": "first"}]},
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": [{"type": "text", "text": "second"},
+                                             {"type": "image_url", "image_url": {"url": data_url(second)}}]}]
+    state = host.state(history={"internal": [], "visible": [], "messages": messages})
+    prompt = "### Instruction:\n<__media__>\n\nfirst\n### Response:\nok\n### Instruction:\n<__media__>\n\nsecond"
+    _, ids, embeds = host.script.tokenizer_modifier(state, prompt, host.encode(prompt), None)
+    expected = prompt.replace("<__media__>", img_tag(first), 1).replace("<__media__>", img_tag(second), 1)
+    _, same_ids, same = host.script.tokenizer_modifier(host.state(), expected, host.encode(expected), None)
+    assert torch.equal(ids, same_ids) and torch.allclose(embeds, same, atol=1e-6)
+    web = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]
+    with pytest.raises(LlavaError) as error:
+        host.script.tokenizer_modifier(host.state(history={"messages": web}), "<__media__>\nx", host.encode("x"), None)
+    assert "image 1 in the request" in str(error.value) and "never fetches" in str(error.value)
+    # the webui rejects a bare string as image_url; so do we, instead of dropping the picture
+    bare = [{"role": "user", "content": [{"type": "image_url", "image_url": data_url(second)}]}]
+    with pytest.raises(LlavaError) as error:
+        host.script.tokenizer_modifier(host.state(history={"messages": bare}), "<__media__>\nx", host.encode("x"), None)
+    assert "message 1 has an image_url part without a text 'url'" in str(error.value)
+
+
+# ---------------------------------------------------------------- the 2023 route /api/v1/generate
+
+
+def seed_app(host, fail_with=None):
+    app = FastAPI()
+
+    def complete(body, stop_event):
+        if fail_with is not None:
+            raise fail_with
+        state = host.state(max_new_tokens=body["max_tokens"])
+        return {"choices": [{"text": host.generate(body["prompt"], state)}]}
+
+    add_generate_route(app, complete)
+    return app
+
+
+def test_seed_generate_contract(host):
+    client = TestClient(seed_app(host))
+    response = client.post("/api/v1/generate", json={
+        "prompt": "Describe " + img_tag(picture(seed=50)) + " briefly:", "max_new_tokens": 3,
+        "stopping_strings": ["\n"], "temperature": 0.7, "do_sample": False})
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert len(results) == 1 and isinstance(results[0]["text"], str)
+    assert completion_body({"prompt": "p", "max_new_tokens": 3, "stopping_strings": ["a"], "top_p": 0.5}) == \
+        {"prompt": "p", "stream": False, "max_tokens": 3, "stop": ["a"], "top_p": 0.5}
+    # both stop lists count, neither replaces the other
+    assert completion_body({"prompt": "p", "stopping_strings": ["a", "b"], "custom_stopping_strings": ["c", "a"]}) \
+        == {"prompt": "p", "stream": False, "stop": ["a", "b", "c"], "max_tokens": 200}
+
+
+def test_seed_generate_bad_image_is_400_and_server_keeps_serving(host):
+    client = TestClient(seed_app(host), raise_server_exceptions=False)
+    bad = client.post("/api/v1/generate", json={"prompt": 'x <img src="data:image/png;base64,@@@">',
+                                                 "max_new_tokens": 2})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["message"] == "image 1 in the prompt: the data after 'base64,' is not valid base64"
+    assert client.post("/api/v1/generate", json={"prompt": "hello", "max_new_tokens": 2}).status_code == 200
+    not_json = client.post("/api/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert not_json.status_code == 400 and not_json.json()["error"]["message"] == "the request body is not valid JSON"
+    assert client.post("/api/v1/generate", json={"no": "prompt"}).status_code == 400
+    # a cross-site form or text/plain POST (no CORS preflight) is refused before any work
+    plain = client.post("/api/v1/generate", content=b'{"prompt": "hello"}', headers={"content-type": "text/plain"})
+    assert plain.status_code == 415 and "as JSON" in plain.json()["error"]["message"]
+
+
+def test_host_request_errors_keep_their_status(host):
+    class InvalidRequest(Exception):
+        code = 400
+        message = "image 2 in the request: SVG is a vector format"
+
+    client = TestClient(seed_app(host, fail_with=InvalidRequest()))
+    response = client.post("/api/v1/generate", json={"prompt": "x", "max_new_tokens": 1})
+    assert response.status_code == 400 and "SVG" in response.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------- the Default and Notebook tabs
+
+
+def test_notebook_prompt_reaches_the_webuis_tokenizer_without_picture_data(host, monkeypatch):
+    """Default and Notebook tabs: the webui encodes the prompt before the tokenizer hook runs."""
+    seen = []
+    real = host.encode
+    monkeypatch.setattr(host, "encode", lambda prompt, *a, **k: seen.append(prompt) or real(prompt, *a, **k))
+    photo = picture(200, 150, seed=70)
+    prompt = "Describe " + img_tag(photo) + " in a word:"
+    host.generate(prompt, host.state(max_new_tokens=1))
+    assert seen == ['Describe <img src="llava-ref:1"> in a word:']
+    assert int((host.last_prompt_ids == PATCH_ID).sum()) == 256
+    alone = host.script.tokenizer_modifier(host.state(), prompt, real(prompt), None)
+    assert torch.equal(alone[1], host.last_prompt_ids)  # the same ids as from the full data URL
