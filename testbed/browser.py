@@ -48,6 +48,10 @@ class Page:
             time.sleep(0.2)
         raise AssertionError(f"waited {timeout} s for {what}")
 
+    def in_new_chat(self) -> "Page":
+        self.new_chat()
+        return self
+
     def new_chat(self) -> None:
         self.driver.find_element(By.ID, "new-chat-btn").click()
         self.wait_for(lambda: not self.messages(), "an empty chat")

@@ -179,12 +179,13 @@ class Host:
         image.save(path)
         self.pick_file(path, session)
 
-    def pick_file(self, path: str, session=None) -> None:
-        """The user picks the file at ``path`` in the extension's field."""
-        self.gradio.fire("llava-picture", "upload", path, session=session)
+    def pick_file(self, path: str, session=None):
+        """The user picks the file at ``path`` in the extension's field; what the preview then shows."""
+        return self.gradio.fire("llava-picture", "upload", path, session=session)[0]
 
-    def clear_field(self, session=None) -> None:
-        self.gradio.fire("llava-picture", "clear", session=session)
+    def clear_field(self, session=None):
+        """The user empties the extension's field; what the preview then shows."""
+        return self.gradio.fire("llava-picture", "clear", session=session)[0]
 
     def choose_embed_all(self, value: bool, session=None) -> None:
         """The user ticks or unticks "Embed all images"."""
@@ -309,16 +310,19 @@ def _fake_gradio(request_context, logger):
             components[elem_id] = made
         return made
 
-    def fire(elem_id: str, event: str, *values, session=None):
-        """A user action on a component: its handlers run with the event's request, as gradio runs them."""
+    def fire(elem_id: str, event: str, *values, session=None) -> list:
+        """A user action on a component: its handlers run with the event's request, as gradio runs them;
+        what each returns (the new values of its outputs)."""
         request = Request(session)
         token = request_context.set(request if session else None) if request_context is not None else None
         try:
+            returned = []
             for handler in components[elem_id].handlers.get(event, []):
                 # as gradio does: a parameter annotated gr.Request gets the event's request (the
                 # annotation is resolved at run time, so it must name something the handler can see)
                 wants_request = any(hint is Request for hint in typing.get_type_hints(handler).values())
-                handler(*values, *([request] if wants_request else []))
+                returned.append(handler(*values, *([request] if wants_request else [])))
+            return returned
         finally:
             if token is not None:
                 request_context.reset(token)

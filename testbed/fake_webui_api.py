@@ -52,6 +52,7 @@ class WebuiApi:
                            messages=body.get("messages"))
         text = host.generate(prompt, state)
         completion_tokens = len(host.encode(text, add_bos_token=False)[0])
+        text = (prompt if body.get("echo") else "") + text  # the webui echoes the prompt it received
         return {"choices": [{"index": 0, "text": text, "finish_reason":
                              "length" if token_count + completion_tokens >= 4096 else "stop"}],
                 "usage": {"prompt_tokens": token_count, "completion_tokens": completion_tokens,
@@ -99,11 +100,24 @@ class WebuiApi:
         async def chat_route(body: dict = Body(...)):
             return {"choices": [{"message": {"content": await asyncio.to_thread(self.chat, body)}}]}
 
+        def verify_anthropic_key(x_api_key: str = Header(None, alias="x-api-key")):
+            if x_api_key != KEY:
+                raise HTTPException(status_code=401, detail="Unauthorized")
+
+        self.verify_anthropic_key = verify_anthropic_key
+
+        @app.post("/v1/messages", dependencies=[Depends(verify_anthropic_key)])
+        async def messages_route(body: dict = Body(...)):
+            text = await asyncio.to_thread(self.chat, {"messages": anthropic_as_openai(body["messages"])})
+            return {"type": "message", "content": [{"type": "text", "text": text}],
+                    "usage": {"input_tokens": int(self.host.last_prompt_ids.shape[1]), "output_tokens": 1}}
+
         return app
 
     def _modules(self) -> dict:
         script = types.ModuleType("modules.api.script")
         script.app, script.check_key, script.verify_api_key = self.app, self.check_key, self.verify_api_key
+        script.verify_anthropic_key = self.verify_anthropic_key
         completions = types.ModuleType("modules.api.completions")
         completions.completions = self.completions
 
@@ -119,6 +133,24 @@ class WebuiApi:
         package.script, package.completions, package.typing, package.errors = script, completions, typing, errors
         return {"modules.api": package, "modules.api.script": script, "modules.api.completions": completions,
                 "modules.api.typing": typing, "modules.api.errors": errors}
+
+
+def anthropic_as_openai(messages: list) -> list:
+    """The webui's mapping of Anthropic messages: a user's base64 image blocks become image_url parts (its
+    other image blocks are dropped)."""
+    converted = []
+    for message in messages:
+        content = message.get("content")
+        parts = []
+        for block in content if isinstance(content, list) else [{"type": "text", "text": str(content)}]:
+            source = block.get("source") or {}
+            if block.get("type") == "text":
+                parts.append({"type": "text", "text": block.get("text", "")})
+            elif block.get("type") == "image" and source.get("type") == "base64":
+                url = f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+        converted.append({"role": message.get("role"), "content": parts})
+    return converted
 
 
 async def _iterate(generator):

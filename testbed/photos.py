@@ -60,3 +60,15 @@ def noisy_picture(fmt: str, size=(700, 500), icc_bytes: int = 0, turned: bool = 
         options["icc_profile"] = np.random.default_rng(3).bytes(icc_bytes)
     data = encoded(Image.fromarray(pixels), fmt, **options)
     return data, ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size
+
+
+def shape_picture(path: str, colour: tuple, shape: str) -> str:
+    """A drawn square or triangle on grey, like the bundled demo's training pictures, written to ``path``."""
+    canvas = Image.new("RGB", (128, 128), (150, 150, 150))
+    pen = ImageDraw.Draw(canvas)
+    if shape == "square":
+        pen.rectangle((34, 34, 94, 94), fill=colour)
+    else:
+        pen.polygon([(64, 28), (100, 96), (28, 96)], fill=colour)
+    canvas.save(path)
+    return path

@@ -230,7 +230,7 @@ def seed_app(host, fail_with=None):
     return app
 
 
-def test_seed_generate_contract(host):
+def test_the_2023_generate_route_contract(host):
     client = TestClient(seed_app(host))
     response = client.post("/api/v1/generate", json={
         "prompt": "Describe " + img_tag(picture(seed=50)) + " briefly:", "max_new_tokens": 3,
@@ -245,7 +245,7 @@ def test_seed_generate_contract(host):
         == {"prompt": "p", "stream": False, "stop": ["a", "b", "c"], "max_tokens": 200}
 
 
-def test_seed_generate_bad_image_is_400_and_server_keeps_serving(host):
+def test_the_2023_generate_route_refuses_a_bad_picture_and_keeps_serving(host):
     client = TestClient(seed_app(host), raise_server_exceptions=False)
     bad = client.post("/api/v1/generate", json={"prompt": 'x <img src="data:image/png;base64,@@@">',
                                                  "max_new_tokens": 2})
@@ -285,3 +285,76 @@ def test_notebook_prompt_reaches_the_webuis_tokenizer_without_picture_data(host,
     assert int((host.last_prompt_ids == PATCH_ID).sum()) == 256
     alone = host.script.tokenizer_modifier(host.state(), prompt, real(prompt), None)
     assert torch.equal(alone[1], host.last_prompt_ids)  # the same ids as from the full data URL
+
+
+# ---------------------------------------------------------------- every body the webui reads as JSON
+
+
+def test_a_body_without_content_type_is_checked_as_the_webui_reads_it(served):
+    """FastAPI reads a body with no Content-Type as JSON: so does the check, else the webui would
+    tokenize the picture's base64."""
+    raw = json.dumps({"prompt": "Look: " + img_tag(picture(seed=11)) + " what?", "max_tokens": 2}).encode()
+    response = served.client.post("/v1/completions", content=raw, headers={**AUTH, "content-type": ""})
+    assert response.status_code == 200, response.text
+    assert served.calls.prompts == ['Look: <img src="llava-ref:1"> what?']
+    bad = json.dumps({"prompt": 'x <img src="data:image/png;base64,@@@">'}).encode()
+    response = served.client.post("/v1/completions", content=bad, headers={**AUTH, "content-type": ""})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "image 1 in the prompt: the data after 'base64,' is not valid base64"
+
+
+def test_json_nested_too_deep_is_left_to_the_webui(served):
+    deep = b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    response = served.client.post("/v1/completions", content=deep, headers={**AUTH, "content-type": "application/json"})
+    assert 400 <= response.status_code < 500, response.text  # the webui's own answer, not a crash of the check
+
+
+@pytest.mark.parametrize("field,value", [("stopping_strings", 5), ("stopping_strings", True), ("stop", 7),
+                                         ("custom_stopping_strings", ["a", 3])])
+def test_stop_fields_of_the_generate_route_must_be_texts(served, field, value):
+    response = served.client.post("/api/v1/generate", json={"prompt": "hi", field: value}, headers=AUTH)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == f"'{field}' must be a text or a list of texts"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_gives_back_the_clients_own_prompt(served, stream):
+    prompt = "Look: " + img_tag(picture(seed=12)) + " what?"
+    response = served.client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2, "echo": True,
+                                                           "stream": stream}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    if stream:
+        texts = [json.loads(line[6:])["choices"][0]["text"] for line in response.text.splitlines()
+                 if line.startswith("data: {") and '"choices"' in line]
+    else:
+        texts = [response.json()["choices"][0]["text"]]
+    assert texts[-1].startswith(prompt) and "llava-ref:" not in texts[-1]
+
+
+def anthropic_body(*blocks, text="What is this?"):
+    return {"max_tokens": 2, "messages": [{"role": "user", "content": [*blocks, {"type": "text", "text": text}]}]}
+
+
+def image_block(url: str) -> dict:
+    media, data = url[5:].split(";base64,")
+    return {"type": "image", "source": {"type": "base64", "media_type": media, "data": data}}
+
+
+def test_the_anthropic_route_takes_its_own_key_and_the_same_checks(served, no_decoding):
+    key = {"x-api-key": "secret"}
+    bomb = image_block(bytes_url(header_only_png(10000, 10000)))
+    for headers in ({}, AUTH, {"x-api-key": "wrong"}):  # its key is x-api-key, as the webui checks it
+        assert served.client.post("/v1/messages", json=anthropic_body(bomb), headers=headers).status_code == 401
+    assert no_decoding == []
+    response = served.client.post("/v1/messages", json=anthropic_body(bomb), headers=key)
+    assert response.status_code == 400
+    assert response.json() == {"type": "error", "error": {"type": "invalid_request_error", "message":
+                               "image 1 in the request: the picture is larger than 50,000,000 pixels"}}
+    web = {"type": "image", "source": {"type": "url", "url": "http://127.0.0.1:9/a.png"}}
+    response = served.client.post("/v1/messages", json=anthropic_body(web), headers=key)
+    assert response.status_code == 400 and "never fetches web addresses" in response.json()["error"]["message"]
+    response = served.client.post("/v1/messages", json=anthropic_body(image_block(data_url(picture(seed=13)))),
+                                  headers=key)
+    assert response.status_code == 200, response.text
+    assert int((served.host.last_prompt_ids == PATCH_ID).sum()) == 256
+    assert response.json()["usage"]["input_tokens"] == served.host.last_prompt_ids.shape[1]

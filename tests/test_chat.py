@@ -58,6 +58,20 @@ def test_clearing_the_field_cancels(host):
     assert host.attachments_of(0) == [] and host.engine().counters.vision_forwards == 0
 
 
+def test_the_picked_picture_is_shown_until_it_goes_or_is_cleared(host, tmp_path):
+    """The preview is the picked file itself (the browser draws it: nothing is decoded for it); a file that
+    is not a picture shows nothing."""
+    path = tmp_path / "photo.png"
+    picture(90, 60, seed=6).save(path)
+    assert host.pick_file(str(path), session="a") == str(path)
+    assert host.clear_field(session="a") is None
+    not_a_picture = tmp_path / "notes.png"
+    not_a_picture.write_bytes(b"not a picture at all")
+    assert host.pick_file(str(not_a_picture), session="a") is None
+    send = host.shared.gradio["Generate"].handlers["click"]
+    assert [handler() for handler in send] == [(None, None)]  # sending empties the field and its preview
+
+
 def test_a_picture_goes_only_with_its_own_sessions_message(host):
     host.pick(picture(seed=5), session="a")
     host.chat("from b", host.state(max_new_tokens=1), session="b")
@@ -85,7 +99,7 @@ def test_a_file_that_is_not_a_picture_is_refused_when_picked(host, tmp_path):
                            "supported format (PNG, JPEG, GIF, WebP, BMP or TIFF)"]
 
 
-def test_seed_era_input_hijack(v0, host_factory):
+def test_the_2023_webuis_input_hijack(v0, host_factory):
     """The 2023 webui: no browser sessions, the picture goes into the message text through input_hijack."""
     host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=v0.webui_settings(), gradio_sessions=False)
     host.pick(picture(seed=4))

@@ -173,3 +173,12 @@ def test_http_check_reads_headers_and_generation_decodes_a_picture_once(v0, monk
                        embed_all=False)
     assert str(error.value) == \
         "image 1 in the prompt: the data is not a picture in a supported format (PNG, JPEG, GIF, WebP, BMP or TIFF)"
+
+
+def test_large_pictures_give_their_memory_back(v0):
+    """The C library keeps freed memory for later; after a large picture it is asked to hand it back."""
+    engine = v0.engine()
+    v0.prepare(engine, "small " + img_tag(picture(64, 48, seed=90)))
+    assert engine.counters.memory_releases == 0
+    v0.prepare(engine, "large " + img_tag(picture(2500, 2000, seed=91)))  # 5 million pixels
+    assert engine.counters.memory_releases == 1

@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
+from extensions.llava.images import ImageError
 from extensions.llava.pipelines import PIPELINES
 from extensions.llava.prompt import escape_special_tokens, parse_prompt
 from testbed.tiny import PATCH_ID, START_ID, convert_and_load, data_url, img_tag, make_tokenizer, picture
@@ -153,3 +154,13 @@ def test_parser_spans_are_ordered_and_inside_the_prompt(text):
         assert end <= image.start < image.end <= len(text)
         end = image.end
     assert "".join(p if isinstance(p, str) else text[p.start:p.end] for p in parsed.pieces()) == text
+
+
+def test_a_tag_whose_quote_never_closes_is_refused_in_words():
+    prompt = 'Look <img src="data:image/png;base64,iVBORw0KGgo and then some more text'
+    [image] = parse_prompt(prompt).images
+    assert (image.start, image.end) == (5, len(prompt))
+    with pytest.raises(ImageError) as error:
+        image.source.load()
+    assert str(error.value) == ("image 1 in the prompt: the quote after src= is never closed; end the picture's data "
+                                "with a quote")

@@ -10,9 +10,9 @@ screenshot in ``test-artifacts/`` (see conftest.py).
 import os
 
 import pytest
-from PIL import Image, ImageDraw
 
 from extensions.llava.cli_ask import DEMO_MODEL
+from testbed.photos import shape_picture
 from testbed.real_host import ROOT, WEBUI, is_current, needs_webui, running_webui
 
 pytest.importorskip("selenium.webdriver", reason="selenium is not installed (prepare.sh --browser)")
@@ -29,23 +29,13 @@ RED_CIRCLE = os.path.join(ROOT, "examples", "red-circle.png")
 EMBEDDED_ONE = "llava: 1 image(s) in the prompt, 1 embedded"
 
 
-def shape_picture(path: str, colour: tuple, shape: str) -> str:
-    canvas = Image.new("RGB", (128, 128), (150, 150, 150))
-    pen = ImageDraw.Draw(canvas)
-    if shape == "square":
-        pen.rectangle((34, 34, 94, 94), fill=colour)
-    else:
-        pen.polygon([(64, 28), (100, 96), (28, 96)], fill=colour)
-    canvas.save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pictures")
-    return {"red circle": RED_CIRCLE,
-            "blue square": shape_picture(str(folder / "blue-square.png"), (40, 70, 215), "square"),
-            "green triangle": shape_picture(str(folder / "green-triangle.png"), (35, 165, 50), "triangle")}
+    def drawn(name, colour, shape):
+        return shape_picture(str(tmp_path_factory.mktemp("pictures") / name), colour, shape)
+
+    return {"red circle": RED_CIRCLE, "blue square": drawn("blue-square.png", (40, 70, 215), "square"),
+            "green triangle": drawn("green-triangle.png", (35, 165, 50), "triangle")}
 
 
 def start_demo(tmp_path_factory, name: str, *extra_args):
@@ -85,16 +75,14 @@ def test_the_llava_field_goes_with_the_message_and_a_follow_up_is_about_it(serve
 
 
 def test_the_attach_button(server, open_page, pictures):
-    page = open_page(server)
-    page.new_chat()
+    page = open_page(server).in_new_chat()
     page.attach(pictures["blue square"])
     assert page.send("What shape is in the picture?") == "A blue square."
     assert shows_picture(page.last_user_message())
 
 
 def test_clearing_the_field_cancels_the_picture(server, open_page, pictures):
-    page = open_page(server)
-    page.new_chat()
+    page = open_page(server).in_new_chat()
     seen = server.log_text().count("image(s) in the prompt")
     page.pick(pictures["green triangle"])
     page.clear_field()
@@ -104,8 +92,7 @@ def test_clearing_the_field_cancels_the_picture(server, open_page, pictures):
 
 
 def test_embed_all_changes_what_is_embedded(server, open_page, pictures):
-    page = open_page(server)
-    page.new_chat()
+    page = open_page(server).in_new_chat()
     page.pick(pictures["green triangle"])
     assert page.send("What shape is in the picture?") == "A green triangle."
     page.pick(pictures["blue square"])

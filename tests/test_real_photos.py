@@ -31,8 +31,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("photos")
-    return [make_photo(str(folder / f"photo-{seed}.jpg"), seed=seed) for seed in range(3)]
+    return [make_photo(str(tmp_path_factory.mktemp("photos") / f"photo-{seed}.jpg"), seed=seed) for seed in range(3)]
 
 
 def encoded_during(server, action):
@@ -62,17 +61,14 @@ def test_the_apis_never_tokenize_picture_data(server, photos):
 
 
 def test_the_chat_ui_never_tokenizes_picture_data(server, photos, open_page):
-    page = open_page(server)
-    page.new_chat()
-    page.pick(photos[0])
-    reply, lengths = encoded_during(server, lambda: page.send(QUESTION))
-    assert reply == "A red circle." and max(lengths) <= MOST_CHARACTERS, lengths
-    reply, lengths = encoded_during(server, lambda: page.send("What colour is the shape?"))
-    assert reply == "Red." and max(lengths) <= MOST_CHARACTERS, lengths
-    page.new_chat()
-    page.attach(photos[1])
-    reply, lengths = encoded_during(server, lambda: page.send(QUESTION))
-    assert reply == "A red circle." and max(lengths) <= MOST_CHARACTERS, lengths
+    page = open_page(server).in_new_chat()
+    turns = [(lambda: page.pick(photos[0]), QUESTION, "A red circle."), (None, "What colour is the shape?", "Red."),
+             (lambda: page.in_new_chat().attach(photos[1]), QUESTION, "A red circle.")]
+    for before, question, expected in turns:
+        if before is not None:
+            before()
+        reply, lengths = encoded_during(server, lambda: page.send(question))
+        assert reply == expected and max(lengths) <= MOST_CHARACTERS, (question, lengths)
 
 
 def test_the_notebook_never_tokenizes_picture_data(server, photos, open_page):

@@ -1,6 +1,7 @@
 """Every command the READMEs document runs, each tool in its quick mode: a tool that drifts from the code
 fails here, not in a reader's hands. Each runs as a reader runs it, in a process of its own."""
 
+import json
 import os
 import subprocess
 import sys
@@ -12,12 +13,12 @@ from testbed.real_host import ROOT, needs_webui
 pytestmark = pytest.mark.slow
 
 
-def run(*command: str, timeout: float = 600) -> str:
-    """The command's output; it must succeed."""
+def run(*command: str, timeout: float = 600, errors: bool = False):
+    """The command's output (and what it wrote to stderr, with ``errors``); it must succeed."""
     done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
+    return (done.stdout, done.stderr) if errors else done.stdout
 
 
 def test_benchmark_prints_its_five_figures():
@@ -51,8 +52,16 @@ def test_convert_command_as_in_the_readme(tmp_path):
     from testbed.tiny_family import build_v15, reference_v15, save_llava_hf
     v15 = build_v15(str(tmp_path / "v15"))
     source = save_llava_hf(str(tmp_path / "llava-1.5-7b-hf"), reference_v15(v15), v15.tokenizer, v15.clip_dir)
-    out = run("-m", "extensions.llava", "convert", source, str(tmp_path / "converted"))
+    out, progress = run("-m", "extensions.llava", "convert", source, str(tmp_path / "converted"), errors=True)
     assert "converted llava-hf checkpoint" in out and os.path.isfile(tmp_path / "converted" / "llava.json")
+    with open(os.path.join(source, "model.safetensors.index.json")) as f:
+        shards = len(set(json.load(f)["weight_map"].values()))
+    assert shards > 1 and f"llava convert: language model shards: 100%|██████████| {shards}/{shards}" in progress
+
+
+def test_benchmark_convert_measures_the_peak_for_two_sizes():
+    out = run("tools/benchmark_convert.py", "--quick")
+    assert out.count("converter peak") == 2, out
 
 
 @needs_webui

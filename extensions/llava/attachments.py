@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import base64
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .images import ImageSource, InlineImage, PilImage, sniff_header
+from .decode import sniff_header
+from .images import ImageSource, InlineImage, PilImage
 from .messages import message_pictures
 
 
@@ -29,8 +30,7 @@ class Upload(ImageSource):
 
     path: str
     name: str
-    position: int = 0
-    origin: str = "picked in the LLaVA field"
+    origin: str = field(default="picked in the LLaVA field", kw_only=True)
 
     @property
     def label(self) -> str:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import html
 
-from .images import data_url, open_picture
+from .decode import open_picture
+from .images import data_url
 from .prompt import UI_IMAGE_MARKER, place_image
 from .attachments import Upload, upload_data_url
 

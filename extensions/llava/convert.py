@@ -37,8 +37,8 @@ from .errors import LlavaError
 from .pipelines import PIPELINES, Pipeline
 from .preprocess import load_image_processor
 from .projector import projector_type_of, split_image_newline
-from .towers import clip_vision_from_state
-from .weights import IMAGE_NEWLINE_KEYS, WeightsError, iter_tensors, quiet_transformers
+from .towers import TOWER_KINDS, save_tower, tower_kind_of
+from .weights import IMAGE_NEWLINE_KEYS, LazyTensor, WeightsError, lazy_tensors, write_safetensors
 
 PROJECTOR_FILE = "mm_projector.safetensors"
 VISION_FOLDER = "vision_tower"
@@ -145,38 +145,20 @@ def _add_image_tokens(source: Source, pipeline: Pipeline, tokenizer) -> _Vocabul
 
 
 def _copy_language_model(source: Source, dst: str, vocabulary: _Vocabulary) -> _Shards:
-    """The language model's tensors, one source file at a time, into temporary shards; embedding rows for
-    the added tokens; the tower tensors kept (llava-hf) or counted out (original)."""
-    from safetensors.torch import save_file
+    """The language model's tensors, one source file at a time and within it one tensor at a time, into
+    temporary shards (so memory holds about one tensor, whatever the checkpoint's size); embedding rows
+    for the added tokens; the tower tensors kept (llava-hf) or counted out (original)."""
+    from huggingface_hub.utils import tqdm
     shards = _Shards()
-    unknown: list[str] = []
     resized: list[str] = []
-    for number, name in enumerate(source.weight_files):
-        out: dict = {}
-        for key, tensor in iter_tensors(os.path.join(source.folder, name)):
-            kind, new_key = classify(source, key)
-            if kind == "llm":
-                if new_key in ("model.embed_tokens.weight", "lm_head.weight") and vocabulary.resizes:
-                    tensor = _with_rows(tensor, vocabulary.known, vocabulary.new_size, vocabulary.added_ids)
-                    resized.append(new_key)
-                out[new_key] = tensor.contiguous()
-            elif kind == "vision":
-                if source.kind == "llava-hf":
-                    shards.vision_state[key] = tensor
-                else:
-                    shards.dropped_vision += 1
-            elif kind == "unknown":
-                unknown.append(key)
-        if unknown:
-            raise ConvertError(f"'{name}' holds tensors the converter does not know, e.g. {unknown[:3]}; "
-                               "is this another kind of multimodal checkpoint? LLaVA v0, llama-2, v1.5, v1.6 and "
-                               "BakLLaVA checkpoints are supported")
-        if out:
-            temporary = f"part-{number:05d}.safetensors"
-            save_file(out, os.path.join(dst, temporary), metadata={"format": "pt"})
-            shards.total_bytes += sum(t.numel() * t.element_size() for t in out.values())
-            shards.parts.append((temporary, list(out)))
-        del out
+    for number, name in enumerate(tqdm(source.weight_files, desc="llava convert: language model shards",
+                                       unit="shard")):
+        with lazy_tensors(os.path.join(source.folder, name)) as tensors:
+            planned = _plan_shard(source, name, tensors, vocabulary, shards, resized)
+            if planned:
+                temporary = f"part-{number:05d}.safetensors"
+                shards.total_bytes += write_safetensors(os.path.join(dst, temporary), planned, {"format": "pt"})
+                shards.parts.append((temporary, [tensor.name for tensor in planned]))
     names = shards.names
     if "model.embed_tokens.weight" not in names:
         raise ConvertError(f"no language model weights found in '{source.folder}' (no model.embed_tokens.weight)")
@@ -185,6 +167,33 @@ def _copy_language_model(source: Source, dst: str, vocabulary: _Vocabulary) -> _
     if vocabulary.resizes and len(resized) < 1 + ("lm_head.weight" in names):
         raise ConvertError("could not resize the embeddings for the added image tokens")
     return shards
+
+
+def _plan_shard(source: Source, name: str, tensors: list[LazyTensor], vocabulary: _Vocabulary, shards: _Shards,
+                resized: list[str]) -> list[LazyTensor]:
+    """The language model's tensors of one source file under their new names (read when written);
+    the tower's tensors go to ``shards``; a tensor of unknown kind is refused."""
+    planned, unknown = [], []
+    for tensor in tensors:
+        kind, new_key = classify(source, tensor.name)
+        if kind == "llm" and new_key in ("model.embed_tokens.weight", "lm_head.weight") and vocabulary.resizes:
+            rows = max(vocabulary.new_size, tensor.shape[0])
+            planned.append(LazyTensor(new_key, tensor.dtype, (rows, *tensor.shape[1:]),
+                                      lambda tensor=tensor: _with_rows(tensor.load(), vocabulary)))
+            resized.append(new_key)
+        elif kind == "llm":
+            planned.append(LazyTensor(new_key, tensor.dtype, tensor.shape, tensor.load))
+        elif kind == "vision" and source.kind == "llava-hf":
+            shards.vision_state[tensor.name] = tensor.load()
+        elif kind == "vision":
+            shards.dropped_vision += 1
+        elif kind == "unknown":
+            unknown.append(tensor.name)
+    if unknown:
+        raise ConvertError(f"'{name}' holds tensors the converter does not know, e.g. {unknown[:3]}; "
+                           "is this another kind of multimodal checkpoint? LLaVA v0, llama-2, v1.5, v1.6 and "
+                           "BakLLaVA checkpoints are supported")
+    return planned
 
 
 def _name_shards(dst: str, shards: _Shards) -> list[str]:
@@ -249,14 +258,15 @@ def _report(source: Source, pipeline: Pipeline, projector: dict, vocabulary: _Vo
         log(line)
 
 
-def _with_rows(tensor: torch.Tensor, known: int, rows: int, new_ids: list[int]) -> torch.Tensor:
-    """``tensor`` with ``rows`` rows; rows for the new tokens are the mean of the known tokens' rows."""
-    mean = tensor[:min(known, tensor.shape[0])].double().mean(0).to(tensor.dtype)
-    if rows > tensor.shape[0]:
-        tensor = torch.cat([tensor, mean.expand(rows - tensor.shape[0], -1)])
+def _with_rows(tensor: torch.Tensor, vocabulary: _Vocabulary) -> torch.Tensor:
+    """``tensor`` with a row per token of the new vocabulary; rows for the added tokens are the mean of
+    the known tokens' rows."""
+    mean = tensor[:min(vocabulary.known, tensor.shape[0])].double().mean(0).to(tensor.dtype)
+    if vocabulary.new_size > tensor.shape[0]:
+        tensor = torch.cat([tensor, mean.expand(vocabulary.new_size - tensor.shape[0], -1)])
     else:
         tensor = tensor.clone()
-    for i in new_ids:
+    for i in vocabulary.added_ids:
         tensor[i] = mean
     return tensor
 
@@ -277,15 +287,12 @@ def _llm_config(source: Source, vocab_size: int):
 
 
 def _write_vision_tower(source: Source, state: dict, folder: str) -> None:
-    model = clip_vision_from_state(source.vision, state, f"the llava-hf checkpoint '{source.folder}'")
-    dtype = next(iter(state.values())).dtype if state else torch.float32
-    with quiet_transformers():
-        model.to(dtype).save_pretrained(folder)
+    kind = TOWER_KINDS[tower_kind_of(source.vision)]
     try:
-        processor = load_image_processor(source.folder)
+        processor = load_image_processor(source.folder, kind.processor_class)
     except WeightsError as error:
         raise ConvertError(str(error)) from None
-    processor.save_pretrained(folder)
+    save_tower(folder, source.vision, state, processor, f"the llava-hf checkpoint '{source.folder}'")
 
 
 def main(argv=None) -> int:

@@ -20,11 +20,12 @@ from .checkpoint_rules import check
 from .detect import Choice, choose_pipeline
 from .errors import LlavaError
 from .images import ImageError, ImageSource
+from .memory import release_freed_memory
 from .pipelines import PIPELINES, Pipeline, PipelineError
 from .preprocess import max_slot_count, slot_count
 from .prompt import MEDIA_PLACEHOLDER, ImageRef, escape_special_tokens, expand_prompt, parse_prompt
 from .settings import Settings
-from .splice import LayoutError, TokenLayout, find_images, shift_spans, splice, truncation_cut, widen_image_slots
+from .splice import TokenLayout, find_images, shift_spans, splice, truncation_cut, widen_image_slots
 from .towers import VisionLoadError
 from .vision import LOADER_FIX, Placement, Sources, VisionParts, load_vision_parts
 
@@ -54,6 +55,7 @@ class Counters:
     vision_forwards: int = 0  # pictures that went through the tower
     vision_batches: int = 0  # tower calls
     loads: int = 0  # times the vision parts were loaded
+    memory_releases: int = 0  # times freed memory was handed back to the operating system after large pictures
 
 
 def model_path_of(model) -> str | None:
@@ -189,9 +191,10 @@ class LlavaEngine:
         embeddings = model.get_input_embeddings()
         width = embeddings.weight.shape[-1]
         features = self.features_for([kept[i] for i in chosen], choice, width, notes)
-        if chosen and [f.shape[0] for f in features] != spans.counts[chosen].tolist():
-            raise LayoutError(f"the pictures gave {[f.shape[0] for f in features]} features for "
-                              f"{spans.counts[chosen].tolist()} slots (pipeline {pipeline.name})")
+        for i, feature, slots in zip(chosen, features, spans.counts[chosen].tolist()):
+            if feature.shape[0] != slots:  # the header and the pixels disagree: refused, never spliced
+                raise kept[i].source.error(f"its pixels give {feature.shape[0]} features for the {slots} places its "
+                                           "header gives it; save the picture again with another program")
         with torch.no_grad():
             embeds = embeddings(ids.to(embeddings.weight.device))
             if chosen:
@@ -251,22 +254,31 @@ class LlavaEngine:
                 todo = [(key, image) for key, image in zip(keys, images) if found[key] is None]
                 todo = list({key: image for key, image in todo}.items())
                 if todo:
-                    pictures = []
-                    for _, image in todo:
-                        picture = image.source.load()
-                        if notes is not None:
-                            notes.extend(picture.notes)
-                        pictures.append(picture.image)
-                    encoded = []
-                    for batch in vision.encode_batches(pictures):
-                        encoded.extend(batch)
-                        self.counters.vision_batches += 1
-                    self.counters.vision_forwards += len(pictures)
-                    for (key, _), feature in zip(todo, encoded):
-                        feature = feature.clone()
-                        found[key] = feature
-                        self.cache.put(key, feature)
+                    self._encode([image for _, image in todo], [key for key, _ in todo], vision, found, notes)
         return [found[key] for key in keys]
+
+    def _encode(self, images: list[ImageRef], keys: list[tuple], vision: VisionParts, found: dict,
+                notes: list[str] | None) -> None:
+        """Decode ``images`` and run them through the vision parts; their features go into ``found`` and
+        the cache. What the decoding and the tower freed goes back to the operating system after."""
+        pictures = []
+        for image in images:
+            picture = image.source.load()
+            if notes is not None:
+                notes.extend(picture.notes)
+            pictures.append(picture.image)
+        encoded = []
+        for batch in vision.encode_batches(pictures):
+            encoded.extend(batch)
+            self.counters.vision_batches += 1
+        self.counters.vision_forwards += len(pictures)
+        for key, feature in zip(keys, encoded):
+            found[key] = feature = feature.clone()
+            self.cache.put(key, feature)
+        pixels = sum(picture.width * picture.height for picture in pictures)
+        del pictures, encoded
+        if release_freed_memory(pixels):
+            self.counters.memory_releases += 1
 
     def vision_parts(self, choice: Choice) -> VisionParts:
         return self._vision_and_key(choice)[0]
@@ -307,8 +319,6 @@ class LlavaEngine:
 @dataclass(frozen=True, eq=False)
 class _Placeholder(ImageSource):
     """A stand-in for a picture that is only counted, never opened."""
-
-    position: int = 0
 
     def digest(self) -> str:
         return ""

@@ -1,8 +1,9 @@
-"""Turning what a user or client sent into an RGB picture, or a clear refusal.
+"""Where a picture comes from (a ``data:`` URL in a text, a picture the host decoded, an address that
+is never fetched), and its data: base64 read whole or only its first part, for the header.
 
 Every refusal is an ``ImageError`` naming the image's position in the prompt and the
 reason in plain words. Nothing here reaches the network or the file system: only
-``data:`` URLs and pictures handed over by the host are ever opened.
+``data:`` URLs and pictures handed over by the host are ever opened; ``decode`` opens them.
 """
 
 from __future__ import annotations
@@ -11,18 +12,14 @@ import base64
 import binascii
 import hashlib
 import io
-import warnings
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
+from .decode import SUPPORTED_FORMATS, Picture, normalise, open_picture, sniff_header, upright_size
 from .errors import LlavaError
 
 MAX_ENCODED_CHARS = 64 * 1024 * 1024
-MAX_PIXELS = 50_000_000
-ALPHA_BACKGROUND = (255, 255, 255)
-SUPPORTED_FORMATS = "PNG, JPEG, GIF, WebP, BMP or TIFF"
 # base64 characters of a data URL read for its header before all of it: a photo's header with its
 # EXIF fits in the first; large ICC profiles or previews may need the second
 HEADER_PREFIX_CHARS = (64 * 1024, 1024 * 1024)
@@ -39,17 +36,13 @@ class ImageError(LlavaError):
         super().__init__(f"{label}: {reason}")
 
 
-@dataclass
-class Picture:
-    image: Image.Image  # RGB
-    notes: list[str] = field(default_factory=list)
-
-
+@dataclass(frozen=True, eq=False)
 class ImageSource:
-    """Something that can become a picture. ``position`` is 1-based in prompt order."""
+    """Something that can become a picture. ``position`` is 1-based in prompt order; ``origin`` says
+    where it was found, for messages."""
 
-    position: int = 0
-    origin: str = "in the prompt"
+    position: int = field(default=0, kw_only=True)
+    origin: str = field(default="in the prompt", kw_only=True)
 
     def at_position(self, position: int) -> "ImageSource":
         return replace(self, position=position)
@@ -79,12 +72,10 @@ class InlineImage(ImageSource):
     text: str
     start: int
     end: int
-    position: int = 0
-    origin: str = "in the prompt"
 
     @classmethod
     def from_url(cls, url: str, position: int = 0, origin: str = "in the prompt") -> "InlineImage":
-        return cls(url, 0, len(url), position, origin)
+        return cls(url, 0, len(url), position=position, origin=origin)
 
     def digest(self) -> str:
         return hashlib.sha256(self.text[self.start:self.end].encode("utf-8", "surrogatepass")).hexdigest()
@@ -132,8 +123,7 @@ class PilImage(ImageSource):
     """A picture the host already decoded (the OpenAI chat endpoint's ``raw_images``)."""
 
     image: Image.Image
-    position: int = 0
-    origin: str = "in the request"
+    origin: str = field(default="in the request", kw_only=True)
 
     def digest(self) -> str:
         h = hashlib.sha256(f"{self.image.mode}:{self.image.size}:".encode())
@@ -144,28 +134,31 @@ class PilImage(ImageSource):
         return normalise(self.image, self)
 
     def header(self) -> tuple[int, int]:
-        return self.image.size
+        return upright_size(self.image)
 
 
 @dataclass(frozen=True, eq=False)
-class UnreachableImage(ImageSource):
-    """An ``<img>`` whose source is a web address or a file: never fetched."""
+class RefusedImage(ImageSource):
+    """An ``<img>`` or a request's picture that is refused wherever it stands, even where it would not be
+    embedded: a web address or a file (never fetched: the webui would fetch it otherwise) or a tag
+    that cannot hold a picture."""
 
-    src: str
-    position: int = 0
-    origin: str = "in the prompt"
+    reason: str
+
+    @classmethod
+    def web_address(cls, src: str, position: int = 0, origin: str = "in the prompt") -> "RefusedImage":
+        shown = src if len(src) <= 60 else src[:57] + "..."
+        return cls(f"its source '{shown}' is not a data URL; the extension never fetches web addresses or reads "
+                   "local files; embed the picture as data:image/...;base64,...", position=position, origin=origin)
 
     def digest(self) -> str:
-        return hashlib.sha256(self.src.encode("utf-8", "surrogatepass")).hexdigest()
+        return hashlib.sha256(self.reason.encode("utf-8", "surrogatepass")).hexdigest()
 
     def header(self) -> tuple[int, int]:
         self.load()
 
     def load(self) -> Picture:
-        shown = self.src if len(self.src) <= 60 else self.src[:57] + "..."
-        raise self.error(f"its source '{shown}' is not a data URL; the extension never fetches web "
-                         "addresses or reads local files; embed the picture as "
-                         "data:image/...;base64,...")
+        raise self.error(self.reason)
 
 
 def data_url(image: Image.Image, fmt: str = "PNG", **save_args) -> str:
@@ -195,118 +188,3 @@ def decode_base64_prefix(chars: str) -> bytes | None:
         return base64.b64decode(compact[:len(compact) // 4 * 4], validate=True)
     except (binascii.Error, ValueError):
         return None
-
-
-def _open_header(data: bytes, source: ImageSource, partial: bool = False) -> Image.Image | None:
-    """Pillow's lazy open: the header is read, no pixel is decoded; size limits are checked here.
-    With ``partial`` (``data`` is the start of the picture) None when the header does not end in it."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise source.error(f"the picture is larger than {MAX_PIXELS:,} pixels") from None
-    except Exception:
-        if partial:
-            return None
-        raise source.error(f"the data is not a picture in a supported format ({SUPPORTED_FORMATS})") from None
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise source.error("the picture has no pixels")
-    if width * height > MAX_PIXELS:
-        raise source.error(f"the picture is {width}×{height} pixels; the limit is {MAX_PIXELS:,} pixels")
-    return image
-
-
-# EXIF orientations that turn the picture a quarter (transpose, 90°, transverse, 270°)
-_QUARTER_TURNS = {5, 6, 7, 8}
-
-
-def sniff_header(data: bytes, source: ImageSource, partial: bool = False) -> tuple[str, tuple[int, int]] | None:
-    """The picture's media type and its upright size (after its EXIF orientation, as ``open_picture``
-    turns it), from its header alone; refuses what ``open_picture`` would refuse before decoding.
-    With ``partial`` (``data`` is the start of the picture) None when the header does not end in it."""
-    image = _open_header(data, source, partial)
-    if image is None:
-        return None
-    width, height = _stored_size(image)
-    if _orientation(image) in _QUARTER_TURNS:
-        width, height = height, width
-    return image.get_format_mimetype() or "image/png", (width, height)
-
-
-def _stored_size(image: Image.Image) -> tuple[int, int]:
-    """The size before any EXIF turn. Recent Pillow reports a turned TIFF's size already upright
-    (it turns TIFFs as it loads them), so a TIFF's own width and length tags are read."""
-    if image.format == "TIFF":
-        tags = getattr(image, "tag_v2", {})
-        return int(tags.get(256, image.size[0])), int(tags.get(257, image.size[1]))
-    return image.size
-
-
-def _orientation(image: Image.Image) -> int:
-    """The EXIF orientation known from the header. A PNG's EXIF block may follow its pixel data,
-    and reading it there would decode the picture: only one before the pixels counts (Pillow has
-    then put it into ``info``)."""
-    try:
-        if image.format == "PNG":
-            exif = Image.Exif()
-            if image.info.get("exif"):
-                exif.load(image.info["exif"])
-            return int(exif.get(0x0112, 1) or 1)
-        return int(image.getexif().get(0x0112, 1) or 1)
-    except Exception:
-        return 1
-
-
-def open_picture(data: bytes, source: ImageSource) -> Picture:
-    image = _open_header(data, source)
-    notes = []
-    if getattr(image, "n_frames", 1) > 1:
-        notes.append(f"{source.label} is animated; its first frame is used")
-    try:
-        image.seek(0)
-        image.load()
-    except Exception:
-        raise source.error("the picture's data is damaged or cut short") from None
-    picture = normalise(image, source)
-    picture.notes[:0] = notes
-    return picture
-
-
-def normalise(image: Image.Image, source: ImageSource) -> Picture:
-    """Upright RGB: EXIF orientation applied, alpha over white, high bit depths scaled."""
-    width, height = image.size
-    if width * height > MAX_PIXELS:
-        raise source.error(f"the picture is {width}×{height} pixels; the limit is {MAX_PIXELS:,} pixels")
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:
-        pass  # a broken EXIF block leaves the picture as stored
-    try:
-        return Picture(_to_rgb(image))
-    except Exception:
-        raise source.error(f"its colour mode '{image.mode}' cannot be converted to RGB") from None
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    mode = image.mode
-    if mode.startswith("I") or mode == "F":
-        image = _scale_to_8_bit(image)
-        mode = image.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image if mode == "RGB" else image.convert("RGB")
-
-
-def _scale_to_8_bit(image: Image.Image) -> Image.Image:
-    """16- and 32-bit greyscale: map the format's range onto 0..255 instead of clipping."""
-    values = np.asarray(image, dtype=np.float64)
-    if image.mode == "F":
-        top = 1.0 if values.size and np.nanmax(values) <= 1.0 else 255.0
-    else:
-        top = 65535.0 if values.size and values.max() > 255 else 255.0
-    scaled = np.clip(np.nan_to_num(values) * (255.0 / top), 0, 255).round().astype(np.uint8)
-    return Image.fromarray(scaled, mode="L")

@@ -7,7 +7,7 @@ Nothing is decoded here: a picture is a source (a span of the body's own text) u
 from __future__ import annotations
 
 from .errors import LlavaError
-from .images import ImageSource, InlineImage, UnreachableImage
+from .images import ImageSource, InlineImage, RefusedImage
 from .prompt import MEDIA_PLACEHOLDER, parse_prompt, reference_pictures
 
 
@@ -15,19 +15,28 @@ class RequestProblem(LlavaError):
     """A request body that cannot be used, with the reason in plain words."""
 
 
-def message_pictures(messages, where: str = "messages") -> list[ImageSource]:
-    """The pictures of OpenAI-style ``messages``, in order; malformed parts are refused."""
+def _listed_contents(messages, where: str):
+    """(number, message, content) of each message whose content is a list of parts; a ``messages`` that
+    is not a list of objects is refused."""
     if messages is None:
-        return []
+        return
     if not isinstance(messages, list):
         raise RequestProblem(f"'{where}' must be a list of messages")
-    sources = []
     for i, message in enumerate(messages, 1):
         if not isinstance(message, dict):
             raise RequestProblem(f"message {i} of '{where}' is not an object")
-        content = message.get("content")
-        if not isinstance(content, list):
-            continue
+        if isinstance(message.get("content"), list):
+            yield i, message, message["content"]
+
+
+def _numbered(sources: list[ImageSource]) -> list[ImageSource]:
+    return [source.at_position(n) for n, source in enumerate(sources, 1)]
+
+
+def message_pictures(messages, where: str = "messages") -> list[ImageSource]:
+    """The pictures of OpenAI-style ``messages``, in order; malformed parts are refused."""
+    sources = []
+    for i, _, content in _listed_contents(messages, where):
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "image_url":
                 continue
@@ -37,14 +46,37 @@ def message_pictures(messages, where: str = "messages") -> list[ImageSource]:
                 raise RequestProblem(f"message {i} has an image_url part without a text 'url' "
                                      "(expected {\"image_url\": {\"url\": \"data:image/...;base64,...\"}})")
             sources.append(source_of_url(url))
-    return [source.at_position(n) for n, source in enumerate(sources, 1)]
+    return _numbered(sources)
+
+
+def anthropic_pictures(messages) -> list[ImageSource]:
+    """The pictures of Anthropic-style ``messages`` (``/v1/messages``), in the order the webui turns
+    them into ``image_url`` parts: the image blocks of user messages. A picture given by address is
+    refused (the webui would drop it without a word); a malformed block too."""
+    sources = []
+    for i, message, content in _listed_contents(messages, "messages"):
+        if message.get("role") == "user":
+            sources += [_anthropic_source(i, block.get("source")) for block in content
+                        if isinstance(block, dict) and block.get("type") == "image"]
+    return _numbered(sources)
+
+
+def _anthropic_source(message: int, source) -> ImageSource:
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "url" and isinstance(source.get("url"), str):
+        return RefusedImage.web_address(source["url"][:200], origin="in the request")
+    data, media_type = (source.get("data"), source.get("media_type", "image/png")) if kind == "base64" else (None, None)
+    if not isinstance(data, str) or not data.strip() or not isinstance(media_type, str):
+        raise RequestProblem(f"message {message} has an image block without base64 data (expected "
+                             "{\"source\": {\"type\": \"base64\", \"media_type\": \"image/png\", \"data\": \"...\"}})")
+    return InlineImage.from_url(f"data:{media_type};base64,{data}", origin="in the request")
 
 
 def source_of_url(url: str) -> ImageSource:
     """A data URL is opened; any other address is refused, never fetched."""
     if url[:5].lower() == "data:":
         return InlineImage.from_url(url, origin="in the request")
-    return UnreachableImage(url[:200], origin="in the request")
+    return RefusedImage.web_address(url[:200], origin="in the request")
 
 
 def body_prompts(body: dict) -> list[str]:
@@ -55,6 +87,8 @@ def body_prompts(body: dict) -> list[str]:
 
 def pictures_in_body(path: str, body: dict) -> list[ImageSource]:
     """Every picture a completion or chat request carries, in order."""
+    if path.endswith("/messages"):
+        return anthropic_pictures(body.get("messages"))
     sources = message_pictures(body.get("messages"))
     if not path.endswith("/chat/completions"):
         prompts = body_prompts(body)

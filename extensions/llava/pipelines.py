@@ -15,6 +15,25 @@ from .errors import LlavaError
 
 
 @dataclass(frozen=True)
+class TowerKind:
+    """One family of vision towers: transformers' classes for it, and whether its first feature is a CLS."""
+
+    config_class: str
+    model_class: str
+    processor_class: str
+    has_cls: bool
+
+
+TOWER_KINDS = {"clip": TowerKind("CLIPVisionConfig", "CLIPVisionModel", "CLIPImageProcessor", True),
+               "siglip": TowerKind("SiglipVisionConfig", "SiglipVisionModel", "SiglipImageProcessor", False)}
+
+
+def tower_kind_of(vision_config: dict) -> str:
+    """"clip" or "siglip", from a tower's config."""
+    return "siglip" if str(vision_config.get("model_type", "")).startswith("siglip") else "clip"
+
+
+@dataclass(frozen=True)
 class Pipeline:
     name: str
     vision_repo: str
@@ -37,10 +56,16 @@ class Pipeline:
     # Any-resolution (LLaVA-NeXT): the canvases, as (height, width), that a picture is tiled onto.
     # Empty for pipelines with one fixed-size view per picture.
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    tower: str = "clip"  # a key of TOWER_KINDS
 
     @property
     def anyres(self) -> bool:
         return bool(self.grid_pinpoints)
+
+    @property
+    def drops_cls(self) -> bool:
+        """Whether the tower's first feature is a CLS that is no image slot (CLIP with the default strategy)."""
+        return TOWER_KINDS[self.tower].has_cls and not self.keeps_cls
 
     @property
     def patches_per_side(self) -> int:

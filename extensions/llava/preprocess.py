@@ -42,26 +42,33 @@ def image_processor_class(name: str):
 
 
 def image_processor_from(settings: dict, name: str, **overrides):
-    """Image processor ``name`` with another processor's ``settings`` (its ``to_dict()``) and ``overrides``."""
-    kept = {k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class", *overrides)}
-    return image_processor_class(name)(**kept, **overrides)
+    """Image processor ``name`` with another processor's ``settings`` (its ``to_dict()``) and ``overrides``;
+    settings that class does not take are left out."""
+    processor_class = image_processor_class(name)
+    known = set(getattr(processor_class, "valid_kwargs", type("", (), {"__annotations__": {}})).__annotations__)
+    kept = {k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class", *overrides)
+            and (not known or k in known)}
+    return processor_class(**kept, **overrides)
 
 
-def load_image_processor(source: str):
-    """The CLIP image processor of ``source`` (a repo or folder): its ``preprocessor_config.json``, or
-    the one nested in ``processor_config.json`` (transformers 5 writes that for llava-hf)."""
+def load_image_processor(source: str, name: str = "CLIPImageProcessor"):
+    """The tower's image processor ``name`` with the settings of ``source`` (a repo or folder): its
+    ``preprocessor_config.json``, or the one nested in ``processor_config.json`` (transformers 5 writes
+    that for llava-hf). The settings, never the class's defaults, give the mean and std: SigLIP towers
+    use 0.5 where a OneVision processor's class default is CLIP's."""
     nested_path = os.path.join(source, "processor_config.json")
-    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "preprocessor_config.json")) \
-            and os.path.isfile(nested_path):
-        with open(nested_path) as f:
-            nested = json.load(f).get("image_processor")
-        if isinstance(nested, dict):
-            return image_processor_from(nested, "CLIPImageProcessor")
     try:
-        return image_processor_class("CLIPImageProcessor").from_pretrained(source)
+        if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "preprocessor_config.json")) \
+                and os.path.isfile(nested_path):
+            with open(nested_path) as f:
+                settings = json.load(f)["image_processor"]
+        else:
+            from transformers import ImageProcessingMixin
+            settings = ImageProcessingMixin.get_image_processor_dict(source)[0]
+        return image_processor_from(settings, name)
     except Exception as error:
         raise WeightsError(f"could not load the image processor of '{source}' ({type(error).__name__}); "
-                           "it needs a preprocessor_config.json (copy the one of its CLIP tower)") from None
+                           "it needs a preprocessor_config.json (copy the one of its vision tower)") from None
 
 
 @functools.lru_cache(maxsize=4)

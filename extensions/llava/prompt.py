@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .images import ImageSource, InlineImage, UnreachableImage
+from .images import ImageSource, InlineImage, RefusedImage
 
 MEDIA_PLACEHOLDER = "<__media__>"
 # ``<img src="llava-ref:N">``: a picture of the current HTTP request body, kept beside the prompt
@@ -58,7 +58,8 @@ class ParsedPrompt:
 
 
 def _find_img_tags(prompt: str):
-    """Yield (start, end, src_start, src_end) for each ``<img ... src=...>`` tag."""
+    """Yield (start, end, src_start, src_end) for each ``<img ... src=...>`` tag; ``src_end`` is None
+    when the value's quote is never closed."""
     cursor = 0
     while True:
         lt = prompt.find("<", cursor)
@@ -74,9 +75,10 @@ def _find_img_tags(prompt: str):
         value_start = attr.end()
         if quote:
             value_end = prompt.find(quote, value_start)
-            if value_end < 0:  # unclosed quote: the value runs to the end of the prompt
-                value_end = len(prompt)
-            after = min(value_end + 1, len(prompt))
+            if value_end < 0:  # unclosed quote: the tag runs to the end of the prompt
+                yield lt, len(prompt), value_start, None
+                return
+            after = value_end + 1
         else:
             value_end = _BARE_VALUE.match(prompt, value_start).end()
             after = value_end
@@ -86,15 +88,18 @@ def _find_img_tags(prompt: str):
         cursor = end
 
 
-def _source_for(prompt: str, src_start: int, src_end: int, position: int,
+def _source_for(prompt: str, src_start: int, src_end: int | None, position: int,
                 references: dict[str, ImageSource] | None = None) -> ImageSource:
+    if src_end is None:
+        return RefusedImage("the quote after src= is never closed; end the picture's data with a quote",
+                            position=position)
     if prompt[src_start:src_start + 5].lower() == "data:":
-        return InlineImage(prompt, src_start, src_end, position)
+        return InlineImage(prompt, src_start, src_end, position=position)
     if references and prompt.startswith(REFERENCE_SCHEME, src_start):
         source = references.get(prompt[src_start + len(REFERENCE_SCHEME):src_end])
         if source is not None:
             return source
-    return UnreachableImage(prompt[src_start:min(src_end, src_start + 200)], position)
+    return RefusedImage.web_address(prompt[src_start:min(src_end, src_start + 200)], position)
 
 
 def parse_prompt(prompt: str, media: Sequence[ImageSource] | None = None,

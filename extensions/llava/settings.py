@@ -37,12 +37,17 @@ class SettingsError(LlavaError):
     """A setting has a value the extension cannot use."""
 
 
-def _bits(name: str, value) -> int:
+def _number(kind, value):
+    """``value`` as an int or a float; None when it is none (a flag is no number)."""
     try:
-        bits = int(value)
+        return None if isinstance(value, bool) else kind(value)
     except (TypeError, ValueError):
-        bits = None
-    if bits not in ALLOWED_BITS or isinstance(value, bool):
+        return None
+
+
+def _bits(name: str, value) -> int:
+    bits = _number(int, value)
+    if bits not in ALLOWED_BITS:
         raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}; allowed values: 16 or 32")
     return bits
 
@@ -106,11 +111,8 @@ def _flag(name: str, value) -> bool:
 
 
 def _cache_size(name: str, value) -> float:
-    try:
-        size = float(value)
-    except (TypeError, ValueError):
-        size = -1.0
-    if size < 0 or isinstance(value, bool):
+    size = _number(float, value)
+    if size is None or size < 0:
         raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}; expected a size in MB, 0 or more (0 turns the cache off)")
     return size
 

@@ -88,7 +88,7 @@ class VisionParts:
         pixels = pixels.to(place.tower_device, place.tower_dtype)
         # The tower was cut after the feature layer, so its last hidden state is that layer's output.
         hidden = self.tower(pixel_values=pixels).last_hidden_state
-        if not self.pipeline.keeps_cls:
+        if self.pipeline.drops_cls:
             hidden = hidden[:, 1:]  # the CLS position carries no patch
         return self.projector(hidden.to(place.projector_device, place.projector_dtype))
 
@@ -111,7 +111,7 @@ class VisionParts:
 
 def load_vision_parts(pipeline: Pipeline, sources: Sources, placement: Placement, log=print) -> VisionParts:
     started = time.perf_counter()
-    tower, processor = load_vision_tower(sources.vision, pipeline.vision_feature_layer)
+    tower, processor = load_vision_tower(sources.vision, pipeline.tower, pipeline.vision_feature_layer)
     tower.to(placement.tower_device, placement.tower_dtype)
     state, projector_origin = read_projector_tensors(sources.projector_repo, sources.projector_filename)
     state, image_newline = split_image_newline(state)

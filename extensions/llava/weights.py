@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import struct
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -89,16 +92,83 @@ def iter_tensors(path: str, wanted: Wanted = lambda key: True) -> Iterator[tuple
                 if wanted(key):
                     yield key, f.get_tensor(key)
         return
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a file in the legacy (non-zip) format cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _load_bin(path)
     for key in list(state):
         tensor = state.pop(key)
         if wanted(key):
             # a .bin may share storage between tensors; safetensors wants each on its own
             yield key, tensor.clone()
     del state
+
+
+# safetensors' names of torch's number types
+SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+_TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor of a weights file, known by name, type and shape; ``load()`` reads it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@contextlib.contextmanager
+def lazy_tensors(path: str):
+    """The tensors of one weights file, none read yet: a safetensors file is read a tensor at a time as
+    they are loaded; a .bin is memory-mapped when it can be."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            def entry(key):
+                part = f.get_slice(key)
+                return LazyTensor(key, _TORCH_DTYPES[part.get_dtype()], tuple(part.get_shape()),
+                                  lambda: f.get_tensor(key))
+            yield [entry(key) for key in f.keys()]
+        return
+    state = _load_bin(path)
+    yield [LazyTensor(key, tensor.dtype, tuple(tensor.shape), lambda tensor=tensor: tensor) for key, tensor in state.items()]
+
+
+def write_safetensors(path: str, tensors: list[LazyTensor], metadata: dict | None = None) -> int:
+    """Write ``tensors`` as a safetensors file one at a time, each read only when its turn comes: the
+    header (names, types, shapes, places) first, then the data. Returns the bytes of data."""
+    header, offset = {}, 0
+    for tensor in tensors:
+        header[tensor.name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                               "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for tensor in tensors:
+            data = tensor.load().contiguous()
+            if data.dtype != tensor.dtype or tuple(data.shape) != tensor.shape:
+                raise WeightsError(f"{tensor.name} became {data.dtype} {tuple(data.shape)}; the header says "
+                                   f"{tensor.dtype} {tensor.shape}")
+            f.write(data.reshape(-1).view(torch.uint8).numpy().data)
+            del data
+    return offset
+
+
+def _load_bin(path: str) -> dict:
+    """A torch pickle's tensors, and nothing else (``weights_only``)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a file in the legacy (non-zip) format cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_tensors(repo: str, wanted: Wanted = lambda key: True) -> dict:

@@ -1,26 +1,32 @@
-"""The true ``usage`` of a completion answer.
+"""A completion's answer as its client should see it: the true ``usage``, and its own prompt echoed.
 
 The webui counts a completion's prompt before the pictures are widened to their slots (and, behind
 the request check, with each picture as a short reference). The tokenizer hook records the true
-prompt length of each generation in the request's session; ``UsageCorrection`` rewrites ``usage``
-and ``finish_reason`` of the answer with them: the JSON answer, or the events of a streamed one
-that carry usage.
+prompt length of each generation in the request's session; ``AnswerCorrection`` rewrites ``usage``
+and ``finish_reason`` of the answer with them. With ``echo`` the webui puts the prompt it received in
+front of the text: the prompt with references, which becomes the client's own prompt again. Both the
+JSON answer and the events of a streamed one are corrected.
 """
 
 from __future__ import annotations
 
 import json
 
+from ..messages import body_prompts
 from ..sessions import Session
 
 
-class UsageCorrection:
-    """An ASGI ``send`` that corrects the answer passing through it."""
+class AnswerCorrection:
+    """An ASGI ``send`` that corrects the answer passing through it; ``body`` is the request as the client
+    sent it, ``prompts`` its prompts as the webui received them."""
 
-    def __init__(self, send, session: Session, body: dict):
+    def __init__(self, send, session: Session, body: dict, prompts: list[str]):
         self.send = send
         self.session = session
         self.max_tokens = body.get("max_tokens")
+        # the prompts the webui echoes, longest first, with the client's own
+        echoed = zip(prompts, body_prompts(body)) if body.get("echo") else ()
+        self.echoed = sorted(((ours, theirs) for ours, theirs in echoed if ours != theirs), key=lambda p: -len(p[0]))
         self.start: dict | None = None
         self.streamed = False
         self.chunks: list[bytes] = []
@@ -32,7 +38,8 @@ class UsageCorrection:
             if content_type.startswith(b"application/json"):
                 self.start = message
                 return
-        elif message["type"] == "http.response.body" and self.streamed and b'"usage"' in message.get("body", b""):
+        elif message["type"] == "http.response.body" and self.streamed and (
+                self.echoed or b'"usage"' in message.get("body", b"")):
             message = {**message, "body": self._corrected_events(message["body"])}
         elif message["type"] == "http.response.body" and self.start is not None:
             self.chunks.append(message.get("body", b""))
@@ -66,6 +73,21 @@ class UsageCorrection:
         return b"\n".join(lines)
 
     def _correct(self, answer) -> bool:
+        return self._correct_echo(answer) | self._correct_usage(answer)
+
+    def _correct_echo(self, answer) -> bool:
+        choices = answer.get("choices") if isinstance(answer, dict) else None
+        changed = False
+        for choice in choices if isinstance(choices, list) and self.echoed else ():
+            text = choice.get("text") if isinstance(choice, dict) else None
+            ours, theirs = next(((o, t) for o, t in self.echoed if isinstance(text, str) and text.startswith(o)),
+                                (None, None))
+            if ours is not None:
+                choice["text"] = theirs + text[len(ours):]
+                changed = True
+        return changed
+
+    def _correct_usage(self, answer) -> bool:
         generations = list(self.session.prompt_lengths)
         usage = answer.get("usage") if isinstance(answer, dict) else None
         choices = answer.get("choices") if isinstance(answer, dict) else None

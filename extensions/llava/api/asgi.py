@@ -3,17 +3,36 @@ and turning an error raised inside a started event stream into an event the clie
 
 from __future__ import annotations
 
+import email.message
 import json
 from typing import Awaitable, Callable
 
 
-def is_json(scope) -> bool:
-    """Whether the request says its body is JSON."""
-    for name, value in scope.get("headers", []):
-        if name == b"content-type":
-            media_type = value.split(b";")[0].strip().lower()
-            return media_type == b"application/json" or media_type.endswith(b"+json")
-    return False
+def content_type(scope) -> str:
+    """The request's first Content-Type header, as the webui's server reads it; "" when there is none."""
+    return next((value.decode("latin-1") for name, value in scope.get("headers", []) if name == b"content-type"), "")
+
+
+def is_json_type(value: str) -> bool:
+    """``application/json`` or ``application/*+json``, parameters aside, as FastAPI tells JSON."""
+    message = email.message.Message()
+    message["content-type"] = value
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def read_as_json(scope) -> bool:
+    """Whether the webui's server parses the body as JSON: it does when the type says JSON, and also
+    when there is no Content-Type at all."""
+    value = content_type(scope)
+    return not value or is_json_type(value)
+
+
+def declares_json(scope) -> bool:
+    """Whether the request says its body is JSON (a page on another site cannot say so without the
+    browser asking the server first)."""
+    value = content_type(scope)
+    return bool(value) and is_json_type(value)
 
 
 def error_body(message: str) -> dict:

@@ -2,15 +2,16 @@
 webui's endpoints run, and keeps them for the request's own use.
 
 It sits inside the webui's own CORS and host checks, and does nothing for a request that fails the
-webui's key check or is not JSON: those reach the webui untouched, which answers them. For the rest
-it reads the body once and:
+webui's key check (``/v1/messages`` has its own) or whose body the webui does not parse as JSON
+(FastAPI parses a body without a Content-Type as JSON: so does the check): those reach the webui
+untouched, which answers them. For the rest it reads the body once and:
 
 - refuses, with a 400 naming the picture and the reason, a malformed image part or a picture whose
   header is not a usable picture (nothing is decoded past the header here), or more pixels to embed
   than one request may have;
 - replaces each ``data:`` URL in a completion prompt with a short reference to the body's own copy,
   so that the webui's tokenizer never reads base64; the pictures live exactly as long as the request;
-- corrects the usage of a completion (``usage``);
+- corrects the usage of a completion, and its echoed prompt (``answer``);
 - turns an error raised after a streamed response has started into an error event the client can read.
 
 Its webui parts (the key check, the "embed all" setting) come as arguments, so it is tested without
@@ -23,27 +24,28 @@ import asyncio
 import json
 from typing import Callable
 
-from ..images import ImageError, ImageSource, UnreachableImage
-from ..messages import RequestProblem, pictures_in_body, reference_prompts
+from ..images import ImageError, ImageSource, RefusedImage
+from ..messages import RequestProblem, body_prompts, pictures_in_body, reference_prompts
 from ..sessions import Sessions
-from .asgi import body_message, error_body, errors_as_events, is_json, read_body, replay, send_json
+from .answer import AnswerCorrection
+from .asgi import body_message, error_body, errors_as_events, read_as_json, read_body, replay, send_json
 from .generate_route import GENERATE_PATH
-from .usage import UsageCorrection
 
-CHECKED_PATHS = ("/v1/completions", "/v1/chat/completions", GENERATE_PATH)
+MESSAGES_PATH = "/v1/messages"  # the Anthropic-style route: its own key header and error shape
+CHECKED_PATHS = ("/v1/completions", "/v1/chat/completions", MESSAGES_PATH, GENERATE_PATH)
 # The pixels one request may ask to embed (decoded at 3 bytes a pixel: about 300 MB).
 MAX_REQUEST_PIXELS = 100_000_000
 
 
 def check_pictures(sources: list[ImageSource], embed_all: bool) -> None:
     """Refuse what cannot be used, from the pictures' headers alone. As in generation, only the
-    pictures to embed are looked at (all with "embed all" on, else the last); a web address is
-    refused wherever it stands, since the webui would otherwise fetch it."""
+    pictures to embed are looked at (all with "embed all" on, else the last); a web address (the webui
+    would fetch it) or a broken tag is refused wherever it stands."""
     embedded_pixels = 0
     embedded = set(range(len(sources))) if embed_all else {len(sources) - 1}
     for i, source in enumerate(sources):
-        if isinstance(source, UnreachableImage):
-            source.load()  # raises: never fetched
+        if isinstance(source, RefusedImage):
+            source.load()  # raises
         if i in embedded:
             width, height = source.header()
             embedded_pixels += width * height
@@ -67,27 +69,47 @@ class PictureRequestMiddleware:
 
     async def __call__(self, scope, receive, send):
         if (scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.paths
-                or not is_json(scope) or not self.authorized(scope)):
+                or not read_as_json(scope) or not self.authorized(scope)):
             return await self.app(scope, receive, send)  # the webui answers these itself
         raw, ended = await read_body(receive)
         if ended is not None:
             return await self.app(scope, replay([ended], receive), send)
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
+        body = parsed(raw)
+        if not isinstance(body, dict):  # not JSON, or not an object: the webui answers it with its own error
             return await self.app(scope, replay([body_message(raw)], receive), send)
+        path = scope["path"]
         try:
-            sources = pictures_in_body(scope["path"], body)
+            sources = pictures_in_body(path, body)
             if sources:
                 await asyncio.to_thread(check_pictures, sources, self.embed_all())
         except (RequestProblem, ImageError) as error:
-            return await send_json(send, 400, error_body(str(error)))
+            return await send_json(send, 400, refusal_body(path, str(error)))
         with self.sessions.request() as session:
-            if scope["path"] != "/v1/chat/completions":
-                rewritten = reference_prompts(body, session.references)
-                if session.references:  # the body is sent on unchanged when it holds no picture data
-                    raw = json.dumps(rewritten).encode()
-            corrected = UsageCorrection(send, session, body) if scope["path"] == "/v1/completions" else send
-            await errors_as_events(self.app, scope, replay([body_message(raw)], receive), corrected)
+            rewritten = reference_prompts(body, session.references) if path in TEXT_PROMPT_PATHS else body
+            if session.references:  # the body is sent on unchanged when it holds no picture data
+                raw = json.dumps(rewritten).encode()
+            if path == "/v1/completions":
+                send = AnswerCorrection(send, session, body, body_prompts(rewritten))
+            receive = replay([body_message(raw)], receive)
+            if path == MESSAGES_PATH:  # the webui turns errors of its Anthropic stream into events itself
+                return await self.app(scope, receive, send)
+            await errors_as_events(self.app, scope, receive, send)
+
+
+# Routes whose prompt is a text the webui tokenizes before the tokenizer hook runs.
+TEXT_PROMPT_PATHS = ("/v1/completions", GENERATE_PATH)
+
+
+def parsed(raw: bytes):
+    """The body as the webui's server parses it; None where that fails (it then answers the error)."""
+    try:
+        return json.loads(raw) if raw else None
+    except (ValueError, RecursionError):  # invalid, undecodable or nested too deep
+        return None
+
+
+def refusal_body(path: str, message: str) -> dict:
+    """A refusal in the shape of the route's own errors."""
+    if path == MESSAGES_PATH:
+        return {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+    return error_body(message)

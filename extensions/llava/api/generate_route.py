@@ -10,7 +10,7 @@ from typing import Callable
 
 from ..errors import LlavaError
 from ..messages import RequestProblem
-from .asgi import error_body, is_json
+from .asgi import declares_json, error_body
 
 GENERATE_PATH = "/api/v1/generate"
 _RENAMED = {"max_new_tokens": "max_tokens"}
@@ -26,8 +26,11 @@ def completion_body(request: dict) -> dict:
     stops = []
     for name in _STOP_FIELDS:  # every stop list counts, none replaces another
         value = request.get(name)
+        if value is not None and not isinstance(value, str) and not (
+                isinstance(value, list) and all(isinstance(stop, str) for stop in value)):
+            raise RequestProblem(f"'{name}' must be a text or a list of texts")
         for stop in [value] if isinstance(value, str) else value or []:
-            if isinstance(stop, str) and stop not in stops:
+            if stop not in stops:
                 stops.append(stop)
     if stops:
         body["stop"] = stops
@@ -55,7 +58,7 @@ def add_generate_route(app, complete: Callable[[dict, threading.Event], dict], d
     from fastapi.responses import JSONResponse
 
     async def generate(request: Request):
-        if not is_json(request.scope):
+        if not declares_json(request.scope):
             return JSONResponse(status_code=415, content=error_body("send the request as JSON "
                                                                     "(Content-Type: application/json)"))
         try:

@@ -21,12 +21,14 @@ def ui():
     with gr.Accordion("LLaVA", open=True):
         picture = gr.File(label="Picture for the next message", file_types=["image"], type="filepath",
                           elem_id="llava-picture")
+        preview = _preview(gr)
         embed_all = gr.Checkbox(value=embed_all_setting(), elem_id="llava-embed-all",
                                 label="Embed all images, not only the last one")
 
     # gradio hands a handler its gr.Request when the parameter is annotated with the type.
     def on_pick(path, request: gr.Request):
-        pick(path, _session_of(request))
+        shown = path if pick(path, _session_of(request)) else None
+        return shown if preview is not None else None
 
     def on_clear(request: gr.Request):
         pick(None, _session_of(request))
@@ -35,13 +37,24 @@ def ui():
         sessions.browser(_session_of(request)).embed_all = bool(value)
 
     # upload and clear are the user's own actions; emptying the field after a send fires neither.
-    picture.upload(on_pick, picture, None)
-    picture.clear(on_clear, None, None)
+    picture.upload(on_pick, picture, preview)
+    picture.clear(on_clear, None, preview)
     embed_all.change(on_embed_all, embed_all, None)
+    emptied, empty = (picture, lambda: None) if preview is None else ([picture, preview], lambda: (None, None))
     for name, event in (("Generate", "click"), ("textbox", "submit")):
         listener = getattr(shared.gradio.get(name), event, None)
-        if listener is not None:
-            listener(lambda: None, None, picture)  # the picture went with the message: empty the field
+        if listener is not None:  # the picture went with the message: empty the field and its preview
+            listener(empty, None, emptied)
+
+
+def _preview(gr):
+    """The picked file itself, drawn by the browser: nothing is decoded or re-encoded for it here. The
+    2023 webui's gradio has no such image box; it shows the file's name only."""
+    try:
+        return gr.Image(interactive=False, show_label=False, show_download_button=False, height=160,
+                        elem_id="llava-preview")
+    except TypeError:
+        return None
 
 
 def _session_of(request) -> str | None:
@@ -49,20 +62,22 @@ def _session_of(request) -> str | None:
     return getattr(request, "session_hash", None) if request_context() is not None else None
 
 
-def pick(path: str | None, browser_session: str | None = None) -> None:
-    """The picture at ``path`` waits for the session's next message (None: no picture)."""
+def pick(path: str | None, browser_session: str | None = None) -> bool:
+    """The picture at ``path`` waits for the session's next message (None: no picture); False when the
+    file is refused (the user is told why)."""
     session = sessions.browser(browser_session)
     if path is None:
         session.picked = None
-        return
+        return False
     try:
         session.picked = read_upload(path)
     except LlavaError as error:
         session.picked = None
         warn(f"llava: {error}")
-        return
+        return False
     if request_context() is None:  # the 2023 webui: the picture goes into the message text
         input_hijack.update(state=True, value=_inline)
+    return True
 
 
 def _inline(text, visible_text):

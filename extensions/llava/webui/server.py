@@ -4,7 +4,7 @@ and the 2023 route ``/api/v1/generate`` behind the webui's own key check."""
 
 from __future__ import annotations
 
-from ..api.check import PictureRequestMiddleware
+from ..api.check import MESSAGES_PATH, PictureRequestMiddleware
 from ..api.generate_route import add_generate_route
 from ..errors import LlavaError
 from .extension import embed_all_setting, log, sessions
@@ -30,10 +30,18 @@ def serve_api() -> None:
 
 
 def _authorized(scope) -> bool:
+    """The webui's own key check of the route: ``x-api-key`` on its Anthropic-style route, else
+    ``Authorization: Bearer``."""
     from modules.api import script as api_script
-    header = dict(scope.get("headers", [])).get(b"authorization")
+    headers = dict(scope.get("headers", []))
+    anthropic = scope.get("path") == MESSAGES_PATH and hasattr(api_script, "verify_anthropic_key")
+    header = headers.get(b"x-api-key" if anthropic else b"authorization")
+    value = header.decode("latin-1") if header is not None else None
     try:
-        api_script.verify_api_key(authorization=header.decode("latin-1") if header is not None else None)
+        if anthropic:
+            api_script.verify_anthropic_key(x_api_key=value)
+        else:
+            api_script.verify_api_key(authorization=value)
     except Exception:
         return False
     return True

@@ -1,0 +1,189 @@
+"""From a picture's bytes to an upright RGB picture, or a clear refusal, in two steps that agree:
+
+- the header: its format (only the formats we name are opened: PNG, JPEG, GIF, WebP, BMP, TIFF,
+  recognised by their first bytes before Pillow sees them), its size and its orientation, read
+  without decoding a pixel; the size limits are checked here;
+- the pixels: decoded once, turned by the very orientation the header gave, alpha over white, high
+  bit depths scaled to 8 bits.
+
+The orientation is what Pillow knows from the header: the EXIF orientation (a JPEG's APP1, a PNG's
+eXIf chunk, a WebP's EXIF chunk, a TIFF's tag), an ImageMagick raw profile or XMP, as long as they
+come before the pixel data. Metadata a PNG keeps after its pixel data is not read: finding it would
+mean decoding the picture, and browsers ignore it too. So a picture's slot count (from its header)
+and its features (from its pixels) always describe the same picture.
+
+``source`` is an ``images.ImageSource``: refusals are ``source.error(reason)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+MAX_PIXELS = 50_000_000
+ALPHA_BACKGROUND = (255, 255, 255)
+SUPPORTED_FORMATS = "PNG, JPEG, GIF, WebP, BMP or TIFF"
+# The first bytes of each format that is opened, and Pillow's name for it. Nothing else reaches Pillow.
+SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+              (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"))
+MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "GIF": "image/gif",
+               "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff"}
+ORIENTATION_TAG = 0x0112
+# EXIF orientation → the turn that makes the picture upright (as Pillow's exif_transpose does)
+TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+         5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+         8: Image.Transpose.ROTATE_90}
+QUARTER_TURNS = {5, 6, 7, 8}
+
+
+@dataclass
+class Picture:
+    image: Image.Image  # RGB
+    notes: list[str] = field(default_factory=list)
+
+
+def format_of(data: bytes) -> str | None:
+    """The format of the picture ``data`` starts with, among the ones opened; None for anything else."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for signature, name in SIGNATURES if data.startswith(signature)), None)
+
+
+def open_header(data: bytes, source, partial: bool = False) -> Image.Image | None:
+    """Pillow's lazy open, for the named formats only: the header is read, no pixel is decoded; the
+    size limits are checked here. With ``partial`` (``data`` is the start of the picture) None when
+    the header does not end in it."""
+    kind = format_of(data)
+    if kind is None:
+        raise source.error(f"the data is not a picture in a supported format ({SUPPORTED_FORMATS})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[kind])
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise source.error(f"the picture is larger than {MAX_PIXELS:,} pixels") from None
+    except Exception:
+        if partial:
+            return None
+        raise source.error(f"the data is not a picture in a supported format ({SUPPORTED_FORMATS})") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise source.error("the picture has no pixels")
+    if width * height > MAX_PIXELS:
+        raise source.error(f"the picture is {width}×{height} pixels; the limit is {MAX_PIXELS:,} pixels")
+    return image
+
+
+def orientation(image: Image.Image) -> int:
+    """The orientation Pillow knows from the header, read without decoding. (A PNG's own ``getexif``
+    decodes the picture to look past its pixel data; the base one reads what the header gave.)"""
+    try:
+        value = int(Image.Image.getexif(image).get(ORIENTATION_TAG, 1) or 1)
+    except Exception:
+        return 1  # a broken EXIF block leaves the picture as stored
+    return value if value in TURNS else 1
+
+
+def stored_size(image: Image.Image) -> tuple[int, int]:
+    """The size before any turn. Recent Pillow reports a turned TIFF's size already turned (by its tag,
+    not by XMP), so a TIFF's own width and length tags are read."""
+    if image.format == "TIFF":
+        tags = getattr(image, "tag_v2", {})
+        return int(tags.get(256, image.size[0])), int(tags.get(257, image.size[1]))
+    return image.size
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    width, height = stored_size(image)
+    return (height, width) if orientation(image) in QUARTER_TURNS else (width, height)
+
+
+def sniff_header(data: bytes, source, partial: bool = False) -> tuple[str, tuple[int, int]] | None:
+    """The picture's media type and its upright size, from its header alone; refuses what
+    ``open_picture`` would refuse before decoding. With ``partial``, None when the header does not
+    end in ``data``."""
+    image = open_header(data, source, partial)
+    if image is None:
+        return None
+    return MEDIA_TYPES.get(image.format, "image/png"), upright_size(image)
+
+
+def open_picture(data: bytes, source) -> Picture:
+    image = open_header(data, source)
+    expected, turn = upright_size(image), orientation(image)
+    notes = [f"{source.label} is animated; its first frame is used"] if getattr(image, "is_animated", False) else []
+    try:
+        image.seek(0)
+        image.load()
+    except Exception:
+        raise source.error("the picture's data is damaged or cut short") from None
+    if image.format == "TIFF" and _pillow_turns_tiffs():
+        turn = 1  # Pillow turned it while loading, by the orientation read above
+    picture = normalise(image, source, turn, expected)
+    picture.notes[:0] = notes
+    return picture
+
+
+@functools.cache
+def _pillow_turns_tiffs() -> bool:
+    """Whether this Pillow turns a TIFF by its orientation as it loads it (recent ones do)."""
+    probe, exif = Image.new("L", (2, 1)), Image.Exif()
+    exif[ORIENTATION_TAG] = 6
+    buffer = io.BytesIO()
+    probe.save(buffer, "TIFF", exif=exif)
+    loaded = Image.open(buffer)
+    loaded.load()
+    return loaded.size == (1, 2)
+
+
+def normalise(image: Image.Image, source, turn: int | None = None,
+              expected: tuple[int, int] | None = None) -> Picture:
+    """Upright RGB: turned by ``turn`` (by default the picture's own orientation), alpha over white,
+    high bit depths scaled. ``expected`` is the upright size the header gave: pixels of another size
+    are refused (a slot count made from the header would not fit them)."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise source.error(f"the picture is {width}×{height} pixels; the limit is {MAX_PIXELS:,} pixels")
+    turn = orientation(image) if turn is None else turn
+    if turn in TURNS:
+        image = image.transpose(TURNS[turn])
+    if expected is not None and image.size != tuple(expected):
+        raise source.error(f"its header says {expected[0]}×{expected[1]} pixels but its pixel data is "
+                           f"{image.size[0]}×{image.size[1]}; save the picture again with another program")
+    try:
+        return Picture(_to_rgb(image))
+    except Exception:
+        raise source.error(f"its colour mode '{image.mode}' cannot be converted to RGB") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        image = _scale_to_8_bit(image)
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if mode == "RGB" else image.convert("RGB")
+
+
+def _scale_to_8_bit(image: Image.Image) -> Image.Image:
+    """16- and 32-bit greyscale and floats onto 0..255, never clipped: integers up to 255 stay, up to
+    65535 span the 16-bit range, floats from 0 to 1 span that range; anything else is stretched from
+    the lowest value (or 0) to the highest."""
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    ranges = (1.0,) if image.mode == "F" else (255.0, 65535.0)
+    top = next((top for top in ranges if low >= 0 and high <= top), None)
+    if top is not None:
+        scaled = values * (255.0 / top)
+    else:
+        low = min(low, 0.0)
+        scaled = (values - low) * (255.0 / (high - low))
+    return Image.fromarray(np.clip(scaled, 0, 255).round().astype(np.uint8), mode="L")
