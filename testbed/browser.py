@@ -67,6 +67,11 @@ class Page:
         return [cell.get_attribute("aria-label")
                 for cell in self.driver.find_elements(By.CSS_SELECTOR, "#llava-picture td.filename")]
 
+    def preview(self) -> str | None:
+        """Where the picture shown under the LLaVA field comes from; None when none is shown."""
+        shown = [image.get_attribute("src") for image in self.driver.find_elements(By.CSS_SELECTOR, "#llava-preview img")]
+        return shown[0] if shown else None
+
     def clear_field(self) -> None:
         self.driver.find_element(By.CSS_SELECTOR, "#llava-picture button[aria-label='Clear']").click()
         self.wait_for(lambda: not self.field_files(), "an empty LLaVA field")

@@ -1,4 +1,4 @@
-"""Issue 15 in the real webui: a converted tiny LLaVA-NeXT (1.6) model in its models folder, served
+"""LLaVA-1.6 in the real webui: a converted tiny LLaVA-NeXT (1.6) model in its models folder, served
 over its three APIs and its chat page, pictures of different sizes taking different numbers of
 tokens. The webui trims old messages itself (``generate_chat_prompt``), asking the extension for
 each prompt's length; these tests check that it keeps whole pictures and drops the right ones.
@@ -12,11 +12,13 @@ import re
 
 import pytest
 import torch
+from PIL import Image
 
 from extensions.llava import convert as converter
 from extensions.llava.pipelines import PIPELINES
 from extensions.llava.preprocess import max_slot_count, slot_count
 from testbed import tiny
+from testbed.hostile_files import exif_chunk, png_with, xmp_chunk
 from testbed.real_host import WEBUI, is_current, needs_webui, post, running_webui
 from testbed.tiny_next import build_next, processor, save_next_hf
 
@@ -197,3 +199,21 @@ def test_a_phone_photo_over_each_api(server, tmp_path):
     assert len(lengths) == 3 and all(2340 < n < 2340 + TEXT_ROOM for n in lengths), lengths
     assert lengths[1] == lengths[2]  # the same prompt over the completion and seed routes
     assert max(server.encoded()[encoded:]) < 300
+
+
+@pytest.mark.parametrize("place", ["XMP before the pixels", "EXIF after the pixels"])
+def test_a_png_turned_in_an_unusual_place_is_counted_as_its_pixels(server, place):
+    """Each picture's count comes from its header and its features from its pixels: they follow the same
+    orientation wherever a PNG keeps it (here 700×300 stored, 300×700 when the XMP turns it)."""
+    chunk = xmp_chunk(6) if place.startswith("XMP") else exif_chunk(6)
+    stored = tiny.picture(*SIZES[2], seed=9)
+    data = png_with(stored, [chunk], []) if "before" in place else png_with(stored, [], [chunk])
+    assert slot_count(NEXT, 300, 700) != slot_count(NEXT, 700, 300)  # a turn changes the count
+    lengths = []
+    for url in (tiny.bytes_url(data), tiny.data_url(stored.transpose(Image.Transpose.ROTATE_270)
+                                                    if "before" in place else stored)):
+        status, body = post(server.api_base + "/v1/chat/completions",
+                            {"max_tokens": 2, "messages": [chat_turn("What is this?", url)]})
+        assert status == 200, body
+        lengths.append(body["usage"]["prompt_tokens"])
+    assert lengths[0] == lengths[1]  # counted as the same picture drawn upright

@@ -1,19 +1,23 @@
 """The API hardening cases against the real current webui, started with ``--api-key``.
 
-Each case is what a hostile or careless client tries; see extensions/llava/api.py for what the
-extension promises. Memory is reported (printed with -s), never asserted on.
+Each case is what a hostile or careless client tries; see extensions/llava/api/check.py for what the
+extension promises. Memory is measured and bounded.
 """
 
+import http.client
 import json
 import os
 import socket
 import time
 
 import pytest
+from PIL import Image
 
+from testbed import tiny
+from testbed.hostile_files import animated_gif, eps_stub, ico_holding
+from testbed.photos import encoded
 from testbed.real_host import WEBUI, is_current, needs_webui, request, running_webui
 from testbed.real_models import picture_url, v0_prompt_tokens, write_model
-from testbed import tiny
 from testbed.tiny import bytes_url, header_only_png
 
 KEY = "a-test-key"
@@ -183,3 +187,109 @@ def test_memory_over_many_requests(keyed):
     grown = rss_mb(keyed) - before
     print(f"\nRSS over 100 picture requests: {before:.0f} MB, then {grown:+.1f} MB")
     assert grown < MEMORY_BOUND_MB
+
+
+# ---------------------------------------------------------------- closed doors
+
+
+def raw_post(server, path: str, raw: bytes, headers: dict) -> tuple[int, bytes]:
+    """A POST exactly as given: no Content-Type unless ``headers`` name one (urllib would add its own)."""
+    host, port = server.base.rsplit("//", 1)[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=300)
+    try:
+        connection.request("POST", path, body=raw, headers={**headers, "Content-Length": str(len(raw))})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("name,data", [
+    ("ICO hiding a 9000x9000 PNG", ico_holding(Image.new("RGB", (9000, 9000)))),
+    ("EPS", eps_stub()), ("PPM", encoded(Image.new("RGB", (8, 8)), "PPM")),
+    ("TGA", encoded(Image.new("RGB", (8, 8)), "TGA"))])
+def test_only_the_named_formats_are_opened(keyed, name, data):
+    url = bytes_url(data, "image/png")
+    started = time.time()
+    for path, body in [("/v1/chat/completions", chat(url)), ("/v1/completions", {"prompt": f'x <img src="{url}">'})]:
+        status, _, answer = call(keyed, path, body)
+        assert status == 400, (name, path, answer)
+        assert answer["error"]["message"] == ("image 1 in the request: " if "chat" in path else "image 1 in the prompt: ") \
+            + "the data is not a picture in a supported format (PNG, JPEG, GIF, WebP, BMP or TIFF)"
+    assert time.time() - started < 5  # refused from the first bytes: nothing was decoded
+
+
+def test_a_body_without_content_type_is_checked(keyed):
+    """The webui reads a body without Content-Type as JSON; so does the check: its picture is counted at its
+    token length (never tokenized as base64), a broken one refused, a web address never fetched."""
+    prompt = f'Look: <img src="{picture_url(21)}"> says'
+    status, raw = raw_post(keyed, "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": 2}).encode(), AUTH)
+    assert status == 200 and json.loads(raw)["usage"]["prompt_tokens"] == \
+        v0_prompt_tokens(keyed.tokenizer, "Look: <picture> says"), raw
+    status, raw = raw_post(keyed, "/v1/completions", json.dumps({"prompt": 'x <img src="data:image/png;base64,@@">'})
+                           .encode(), AUTH)
+    assert status == 400 and "not valid base64" in json.loads(raw)["error"]["message"]
+    body = {"prompt": "<__media__> what?", "max_tokens": 2, **chat("http://127.0.0.1:9/a.png")}
+    status, raw = raw_post(keyed, "/v1/completions", json.dumps(body).encode(), AUTH)
+    assert status == 400 and "never fetches" in json.loads(raw)["error"]["message"]
+    status, raw = raw_post(keyed, "/v1/completions", json.dumps({**body, "stream": True}).encode(), AUTH)
+    assert status == 400 and "never fetches" in json.loads(raw)["error"]["message"]
+    assert "Failed to fetch external image" not in keyed.log_text()
+
+
+def test_odd_bodies_get_the_webuis_own_answers_not_a_crash(keyed):
+    deep = b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    status, raw = raw_post(keyed, "/v1/completions", deep, {**AUTH, "Content-Type": "application/json"})
+    assert status == 400, raw  # the webui's answer to a body it cannot parse
+    for field, value in [("stopping_strings", 5), ("stopping_strings", True), ("stop", 7)]:
+        status, _, answer = call(keyed, "/api/v1/generate", {"prompt": "hi", field: value})
+        assert status == 400 and answer["error"]["message"] == f"'{field}' must be a text or a list of texts"
+    status, _, answer = call(keyed, "/v1/completions", {"prompt": 'x <img src="data:image/png;base64,AAAA'})
+    assert status == 400 and answer["error"]["message"] == \
+        "image 1 in the prompt: the quote after src= is never closed; end the picture's data with a quote"
+
+
+def test_echo_gives_back_the_clients_prompt(keyed):
+    prompt = f'Look: <img src="{picture_url(22)}"> says'
+    status, _, answer = call(keyed, "/v1/completions", {"prompt": prompt, "max_tokens": 2, "echo": True})
+    assert status == 200 and answer["choices"][0]["text"].startswith(prompt), answer
+
+
+def test_an_animated_gif_is_used_at_once(keyed):
+    gif = bytes_url(animated_gif(400, side=256), "image/gif")
+    started = time.time()
+    assert call(keyed, "/v1/chat/completions", chat(gif))[0] == 200
+    assert time.time() - started < 10 and "is animated; its first frame is used" in keyed.log_text()
+
+
+ANTHROPIC_KEY = {"x-api-key": KEY}
+
+
+def anthropic(*blocks, stream=False):
+    return {"max_tokens": 2, "stream": stream, "messages": [
+        {"role": "user", "content": [*blocks, {"type": "text", "text": "What is this?"}]}]}
+
+
+def image_block(url: str) -> dict:
+    media, data = url[5:].split(";base64,")
+    return {"type": "image", "source": {"type": "base64", "media_type": media, "data": data}}
+
+
+def test_the_anthropic_route_has_the_same_checks_errors_and_usage(keyed):
+    good = image_block(picture_url(23))
+    assert call(keyed, "/v1/messages", anthropic(good), headers=AUTH)[0] == 401  # its key goes in x-api-key
+    status, _, answer = call(keyed, "/v1/messages", anthropic(good), headers=ANTHROPIC_KEY)
+    _, _, rendered = call(keyed, "/v1/internal/chat-prompt", chat(picture_url(23)))
+    assert status == 200 and answer["usage"]["input_tokens"] == v0_prompt_tokens(
+        keyed.tokenizer, rendered["prompt"], placeholder="<__media__>", bos=False), (answer, rendered)
+    bomb = image_block(bytes_url(header_only_png(10000, 10000)))
+    status, _, answer = call(keyed, "/v1/messages", anthropic(bomb), headers=ANTHROPIC_KEY)
+    assert status == 400 and answer == {"type": "error", "error": {"type": "invalid_request_error", "message":
+                                        "image 1 in the request: the picture is larger than 50,000,000 pixels"}}
+    web = {"type": "image", "source": {"type": "url", "url": "http://127.0.0.1:9/a.png"}}
+    status, _, answer = call(keyed, "/v1/messages", anthropic(web), headers=ANTHROPIC_KEY)
+    assert status == 400 and "never fetches web addresses" in answer["error"]["message"]
+    cut = image_block(picture_url(24)[:-120])  # its header is whole: it fails when it is decoded
+    status, _, raw = request(keyed.base + "/v1/messages", anthropic(cut, stream=True), ANTHROPIC_KEY)
+    events = raw.decode()
+    assert status == 200 and "event: error" in events and "damaged or cut short" in events, events

@@ -60,14 +60,17 @@ def shows_picture(message) -> bool:
 
 
 def test_the_llava_field_goes_with_the_message_and_a_follow_up_is_about_it(server, open_page):
-    page = open_page(server)
-    page.new_chat()
+    page = open_page(server).in_new_chat()
     seen = server.count(EMBEDDED_ONE)
+    assert page.preview() is None
     page.pick(RED_CIRCLE)
+    shown = page.wait_for(page.preview, "the picked picture under the field")
+    assert "red-circle.png" in shown  # the picked file itself, as the browser draws it
     assert page.send("What shape is in the picture?") == "A red circle."
     assert shows_picture(page.last_user_message())  # the picture is shown in the message
     assert server.count(EMBEDDED_ONE) == seen + 1
     assert page.field_files() == []  # the field was emptied for the next message
+    page.wait_for(lambda: page.preview() is None, "an empty preview")
     # a text-only follow-up in the same chat is answered about the earlier picture
     assert page.send("What colour is the shape?") == "Red."
     assert not shows_picture(page.last_user_message())
@@ -85,7 +88,9 @@ def test_clearing_the_field_cancels_the_picture(server, open_page, pictures):
     page = open_page(server).in_new_chat()
     seen = server.log_text().count("image(s) in the prompt")
     page.pick(pictures["green triangle"])
+    page.wait_for(page.preview, "the picked picture under the field")
     page.clear_field()
+    page.wait_for(lambda: page.preview() is None, "an empty preview")
     page.send("Hello")
     assert not shows_picture(page.last_user_message())
     assert server.log_text().count("image(s) in the prompt") == seen  # no picture reached the model
