@@ -62,3 +62,37 @@ def compare_next(loaded, reference, images, embed_all: bool = True):
     assert_matches(f"{[image.size for image in images]} embed_all={embed_all}", prepared.inputs_embeds, ref_embeds,
                    logits, ref_logits, embed_tol=1e-4)
     return engine, prepared
+
+
+def chatml_prompt(images, question: str = "What is shown?") -> str:
+    """A one-message Qwen2 (ChatML) prompt with ``images`` before the question, as OneVision's template puts them."""
+    return ("<|im_start|>user\n" + "".join(img_tag(image) for image in images) + f"\n{question}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+def compare_onevision(loaded, reference, images, embed_all: bool = True, added_token: str | None = None):
+    """A LLaVA-OneVision or llava-interleave model folder against transformers' model ``reference`` (a
+    (model, tokenizer) pair) on one ChatML prompt with ``images``, laid out as transformers lays out that many
+    pictures; returns our engine and what it prepared. ``added_token``: a token the converter added to the
+    vocabulary (its row of the logits is the converter's, not the reference's, and is not compared)."""
+    model, tokenizer = reference
+    engine = quiet_engine()
+    prepared, logits = ours(engine, chatml_prompt(images), loaded.model, loaded.tokenizer, embed_all=embed_all)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    if type(model).__name__.startswith("LlavaOnevision"):
+        from testbed.tiny_onevision import onevision_image_processor
+        batch = dict(onevision_image_processor()(images=[list(images)], return_tensors="pt"))
+    else:
+        from testbed.tiny_onevision import interleave_processor
+        batch = dict(interleave_processor(tokenizer).image_processor(images=list(images), return_tensors="pt"))
+    ids = prepared.input_ids.clone()
+    ids[ids == loaded.tokenizer.convert_tokens_to_ids("<image>")] = image_id
+    earlier = None if embed_all else model.model.language_model.embed_tokens.weight[image_id]
+    ref_embeds, ref_logits = reference_run(model, ids, batch.pop("pixel_values"), earlier, **batch)
+    if added_token is not None:
+        keep = torch.ones(logits.shape[-1], dtype=torch.bool)
+        keep[loaded.tokenizer.convert_tokens_to_ids(added_token)] = False
+        logits, ref_logits = logits[..., keep], ref_logits[..., keep]
+    assert_matches(f"{[image.size for image in images]} embed_all={embed_all}", prepared.inputs_embeds, ref_embeds,
+                   logits, ref_logits, embed_tol=1e-4)
+    return engine, prepared

@@ -63,7 +63,7 @@ class BosEncoder:
 
     def __call__(self, text: str) -> torch.Tensor:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if self.add_bos_token:
+        if self.add_bos_token and self.tokenizer.bos_token_id is not None:  # a Qwen2 tokenizer has no BOS
             ids = [self.tokenizer.bos_token_id] + ids
         return torch.tensor([ids], dtype=torch.long)
 

@@ -110,3 +110,20 @@ def open_page(request):
             page.screenshot(os.path.join(folder, f"{request.node.name}-{i}.png"))
             shutil.copy(page.server.log, os.path.join(folder, f"{request.node.name}-server.log"))
         page.close()
+
+
+@pytest.fixture(scope="session")
+def onevision_reference():
+    """transformers' LlavaOnevisionForConditionalGeneration at OneVision's geometry, and its Qwen2 tokenizer."""
+    from testbed.tiny_onevision import build_onevision
+    return build_onevision()
+
+
+@pytest.fixture(scope="session")
+def onevision_converted(onevision_reference, tmp_path_factory):
+    """``onevision_reference`` saved as a llava-hf llava-onevision-qwen2-*-ov-hf checkpoint, converted and
+    loaded (a ``testbed.tiny.Loaded``)."""
+    from testbed.tiny_onevision import onevision_image_processor, save_hf
+    folder = tmp_path_factory.mktemp("onevision")
+    src = save_hf(str(folder / "llava-onevision-qwen2-tiny-ov-hf"), *onevision_reference, onevision_image_processor())
+    return tiny.convert_and_load(src, str(folder / "converted"))[1]

@@ -57,6 +57,28 @@ def original_config(hidden, tower, **extra):
                        **extra)
 
 
+def siglip_so400m() -> dict:
+    """SigLIP-so400m at 384 px as llava-hf's checkpoints hold it: 26 of its 27 layers, no pooling head."""
+    from transformers import SiglipVisionConfig
+    return SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                              image_size=384, patch_size=14, vision_use_head=False).to_dict()
+
+
+def onevision_config(hidden):
+    """llava-hf's llava-onevision-qwen2-*-hf config: the defaults of LlavaOnevisionConfig, a Qwen2 text model."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config
+    return LlavaOnevisionConfig(vision_config=siglip_so400m(), text_config=Qwen2Config(hidden_size=hidden).to_dict(),
+                                image_grid_pinpoints=[list(p) for p in PIPELINES["llava-onevision-qwen2-7b-ov"]
+                                                      .grid_pinpoints])
+
+
+def interleave_config(hidden):
+    """llava-hf's llava-interleave-qwen-*-hf config: a plain Llava with SigLIP, layer -1, strategy full."""
+    from transformers import LlavaConfig, Qwen2Config
+    return LlavaConfig(vision_config=siglip_so400m(), text_config=Qwen2Config(hidden_size=hidden).to_dict(),
+                       image_token_index=151646, vision_feature_layer=-1, vision_feature_select_strategy="full")
+
+
 def next_config(hidden, config_class=None):
     """An original LLaVA-1.6 config (the pinpoints as released, in the LLaVA repo's order)."""
     from transformers import LlamaConfig
@@ -83,7 +105,14 @@ STAND_INS = {
     "llava-v1.6-vicuna-13b": ("llava-v1.6-vicuna-13b", lambda: next_config(5120), {}),
     "llava-v1.6-mistral-7b": ("llava-v1.6-mistral-7b", lambda: next_config(4096, MistralConfig), {}),
     "llava-v1.6-34b": ("llava-v1.6-34b", lambda: next_config(7168), {}),
+    **{f"llava-onevision-qwen2-{size}-{kind}": (f"llava-onevision-qwen2-{size}-{kind}-hf",
+                                                lambda hidden=hidden: onevision_config(hidden), {})
+       for size, hidden in (("0.5b", 896), ("7b", 3584), ("72b", 8192)) for kind in ("ov", "si")},
+    "llava-interleave-qwen-0.5b": ("llava-interleave-qwen-0.5b-hf", lambda: interleave_config(1024), {}),
+    "llava-interleave-qwen-7b": ("llava-interleave-qwen-7b-hf", lambda: interleave_config(4096), {}),
 }
+# pipelines that only a config describes (no folder name or width alone tells them)
+FROM_CONFIGS_ONLY = ("v1.6", "onevision", "interleave")
 
 
 @pytest.mark.parametrize("name", list(STAND_INS))
@@ -93,9 +122,11 @@ def test_auto_detects_each_pipeline(name, tmp_path):
     path.mkdir()
     choice = choose_pipeline("auto", config(), vocab, str(path))
     assert choice.pipeline.name == name and choice.reason == "read from the model's config"
-    # a folder name that says nothing still works: the config is the evidence
-    assert choose_pipeline("auto", config(), vocab, str(tmp_path / "model")).pipeline.name == name
-    if "v1.6" not in name:  # the name-and-width evidence of folders without a LLaVA config
+    # a folder name that says nothing still works: the config is the evidence (OneVision's "si" release has
+    # the "ov" one's config: without the name, the two are one pipeline)
+    nameless = name.replace("-si", "-ov") if "onevision" in name else name
+    assert choose_pipeline("auto", config(), vocab, str(tmp_path / "model")).pipeline.name == nameless
+    if not any(family in name for family in FROM_CONFIGS_ONLY):  # the name-and-width evidence of plain folders
         assert detect_pipeline(config(), vocab, str(tmp_path / "model")) == name
 
 

@@ -21,18 +21,24 @@ import torch
 from .checkpoint_rules import Parts
 from .detect import detect_pipeline, pipeline_from_config
 from .errors import LlavaError, first_line
-from .pipelines import Pipeline, PipelineError, get_pipeline
+from .pipelines import TOWER_KINDS, Pipeline, PipelineError, get_pipeline, tower_kind_of
 from .projector import normalise_projector_keys, projector_type_of
 from .weights import IMAGE_NEWLINE_KEYS, PROJECTOR_PREFIXES, TOWER_PREFIXES, WeightsError, read_projector_tensors
 from .weights import weight_files as checkpoint_files
 
-ORIGINAL_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
-CAUSAL_LM = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+ORIGINAL_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
+CAUSAL_LM = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+LLAVA_HF_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                  "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 # Keys of an original LLaVA config that describe the vision side or the training run, not the LLM.
 _ORIGINAL_ONLY = {"image_aspect_ratio", "image_grid_pinpoints", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter",
                   "tune_mm_vision_resampler", "freeze_mm_vision_resampler", "unfreeze_mm_vision_tower",
                   "use_mm_proj", "tokenizer_model_max_length", "tokenizer_padding_side", "model_type",
-                  "architectures", "transformers_version", "_name_or_path", "mm_patch_merge_type"}
+                  "architectures", "transformers_version", "_name_or_path", "mm_patch_merge_type",
+                  "image_crop_resolution", "image_split_resolution", "mm_spatial_pool_mode", "mm_spatial_pool_stride",
+                  "mm_newline_position", "mm_use_im_patch_token", "mm_resampler_type", "mm_mask_drop_mode",
+                  "add_faster_video", "faster_token_stride", "force_sample", "vision_tower_pretrained",
+                  "pos_skipping_range", "mm_tunable_parts", "use_pos_skipping", "add_time_instruction"}
 
 
 class ConvertError(LlavaError):
@@ -66,14 +72,13 @@ def read_source(folder: str) -> Source:
     except WeightsError as error:
         raise ConvertError(str(error)) from None
     if "text_config" in raw and "vision_config" in raw:
-        if model_type not in ("llava", "llava_next"):
-            raise ConvertError(f"'{folder}' is a {model_type!r} checkpoint; only llava and llava_next "
-                               "(LlavaForConditionalGeneration, LlavaNextForConditionalGeneration) and original "
-                               "LLaVA checkpoints can be converted")
+        if model_type not in LLAVA_HF_TYPES:
+            raise ConvertError(f"'{folder}' is a {model_type!r} checkpoint; only {', '.join(LLAVA_HF_TYPES)} "
+                               f"({', '.join(LLAVA_HF_TYPES.values())}) and original LLaVA checkpoints can be converted")
         text = dict(raw["text_config"])
         llm_type = text.get("model_type", "llama")
         if llm_type not in CAUSAL_LM:
-            raise ConvertError(f"the language model of '{folder}' is {llm_type!r}; supported: llama, mistral")
+            raise ConvertError(f"the language model of '{folder}' is {llm_type!r}; supported: {', '.join(CAUSAL_LM)}")
         if "tie_word_embeddings" not in text and "tie_word_embeddings" in raw:
             text["tie_word_embeddings"] = raw["tie_word_embeddings"]
         return Source(folder, "llava-hf", raw, text, llm_type, files, vision=dict(raw["vision_config"]))
@@ -204,8 +209,9 @@ def parts_of(source: Source, projector: dict, newline, tokenizer) -> Parts:
     raw, hf = source.raw, source.kind == "llava-hf"
     projector_in, projector_out = projector_io(projector)
     strategy = raw.get("vision_feature_select_strategy" if hf else "mm_vision_select_feature", "default")
+    has_cls = TOWER_KINDS[tower_kind_of(source.vision) if hf else choose_tower_kind(raw)].has_cls
     common = dict(newline_shape=tuple(newline.shape) if newline is not None else None,
-                  llm_width=source.text.get("hidden_size"), keeps_cls=strategy in ("full", "cls_patch"),
+                  llm_width=source.text.get("hidden_size"), keeps_cls=strategy in ("full", "cls_patch") and has_cls,
                   feature_layer=raw.get("vision_feature_layer" if hf else "mm_vision_select_layer", -2))
     if not hf:
         start_end = bool(raw["mm_use_im_start_end"]) if "mm_use_im_start_end" in raw else None
@@ -217,3 +223,8 @@ def parts_of(source: Source, projector: dict, newline, tokenizer) -> Parts:
     return Parts(projector_type_of(projector), projector_in, projector_out, tower_width=vision.get("hidden_size"),
                  tower_grid=(vision.get("image_size", 224) // vision.get("patch_size", 14)) ** 2,
                  activation=raw.get("projector_hidden_act", "gelu"), image_token=image_token, **common)
+
+
+def choose_tower_kind(raw: dict) -> str:
+    """The kind of the tower an original config names."""
+    return "siglip" if "siglip" in str(raw.get("mm_vision_tower", "")).lower() else "clip"

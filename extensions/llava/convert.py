@@ -42,6 +42,10 @@ from .weights import IMAGE_NEWLINE_KEYS, LazyTensor, WeightsError, lazy_tensors,
 
 PROJECTOR_FILE = "mm_projector.safetensors"
 VISION_FOLDER = "vision_tower"
+# Qwen2's turns (LLaVA-OneVision and llava-interleave), for a converted folder whose tokenizer brings no
+# template the webui can render
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 # ---------------------------------------------------------------- writing
@@ -223,8 +227,22 @@ def _write_config_and_tokenizer(source: Source, tokenizer, vocabulary: _Vocabula
     tokenizer.init_kwargs.pop("processor_class", None)
     if getattr(tokenizer, "_processor_class", None) is not None:
         tokenizer._processor_class = None
+    if source.llm_type == "qwen2" and not _renders_plain_messages(tokenizer):
+        tokenizer.chat_template = CHATML
+        written.append("ChatML chat template")
     tokenizer.save_pretrained(dst)
     return written + ["tokenizer files"]
+
+
+def _renders_plain_messages(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders the webui's messages (text contents), as a plain
+    language model's does; a LLaVA processor's template expects lists of parts."""
+    try:
+        shown = tokenizer.apply_chat_template([{"role": "user", "content": "Is it shown?"}], tokenize=False,
+                                              add_generation_prompt=True)
+    except Exception:
+        return False
+    return "Is it shown?" in shown
 
 
 def _write_projector(projector: dict, newline, dst: str) -> list[str]:
@@ -272,8 +290,8 @@ def _with_rows(tensor: torch.Tensor, vocabulary: _Vocabulary) -> torch.Tensor:
 
 
 def _llm_config(source: Source, vocab_size: int):
-    from transformers import LlamaConfig, MistralConfig
-    config_class = {"llama": LlamaConfig, "mistral": MistralConfig}[source.llm_type]
+    import transformers
+    config_class = getattr(transformers, CAUSAL_LM[source.llm_type].replace("ForCausalLM", "Config"))
     values = {k: v for k, v in source.text.items() if k not in ("model_type", "architectures", "transformers_version",
                                                                  "_name_or_path")}
     dtype = values.pop("torch_dtype", None) or values.pop("dtype", None) or source.raw.get("dtype") \

@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 
 from .checkpoint_rules import PROJECTOR_ACTIVATIONS
-from .pipelines import CLIP_224, CLIP_336, DEFAULT_PIPELINE, PIPELINES, Pipeline, PipelineError, get_pipeline
+from .pipelines import (CLIP_224, CLIP_336, DEFAULT_PIPELINE, PIPELINES, TOWER_KINDS, Pipeline, PipelineError,
+                        get_pipeline, tower_kind_of)
 
 METADATA_FILE = "llava.json"
 
@@ -92,7 +93,7 @@ def pipeline_from_config(config, model_path: str | None = None, image_token: str
     get = _getter(config)
     if get("vision_config") is not None:
         row = _llava_hf_row(get, image_token, start_end)
-        width = llm_hidden_size
+        width = llm_hidden_size or _getter(get("text_config"))("hidden_size")
     elif get("mm_vision_tower"):
         row = _original_row(get)
         width = llm_hidden_size or get("hidden_size")
@@ -100,7 +101,8 @@ def pipeline_from_config(config, model_path: str | None = None, image_token: str
         return None
     stated_preprocess = row.pop("preprocess")
     tower = row.pop("vision_repo", "")
-    family = "v1.6" if row["grid_pinpoints"] else ("v1.5" if row["image_size"] == 336 else "v0")
+    family = "onevision" if row["max_tiles"] else "v1.6" if row["grid_pinpoints"] else \
+        "interleave" if row["tower"] == "siglip" else "v1.5" if row["image_size"] == 336 else "v0"
     matches = [p for p in PIPELINES.values()
                if all(getattr(p, k) == v for k, v in row.items()) and p.llm_hidden_size == width
                and (stated_preprocess is None or p.preprocess == stated_preprocess)]
@@ -108,9 +110,12 @@ def pipeline_from_config(config, model_path: str | None = None, image_token: str
         text_config = get("text_config") or {}
         text_type = text_config.get("model_type") if isinstance(text_config, dict) else getattr(text_config, "model_type", "")
         mistral = "mistral" in str(get("model_type", "")) or text_type == "mistral"
-        return next((p for p in matches if ("mistral" in p.name or "bakllava" in p.name) == mistral), matches[0])
+        matches = [p for p in matches if ("mistral" in p.name or "bakllava" in p.name) == mistral] or matches
+        # alike rows (OneVision's "ov" and "si" releases): the folder's name tells them apart
+        folder = os.path.basename(os.path.normpath(model_path)).lower() if model_path else ""
+        return next((p for p in matches if p.name in folder), matches[0])
     # LLaVA v1.5 was trained on pictures padded to a square, v0 on centre crops; a config that does
-    # not say follows its family
+    # not say follows its family (a SigLIP tower's processor squashes the picture to its view)
     preprocess = stated_preprocess or ("pad" if family == "v1.5" else "crop")
     name = os.path.basename(os.path.normpath(model_path)) if model_path else "unnamed"
     return Pipeline(name=f"{name} (from its config)", preprocess=preprocess, family=family,
@@ -118,8 +123,9 @@ def pipeline_from_config(config, model_path: str | None = None, image_token: str
                     projector_repo=None, projector_filename=None, **row)
 
 
-def _common_row(image_size: int, patch_size: int, layer: int, keeps_cls: bool, projector_type: str,
-                image_token: str, start_end: bool, pinpoints, preprocess: str | None) -> dict:
+def _common_row(*, tower: str, image_size: int, patch_size: int, layer: int, keeps_cls: bool, projector_type: str,
+                image_token: str, start_end: bool, pinpoints, preprocess: str | None, max_tiles: int = 0) -> dict:
+    keeps_cls = keeps_cls and TOWER_KINDS[tower].has_cls  # SigLIP has no CLS to keep or drop
     if pinpoints and keeps_cls:
         raise PipelineError("the config tiles pictures (any resolution) and keeps the CLS feature; LLaVA-NeXT "
                             "models drop it, and this combination is not supported")
@@ -128,7 +134,15 @@ def _common_row(image_size: int, patch_size: int, layer: int, keeps_cls: bool, p
                 keeps_cls=bool(keeps_cls), feature_count=(image_size // patch_size) ** 2 + bool(keeps_cls),
                 projector_type=projector_type, image_token=image_token,
                 start_token="<im_start>" if start_end else None, end_token="<im_end>" if start_end else None,
-                grid_pinpoints=pinpoints, preprocess="anyres" if pinpoints else preprocess)
+                grid_pinpoints=pinpoints, preprocess="anyres" if pinpoints else preprocess, tower=tower,
+                max_tiles=max_tiles, several_pictures="pad" if max_tiles else "",
+                view_processor="LlavaOnevisionImageProcessor" if max_tiles else "")
+
+
+def _max_tiles(aspect) -> int:
+    """N of LLaVA-OneVision's ``anyres_max_N``; 0 for LLaVA-1.6's plain ``anyres``."""
+    match = re.fullmatch(r"anyres_max_(\d+)", str(aspect or ""))
+    return int(match.group(1)) if match else 0
 
 
 def _llava_hf_row(get, image_token: str | None, start_end: bool) -> dict:
@@ -144,13 +158,20 @@ def _llava_hf_row(get, image_token: str | None, start_end: bool) -> dict:
     if not isinstance(layer, int):
         raise PipelineError(f"the config takes vision features from several layers ({layer}); LLaVA uses one")
     model_type = get("model_type", "")
-    return _common_row(vision.get("image_size", 224), vision.get("patch_size", 14), layer, strategy == "full",
-                       "linear" if activation != "gelu" else "mlp2x_gelu", image_token or "<image>", start_end,
-                       get("image_grid_pinpoints") if model_type == "llava_next" else None, None)
+    max_tiles = _max_tiles(get("vision_aspect_ratio", "anyres_max_9")) if model_type == "llava_onevision" else 0
+    if model_type == "llava_onevision" and not max_tiles:
+        raise PipelineError(f"the config's vision_aspect_ratio {get('vision_aspect_ratio')!r} is not anyres_max_N")
+    tiles = model_type in ("llava_next", "llava_onevision")
+    return _common_row(tower=tower_kind_of(vision), image_size=vision.get("image_size", 224),
+                       patch_size=vision.get("patch_size", 14), layer=layer, keeps_cls=strategy == "full",
+                       projector_type="linear" if activation != "gelu" else "mlp2x_gelu",
+                       image_token=image_token or "<image>", start_end=start_end,
+                       pinpoints=get("image_grid_pinpoints") if tiles else None, preprocess=None, max_tiles=max_tiles)
 
 
 def _original_row(get) -> dict:
     tower = str(get("mm_vision_tower"))
+    kind = "siglip" if "siglip" in tower.lower() else "clip"
     image_size = _TOWER_IMAGE_SIZES.get(tower) or _tower_image_size(tower)
     aspect = get("image_aspect_ratio")
     pinpoints = None
@@ -159,19 +180,31 @@ def _original_row(get) -> dict:
         if merge != "spatial_unpad":
             raise PipelineError(f"the config tiles pictures with the merge type {merge!r}; only LLaVA-1.6's "
                                 "'spatial_unpad' is supported")
-        pinpoints = get("image_grid_pinpoints")
-        if not isinstance(pinpoints, list) or not pinpoints:
-            raise PipelineError("the config tiles pictures (image_aspect_ratio anyres) but lists no "
-                                "image_grid_pinpoints")
+        pinpoints = _pinpoints(get("image_grid_pinpoints"), image_size)
     preprocess = "pad" if aspect == "pad" else ("crop" if aspect else None)
     select = get("mm_vision_select_feature", "patch")
     if select not in ("patch", "cls_patch"):
         raise PipelineError(f"the config's mm_vision_select_feature {select!r} is not one LLaVA uses")
-    return dict(_common_row(image_size, 14, get("mm_vision_select_layer", -2), select == "cls_patch",
-                            get("mm_projector_type", "linear") or "linear",
-                            "<im_patch>" if get("mm_use_im_start_end", False) else "<image>",
-                            bool(get("mm_use_im_start_end", False)), pinpoints, preprocess),
+    start_end = bool(get("mm_use_im_start_end", False))
+    return dict(_common_row(tower=kind, image_size=image_size, patch_size=14, layer=get("mm_vision_select_layer", -2),
+                            keeps_cls=select == "cls_patch", projector_type=get("mm_projector_type", "linear") or "linear",
+                            image_token="<im_patch>" if start_end else "<image>", start_end=start_end,
+                            pinpoints=pinpoints, preprocess=preprocess, max_tiles=_max_tiles(aspect)),
                 vision_repo=tower)
+
+
+def _pinpoints(pinpoints, tile: int) -> list:
+    """The canvases of an original config: a list of (height, width), or as lmms-lab's training scripts
+    write them, "(1x1),...,(6x6)": every grid of tiles from the first to the last, in tiles of ``tile``."""
+    if isinstance(pinpoints, str):
+        grids = re.findall(r"\((\d+)x(\d+)\)", pinpoints)
+        if grids:
+            (first_rows, first_columns), (last_rows, last_columns) = [tuple(map(int, g)) for g in (grids[0], grids[-1])]
+            return [[tile * rows, tile * columns] for rows in range(first_rows, last_rows + 1)
+                    for columns in range(first_columns, last_columns + 1)]
+    if not isinstance(pinpoints, list) or not pinpoints:
+        raise PipelineError("the config tiles pictures (image_aspect_ratio anyres) but lists no image_grid_pinpoints")
+    return pinpoints
 
 
 def _tower_image_size(tower: str) -> int:
@@ -184,7 +217,7 @@ def _tower_image_size(tower: str) -> int:
             return int((data.get("vision_config") or data).get("image_size"))
         except (OSError, ValueError, TypeError):
             pass
-    return 336 if "336" in tower else 224
+    return next((size for size in (384, 336) if str(size) in tower), 224)
 
 
 def _inside(folder: str, relative: str | None) -> str | None:

@@ -22,7 +22,7 @@ from .errors import LlavaError
 from .images import ImageError, ImageSource
 from .memory import release_freed_memory
 from .pipelines import PIPELINES, Pipeline, PipelineError
-from .preprocess import max_slot_count, slot_count
+from .preprocess import max_slot_count, slot_count, tiled
 from .prompt import MEDIA_PLACEHOLDER, ImageRef, escape_special_tokens, expand_prompt, parse_prompt
 from .settings import Settings
 from .splice import TokenLayout, find_images, shift_spans, splice, truncation_cut, widen_image_slots
@@ -118,18 +118,19 @@ class LlavaEngine:
     @staticmethod
     def slot_counts(images: Sequence[ImageRef], pipeline: Pipeline) -> torch.Tensor:
         """Each image's slot count. Any-resolution counts come from the picture's header: its size
-        after the EXIF orientation, read without decoding a pixel. A picture never seen (a bare
-        placeholder) counts at the most any picture takes; one whose header cannot be read at its
-        base view alone (it is refused if it is ever embedded)."""
+        after its orientation, read without decoding a pixel, and whether it is alone in the prompt
+        (OneVision lays several pictures out otherwise). A picture never seen (a bare placeholder)
+        counts at the most any picture takes; one whose header cannot be read at its base view alone
+        (it is refused if it is ever embedded)."""
         if not pipeline.anyres:
             return torch.full((len(images),), pipeline.feature_count, dtype=torch.long)
-        counts = []
+        alone, counts = len(images) == 1, []
         for image in images:
             if isinstance(image.source, _Placeholder):
-                counts.append(max_slot_count(pipeline))
+                counts.append(max_slot_count(pipeline, alone))
                 continue
             try:
-                counts.append(slot_count(pipeline, *image.source.header()))
+                counts.append(slot_count(pipeline, *image.source.header(), alone))
             except ImageError:
                 counts.append(pipeline.feature_count)
         return torch.tensor(counts, dtype=torch.long)
@@ -162,7 +163,30 @@ class LlavaEngine:
         if not parsed.images:
             return self._without_images(prompt, model, tokenizer, encode, max_length, model_path)
         choice = self.choice_for(model, tokenizer, model_path)
-        pipeline = choice.pipeline
+        ids, spans, dropped, notes = self._widened_ids(parsed, choice.pipeline, tokenizer, encode, max_length)
+        kept = parsed.images[dropped:]
+        embed_all = self.settings.embed_all if embed_all is None else embed_all
+        chosen = list(range(len(kept))) if embed_all else list(range(len(kept)))[-1:]
+        embeddings = model.get_input_embeddings()
+        # the layout of each picture was chosen for the prompt as it came, however many truncation dropped
+        features = self.features_for([kept[i] for i in chosen], choice, embeddings.weight.shape[-1], notes,
+                                     alone=len(parsed.images) == 1)
+        for i, feature, slots in zip(chosen, features, spans.counts[chosen].tolist()):
+            if feature.shape[0] != slots:  # the header and the pixels disagree: refused, never spliced
+                raise kept[i].source.error(f"its pixels give {feature.shape[0]} features for the {slots} places its "
+                                           "header gives it; save the picture again with another program")
+        with torch.no_grad():
+            embeds = embeddings(ids.to(embeddings.weight.device))
+            if chosen:
+                embeds = splice(embeds, spans.slots_of(chosen), torch.cat(features))
+        self.log(f"llava: {len(parsed.images)} image(s) in the prompt, {len(chosen)} embedded")
+        for note in notes:
+            self.log(f"llava: {note}")
+        return Prepared(prompt, ids.to(embeds.device), embeds, notes, dropped, len(chosen))
+
+    def _widened_ids(self, parsed, pipeline: Pipeline, tokenizer, encode: Encode, max_length: int | None):
+        """The prompt's ids with each picture widened to its slots, cut on the left to ``max_length``
+        without cutting into a picture; (ids, the pictures' spans, pictures dropped, notes)."""
         layout = self.token_layout(tokenizer, pipeline)
         # Each picture is tokenized as one slot and widened to its full length in the ids: the
         # tokenizer reads a few characters per picture, never hundreds of image tokens as text.
@@ -184,25 +208,7 @@ class LlavaEngine:
             raise LlavaError(f"the context is too short for this prompt's last image: it takes "
                              f"{int(counts[-1]) + layout.extra_tokens} tokens and the prompt may only use {max_length}; "
                              "raise truncation_length or lower max_new_tokens")
-        kept = parsed.images[dropped:]
-        embed_all = self.settings.embed_all if embed_all is None else embed_all
-        chosen = list(range(len(kept))) if embed_all else list(range(len(kept)))[-1:]
-
-        embeddings = model.get_input_embeddings()
-        width = embeddings.weight.shape[-1]
-        features = self.features_for([kept[i] for i in chosen], choice, width, notes)
-        for i, feature, slots in zip(chosen, features, spans.counts[chosen].tolist()):
-            if feature.shape[0] != slots:  # the header and the pixels disagree: refused, never spliced
-                raise kept[i].source.error(f"its pixels give {feature.shape[0]} features for the {slots} places its "
-                                           "header gives it; save the picture again with another program")
-        with torch.no_grad():
-            embeds = embeddings(ids.to(embeddings.weight.device))
-            if chosen:
-                embeds = splice(embeds, spans.slots_of(chosen), torch.cat(features))
-        self.log(f"llava: {len(parsed.images)} image(s) in the prompt, {len(chosen)} embedded")
-        for note in notes:
-            self.log(f"llava: {note}")
-        return Prepared(prompt, ids.to(embeds.device), embeds, notes, dropped, len(chosen))
+        return ids, spans, dropped, notes
 
     def _without_images(self, prompt: str, model, tokenizer, encode: Encode, max_length: int | None,
                         model_path: str | None) -> Prepared | None:
@@ -236,15 +242,18 @@ class LlavaEngine:
     # ------------------------------------------------------------ features
 
     def features_for(self, images: Sequence[ImageRef], choice: Choice, width: int,
-                     notes: list[str] | None = None) -> list[torch.Tensor]:
-        """Each image's projected features [slots, width], from the cache or as few tower batches as may be."""
+                     notes: list[str] | None = None, alone: bool = True) -> list[torch.Tensor]:
+        """Each image's projected features [slots, width], from the cache or as few tower batches as may be.
+        ``alone``: whether the prompt holds only one picture (the features of a picture tiled alone and
+        laid out among several are different, and cached apart)."""
         pipeline = choice.pipeline
         if not images:
             return []
         vision, vision_key = self._vision_and_key(choice)
         check(replace(vision.parts, llm_width=width), pipeline, {"parts": LOADER_FIX, "pipeline": LOADER_FIX},
               PipelineError)
-        keys = [(image.source.digest(),) + vision_key for image in images]
+        layout = "tiled" if tiled(pipeline, alone) else "one view"
+        keys = [(image.source.digest(), layout) + vision_key for image in images]
         found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
         if any(v is None for v in found.values()):
             with self._encode_lock:
@@ -254,11 +263,12 @@ class LlavaEngine:
                 todo = [(key, image) for key, image in zip(keys, images) if found[key] is None]
                 todo = list({key: image for key, image in todo}.items())
                 if todo:
-                    self._encode([image for _, image in todo], [key for key, _ in todo], vision, found, notes)
+                    self._encode([image for _, image in todo], [key for key, _ in todo], vision, found, notes,
+                                 alone)
         return [found[key] for key in keys]
 
     def _encode(self, images: list[ImageRef], keys: list[tuple], vision: VisionParts, found: dict,
-                notes: list[str] | None) -> None:
+                notes: list[str] | None, alone: bool) -> None:
         """Decode ``images`` and run them through the vision parts; their features go into ``found`` and
         the cache. What the decoding and the tower freed goes back to the operating system after."""
         pictures = []
@@ -268,7 +278,7 @@ class LlavaEngine:
                 notes.extend(picture.notes)
             pictures.append(picture.image)
         encoded = []
-        for batch in vision.encode_batches(pictures):
+        for batch in vision.encode_batches(pictures, alone):
             encoded.extend(batch)
             self.counters.vision_batches += 1
         self.counters.vision_forwards += len(pictures)

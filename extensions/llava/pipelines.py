@@ -57,6 +57,14 @@ class Pipeline:
     # Empty for pipelines with one fixed-size view per picture.
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
     tower: str = "clip"  # a key of TOWER_KINDS
+    # Any-resolution with a budget (LLaVA-OneVision's anyres_max_N): a grid of more than N tiles' worth
+    # of features is scaled down to about that many. 0: no budget.
+    max_tiles: int = 0
+    # How pictures are laid out when a prompt holds more than one: "" as when alone; "pad" (OneVision)
+    # each padded to a square of the mean colour, one view and one newline, no tiles.
+    several_pictures: str = ""
+    # transformers' image processor that makes any-resolution views ("" for LLaVA-NeXT's)
+    view_processor: str = ""
 
     @property
     def anyres(self) -> bool:
@@ -118,6 +126,23 @@ _V15 = dict(vision_repo=CLIP_336, image_size=336, feature_count=576, projector_t
 NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 _V16 = dict(_V15, preprocess="anyres", grid_pinpoints=NEXT_PINPOINTS, family="v1.6")
 
+# LLaVA-OneVision and llava-interleave: SigLIP-so400m at 384 px (27 × 27 patches, no CLS), its features
+# taken before the last of its 27 layers: the llava-hf checkpoints keep 26 layers and take the last,
+# so their vision parts come from the checkpoint itself.
+SIGLIP_384 = "google/siglip-so400m-patch14-384"
+ONEVISION_PINPOINTS = tuple((384 * rows, 384 * columns) for rows in range(1, 7) for columns in range(1, 7))
+_SIGLIP = dict(image_size=384, feature_count=729, projector_type="mlp2x_gelu", image_token="<image>",
+               start_token=None, end_token=None, projector_filename=None, tower="siglip", vision_feature_layer=-1)
+_ONEVISION = dict(_SIGLIP, preprocess="anyres", grid_pinpoints=ONEVISION_PINPOINTS, max_tiles=9,
+                  several_pictures="pad", view_processor="LlavaOnevisionImageProcessor", family="onevision")
+_INTERLEAVE = dict(_SIGLIP, preprocess="crop", family="interleave")  # the SigLIP processor: squashed to 384
+
+
+def _from_checkpoint(name: str, llm_hidden_size: int, **row) -> "Pipeline":
+    """A pipeline whose tower, projector and newline are read from its llava-hf checkpoint ``name``."""
+    repo = f"llava-hf/{name}-hf"
+    return Pipeline(name=name, vision_repo=repo, projector_repo=repo, llm_hidden_size=llm_hidden_size, **row)
+
 PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
     Pipeline(name="llava-v0-13b", llm_hidden_size=5120, projector_repo="liuhaotian/LLaVA-13b-delta-v0", **_V0),
     Pipeline(name="llava-v0-7b", llm_hidden_size=4096, projector_repo="liuhaotian/LLaVA-7b-delta-v0", **_V0),
@@ -135,6 +160,10 @@ PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
     Pipeline(name="llava-v1.6-mistral-7b", llm_hidden_size=4096, projector_repo="liuhaotian/llava-v1.6-mistral-7b",
              **_V16),
     Pipeline(name="llava-v1.6-34b", llm_hidden_size=7168, projector_repo="liuhaotian/llava-v1.6-34b", **_V16),
+    *(_from_checkpoint(f"llava-onevision-qwen2-{size}-{kind}", hidden, **_ONEVISION)
+      for size, hidden in (("0.5b", 896), ("7b", 3584), ("72b", 8192)) for kind in ("ov", "si")),
+    _from_checkpoint("llava-interleave-qwen-0.5b", 1024, **_INTERLEAVE),
+    _from_checkpoint("llava-interleave-qwen-7b", 4096, **_INTERLEAVE),
     # The bundled demo (tools/train_demo.py): its tower and projector live in its own folder.
     Pipeline(name="llava-demo", vision_repo="", image_size=64, feature_count=16, projector_type="mlp2x_gelu",
              image_token="<im_patch>", start_token="<im_start>", end_token="<im_end>", preprocess="crop",

@@ -6,7 +6,13 @@ A pipeline's ``preprocess`` names one of three ways:
 - ``crop``: the tower's image processor as it stands (resize the short side, centre crop);
 - ``pad``: pad the picture to a square of the processor's mean colour first (LLaVA v1.5);
 - ``anyres``: the whole picture squashed to one view (the base view) plus the tiles of the canvas
-  (from the pipeline's ``grid_pinpoints``) that shows it largest with the least padding (LLaVA-1.6).
+  (from the pipeline's ``grid_pinpoints``) that shows it largest with the least padding (LLaVA-1.6);
+  with ``max_tiles`` (LLaVA-OneVision's ``anyres_max_N``) a grid of more than that many tiles'
+  worth of features is later scaled down to about that many.
+
+A OneVision prompt that holds several pictures lays each out otherwise (``several_pictures``
+"pad"): padded to a square of the mean colour, one view, no tiles. So a picture's slots depend on
+whether it is alone in its prompt; every count here says which (``alone``).
 
 The image processors are transformers' own, built from the tower's processor settings (its
 ``preprocessor_config.json``), in their PIL variant: the webui has no torchvision, and PIL's resizing
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 
 import torch
@@ -75,13 +82,15 @@ def load_image_processor(source: str, name: str = "CLIPImageProcessor"):
 def padding_processor(processor):
     """transformers' LLaVA image processor with the tower's settings and ``do_pad``: it pads each
     picture to a square of the mean colour (truncated to 0..255, as LLaVA v1.5 trained), then resizes."""
-    return image_processor_from(processor.to_dict(), "LlavaImageProcessor", do_pad=True)
+    return image_processor_from(processor.to_dict(), "LlavaImageProcessor", do_pad=True,
+                                do_center_crop=bool(getattr(processor, "do_center_crop", False)))
 
 
 @functools.lru_cache(maxsize=4)
-def tile_processor(processor, pinpoints: tuple[tuple[int, int], ...]):
-    """transformers' LLaVA-NeXT image processor with the tower's settings and the pipeline's canvases."""
-    return image_processor_from(processor.to_dict(), "LlavaNextImageProcessor",
+def tile_processor(processor, pinpoints: tuple[tuple[int, int], ...], name: str = ""):
+    """transformers' any-resolution image processor ``name`` (LLaVA-NeXT's by default) with the tower's
+    settings and the pipeline's canvases."""
+    return image_processor_from(processor.to_dict(), name or "LlavaNextImageProcessor",
                                 image_grid_pinpoints=[list(p) for p in pinpoints], do_pad=False)
 
 
@@ -118,7 +127,7 @@ def one_view_each(images, processor, pipeline: Pipeline) -> torch.Tensor:
     if pipeline.preprocess == "pad":
         images = [limit_padded_side(image) for image in images]
         processor = padding_processor(processor)
-    else:
+    elif getattr(processor, "do_center_crop", False):
         images = [limit_aspect_ratio(image) for image in images]
     try:
         batch = processor(images=images, return_tensors="pt", input_data_format="channels_last")
@@ -129,16 +138,26 @@ def one_view_each(images, processor, pipeline: Pipeline) -> torch.Tensor:
 
 def tiled_views(images, processor, pipeline: Pipeline) -> torch.Tensor:
     """RGB pictures → all their any-resolution views in one pixel batch [sum of views, 3, S, S]."""
-    processor = tile_processor(processor, pipeline.grid_pinpoints)
+    processor = tile_processor(processor, pipeline.grid_pinpoints, pipeline.view_processor)
     views = [processor(images=[image], return_tensors="pt")["pixel_values"][0]  # one at a time: a batch
              for image in images]                                                # pads each to the most views
     return torch.cat(views)
 
 
-def pixel_views(images, processor, pipeline: Pipeline) -> tuple[torch.Tensor, list[int]]:
-    """RGB pictures → the views the tower sees, in one batch, and how many of them belong to each picture."""
+def square_views(images, processor) -> torch.Tensor:
+    """RGB pictures of a prompt that holds several → one view each [n, 3, S, S]: padded to a square of the
+    mean colour (truncated to 0..255), then resized, as OneVision's processor does with several pictures
+    (LLaVA v1.5's padding, with the tower's settings)."""
+    return padding_processor(processor)(images=list(images), return_tensors="pt")["pixel_values"]
+
+
+def pixel_views(images, processor, pipeline: Pipeline, alone: bool = True) -> tuple[torch.Tensor, list[int]]:
+    """RGB pictures → the views the tower sees, in one batch, and how many of them belong to each picture.
+    ``alone``: whether the prompt holds only one picture (OneVision lays several out otherwise)."""
     if not pipeline.anyres:
         return one_view_each(images, processor, pipeline), [1] * len(images)
+    if not alone and pipeline.several_pictures == "pad":
+        return square_views(images, processor), [1] * len(images)
     return tiled_views(images, processor, pipeline), [tile_count(pipeline, *image.size) for image in images]
 
 
@@ -171,22 +190,47 @@ def canvas_patches(pipeline: Pipeline, width: int, height: int) -> tuple[int, in
     return canvas_height // pipeline.image_size * side, canvas_width // pipeline.image_size * side
 
 
-def tile_count(pipeline: Pipeline, width: int, height: int) -> int:
-    """Views the tower sees for one picture: the base view, plus the canvas tiles if any-resolution."""
-    if not pipeline.anyres:
+def tiled(pipeline: Pipeline, alone: bool = True) -> bool:
+    """Whether a picture is tiled: any resolution, unless its prompt holds several and the pipeline then
+    lays each out as one padded view."""
+    return pipeline.anyres and (alone or pipeline.several_pictures != "pad")
+
+
+def tile_count(pipeline: Pipeline, width: int, height: int, alone: bool = True) -> int:
+    """Views the tower sees for one picture: the base view, plus the canvas tiles if it is tiled."""
+    if not tiled(pipeline, alone):
         return 1
     rows, columns = canvas_patches(pipeline, width, height)
     return 1 + rows * columns // pipeline.patches_per_side ** 2
 
 
-def slot_count(pipeline: Pipeline, width: int, height: int) -> int:
-    """Image slots of a ``width`` × ``height`` picture: ``feature_count``, or for any-resolution
-    pipelines the base view, the unpadded tile grid and one newline slot per grid row."""
+def grid_shape(pipeline: Pipeline, width: int, height: int) -> tuple[int, int, tuple[int, int, int, int]]:
+    """A tiled picture's feature grid: the (rows, columns) it keeps after the unpadded window and any
+    scaling down to the pipeline's budget, and that window (top, bottom, left, right) of the canvas."""
+    rows, columns = canvas_patches(pipeline, width, height)
+    window = unpadded_window(width, height, rows, columns)
+    return (*within_budget(pipeline, window[1] - window[0], window[3] - window[2]), window)
+
+
+def within_budget(pipeline: Pipeline, rows: int, columns: int) -> tuple[int, int]:
+    """A feature grid scaled down to about ``max_tiles`` tiles' worth when it holds more than 1.1 times
+    that (floor division of floats, as transformers and the original code scale)."""
+    if pipeline.max_tiles:
+        ratio = math.sqrt(rows * columns / (pipeline.max_tiles * pipeline.patches_per_side ** 2))
+        if ratio > 1.1:
+            return int(rows // ratio), int(columns // ratio)
+    return rows, columns
+
+
+def slot_count(pipeline: Pipeline, width: int, height: int, alone: bool = True) -> int:
+    """Image slots of a ``width`` × ``height`` picture: ``feature_count``; for a tiled picture also its
+    feature grid and one newline slot per grid row; for a OneVision picture among several, one newline."""
     if not pipeline.anyres:
         return pipeline.feature_count
-    rows, columns = canvas_patches(pipeline, width, height)
-    top, bottom, left, right = unpadded_window(width, height, rows, columns)
-    return pipeline.feature_count + (bottom - top) * (right - left + 1)
+    if not tiled(pipeline, alone):
+        return pipeline.feature_count + 1
+    rows, columns, _ = grid_shape(pipeline, width, height)
+    return pipeline.feature_count + rows * (columns + 1)
 
 
 def max_views(pipeline: Pipeline) -> int:
@@ -194,7 +238,16 @@ def max_views(pipeline: Pipeline) -> int:
     return max((tile_count(pipeline, w, h) for h, w in pipeline.grid_pinpoints), default=1)
 
 
-def max_slot_count(pipeline: Pipeline) -> int:
-    """The most slots any picture can take (what an unseen picture is counted at): a picture of
-    exactly a canvas's size has no padding to cut away."""
-    return max((slot_count(pipeline, w, h) for h, w in pipeline.grid_pinpoints), default=pipeline.feature_count)
+def max_slot_count(pipeline: Pipeline, alone: bool = True) -> int:
+    """The most slots any picture can take (what an unseen picture is counted at): the largest of the
+    grids an unpadded window can keep on any canvas (every full canvas, every narrower window)."""
+    if not tiled(pipeline, alone):
+        return slot_count(pipeline, 1, 1, alone)
+    most = 0
+    for height, width in pipeline.grid_pinpoints:
+        rows, columns = height // pipeline.image_size * pipeline.patches_per_side, \
+            width // pipeline.image_size * pipeline.patches_per_side
+        for kept_rows, kept_columns in [(rows, c) for c in range(1, columns + 1)] + [(r, columns) for r in range(1, rows)]:
+            kept_rows, kept_columns = within_budget(pipeline, kept_rows, kept_columns)
+            most = max(most, kept_rows * (kept_columns + 1))
+    return pipeline.feature_count + most

@@ -16,12 +16,12 @@ from torch import nn
 
 from .checkpoint_rules import Parts, check
 from .pipelines import Pipeline
-from .preprocess import canvas_patches, max_views, pixel_views, unpadded_window
+from .preprocess import canvas_patches, grid_shape, max_views, pixel_views, tiled
 from .projector import normalise_projector_keys, projector_from_state, projector_shape, projector_type_of, split_image_newline
 from .towers import VisionLoadError, load_vision_tower, tower_geometry
 from .weights import read_projector_tensors
 
-MAX_VIEWS_PER_BATCH = 32  # 32 fixed-size pictures, or 6 any-resolution ones of up to 5 views
+MAX_VIEWS_PER_BATCH = 32  # 32 fixed-size pictures, or 6 LLaVA-1.6 ones of up to 5 views (a OneVision one: 37)
 # What to do when the loaded parts do not fit each other or the pipeline.
 LOADER_FIX = ("wrong model or wrong pipeline: set llava-pipeline to this model's pipeline, or set llava-clip_repo "
               "and llava-projector_repo to its own tower and projector, or convert the checkpoint with "
@@ -49,9 +49,9 @@ class Placement:
 
 def pack(view_features: torch.Tensor, width: int, height: int, pipeline: Pipeline,
          newline: torch.Tensor) -> torch.Tensor:
-    """One any-resolution picture's projected view features [views, F, hidden] → its slots [slots, hidden]:
-    the base view first, then the canvas grid without its padded rows or columns, each row ending in
-    the model's ``image_newline``."""
+    """One tiled picture's projected view features [views, F, hidden] → its slots [slots, hidden]: the
+    base view first, then the canvas grid without its padded rows or columns (scaled down bilinearly to
+    the pipeline's budget, if any), each row ending in the model's ``image_newline``."""
     base, grid = view_features[0], view_features[1:]
     side = pipeline.patches_per_side
     rows, columns = canvas_patches(pipeline, width, height)
@@ -59,8 +59,11 @@ def pack(view_features: torch.Tensor, width: int, height: int, pipeline: Pipelin
     # tiles in reading order → one feature map of the whole canvas, [rows, columns, hidden]
     grid = grid.reshape(rows // side, columns // side, side, side, hidden).permute(0, 2, 1, 3, 4)
     grid = grid.reshape(rows, columns, hidden)
-    top, bottom, left, right = unpadded_window(width, height, rows, columns)
+    kept_rows, kept_columns, (top, bottom, left, right) = grid_shape(pipeline, width, height)
     grid = grid[top:bottom, left:right]
+    if (kept_rows, kept_columns) != tuple(grid.shape[:2]):
+        grid = torch.nn.functional.interpolate(grid.permute(2, 0, 1)[None], size=(kept_rows, kept_columns),
+                                               mode="bilinear")[0].permute(1, 2, 0)
     ends = newline.to(grid.device, grid.dtype).expand(grid.shape[0], 1, hidden)
     return torch.cat([base, torch.cat([grid, ends], dim=1).reshape(-1, hidden)])
 
@@ -93,20 +96,24 @@ class VisionParts:
         return self.projector(hidden.to(place.projector_device, place.projector_dtype))
 
     @torch.inference_mode()
-    def encode(self, images) -> list[torch.Tensor]:
-        """Pictures → each one's projected features [slots, hidden]; all their views in one tower batch."""
-        pixels, views = pixel_views(images, self.processor, self.pipeline)
+    def encode(self, images, alone: bool = True) -> list[torch.Tensor]:
+        """Pictures → each one's projected features [slots, hidden]; all their views in one tower batch.
+        ``alone``: whether the prompt holds only one picture (OneVision lays several out otherwise)."""
+        pixels, views = pixel_views(images, self.processor, self.pipeline, alone)
         features = self.project_views(pixels)
         if not self.pipeline.anyres:
             return list(features)
+        if not tiled(self.pipeline, alone):  # one view each, and one newline after it
+            ends = self.image_newline.to(features.device, features.dtype)[None]
+            return [torch.cat([view, ends]) for view in features]
         return [pack(picture_views, *image.size, self.pipeline, self.image_newline)
                 for picture_views, image in zip(features.split(views), images)]
 
-    def encode_batches(self, images):
+    def encode_batches(self, images, alone: bool = True):
         """Pictures in tower batches of at most MAX_VIEWS_PER_BATCH views, so 100 pictures stay within memory."""
-        per_batch = max(1, MAX_VIEWS_PER_BATCH // max_views(self.pipeline))
+        per_batch = max(1, MAX_VIEWS_PER_BATCH // (max_views(self.pipeline) if tiled(self.pipeline, alone) else 1))
         for start in range(0, len(images), per_batch):
-            yield self.encode(images[start:start + per_batch])
+            yield self.encode(images[start:start + per_batch], alone)
 
 
 def load_vision_parts(pipeline: Pipeline, sources: Sources, placement: Placement, log=print) -> VisionParts:
