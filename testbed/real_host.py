@@ -76,6 +76,11 @@ class Server:
                 raise AssertionError(f"the server log never had {count} × {line!r}:\n{self.log_text()[-3000:]}")
             time.sleep(0.2)
 
+    def rss_mb(self) -> float:
+        """The server's resident memory now, in MB."""
+        with open(f"/proc/{self.process.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
     def encoded(self) -> list[int]:
         """The length of each text the webui's ``encode`` received so far (with ``probe_encode``)."""
         if not os.path.exists(self.probe_log):

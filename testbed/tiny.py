@@ -29,24 +29,34 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
+def byte_tokenizer(vocab: dict, characters: str, size: int = 0) -> Tokenizer:
+    """A tokenizer of single characters with byte fallback: ``vocab`` first, then the 256 bytes, printable
+    ASCII and ``characters``, then filler entries up to ``size``."""
+    vocab = dict(vocab)
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    for ch in [chr(code) for code in range(32, 127)] + list(characters):
+        vocab.setdefault(ch, len(vocab))
+    while len(vocab) < size:
+        vocab[f"<filler_{len(vocab)}>"] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    return tokenizer
+
+
+def with_random_newline(model):
+    """``model`` (a LLaVA-NeXT or OneVision) with a non-zero image_newline, so that a misplaced one shows."""
+    with torch.no_grad():
+        model.model.image_newline.copy_(torch.randn_like(model.model.image_newline))
+    return model
+
+
 def make_tokenizer(image_tokens=("<im_patch>", "<im_start>", "<im_end>")) -> PreTrainedTokenizerFast:
     """A LLaMA-sized vocabulary (32000) of single characters and bytes, plus the image tokens.
 
     With the default order the ids are <im_patch>=32000, <im_start>=32001, <im_end>=32002.
     """
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for byte in range(256):
-        vocab[f"<0x{byte:02X}>"] = len(vocab)
-    for code in range(32, 127):
-        vocab.setdefault(chr(code), len(vocab))
-    for ch in "\n\téèàüöäßçñ€£°—“”’":
-        vocab.setdefault(ch, len(vocab))
-    filler = 0
-    while len(vocab) < BASE_VOCAB:
-        vocab[f"<filler_{filler}>"] = len(vocab)
-        filler += 1
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
-    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = byte_tokenizer({"<unk>": 0, "<s>": 1, "</s>": 2}, "\n\téèàüöäßçñ€£°—“”’", BASE_VOCAB)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
     if image_tokens:

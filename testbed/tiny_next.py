@@ -15,7 +15,8 @@ import torch
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from extensions.llava.pipelines import PIPELINES
-from testbed.tiny import CLIP_MEAN, CLIP_STD, llama_config, make_tokenizer, vision_config, write_processor
+from testbed.tiny import (CLIP_MEAN, CLIP_STD, llama_config, make_tokenizer, vision_config, with_random_newline,
+                         write_processor)
 from testbed.tiny_family import IMAGE_ID, save_original
 
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -40,10 +41,7 @@ def build_next(seed: int = 51, mistral: bool = False) -> tuple[LlavaNextForCondi
                              vision_feature_layer=-2, vision_feature_select_strategy="default",
                              projector_hidden_act="gelu", image_grid_pinpoints=PINPOINTS)
     torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.model.image_newline.copy_(torch.randn_like(model.model.image_newline))
-    return model, tokenizer
+    return with_random_newline(LlavaNextForConditionalGeneration(config).eval()), tokenizer
 
 
 def image_processor():

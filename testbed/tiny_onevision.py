@@ -14,10 +14,11 @@ import json
 import os
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models
+from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerFast, Qwen2Config, SiglipVisionConfig
 
 from extensions.llava.convert import CHATML
+from testbed.tiny import byte_tokenizer, with_random_newline
 
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
 PINPOINTS = [[384 * rows, 384 * columns] for rows in range(1, 7) for columns in range(1, 7)]
@@ -32,14 +33,7 @@ SIZES = {"square": (384, 384), "ceil-resize": (700, 300), "small": (200, 150), "
 def make_qwen_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level vocabulary with Qwen2's special tokens: no BOS, ``<|im_end|>`` ends a turn, and the
     image and video tokens after the vocabulary."""
-    vocab = {f"<0x{byte:02X}>": byte for byte in range(256)}
-    for code in range(32, 127):
-        vocab.setdefault(chr(code), len(vocab))
-    for ch in "\n\t":
-        vocab.setdefault(ch, len(vocab))
-    vocab["<unk>"] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
-    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = byte_tokenizer({"<unk>": 0}, "\n\t")
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    unk_token="<unk>", chat_template=CHATML)
     fast.add_tokens([AddedToken(t, special=True, normalized=False)
@@ -69,10 +63,7 @@ def build_onevision(seed: int = 61):
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
         vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9", image_grid_pinpoints=PINPOINTS)
     torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.model.image_newline.copy_(torch.randn_like(model.model.image_newline))
-    return model, tokenizer
+    return with_random_newline(LlavaOnevisionForConditionalGeneration(config).eval()), tokenizer
 
 
 def build_interleave(seed: int = 62):

@@ -49,14 +49,18 @@ def next_reference():
     return build_next()
 
 
+def converted(tmp_path_factory, name: str, save) -> "tiny.Loaded":
+    """A checkpoint ``save(folder)`` writes under ``name``, converted and loaded."""
+    folder = tmp_path_factory.mktemp(name)
+    return tiny.convert_and_load(save(str(folder / name)), str(folder / "converted"))[1]
+
+
 @pytest.fixture(scope="session")
 def next_converted(next_reference, tmp_path_factory):
     """``next_reference`` saved as a llava-hf llava-v1.6-vicuna-7b-hf checkpoint, converted and loaded
     (a ``testbed.tiny.Loaded``)."""
     from testbed.tiny_next import save_next_hf
-    folder = tmp_path_factory.mktemp("next")
-    src = save_next_hf(str(folder / "llava-v1.6-vicuna-7b-hf"), *next_reference)
-    return tiny.convert_and_load(src, str(folder / "converted"))[1]
+    return converted(tmp_path_factory, "llava-v1.6-vicuna-7b-hf", lambda folder: save_next_hf(folder, *next_reference))
 
 
 @pytest.fixture
@@ -124,6 +128,5 @@ def onevision_converted(onevision_reference, tmp_path_factory):
     """``onevision_reference`` saved as a llava-hf llava-onevision-qwen2-*-ov-hf checkpoint, converted and
     loaded (a ``testbed.tiny.Loaded``)."""
     from testbed.tiny_onevision import onevision_image_processor, save_hf
-    folder = tmp_path_factory.mktemp("onevision")
-    src = save_hf(str(folder / "llava-onevision-qwen2-tiny-ov-hf"), *onevision_reference, onevision_image_processor())
-    return tiny.convert_and_load(src, str(folder / "converted"))[1]
+    return converted(tmp_path_factory, "llava-onevision-qwen2-tiny-ov-hf",
+                     lambda folder: save_hf(folder, *onevision_reference, onevision_image_processor()))

@@ -57,11 +57,6 @@ def chat(*urls, text="What is this?"):
         {"type": "image_url", "image_url": {"url": u} if not isinstance(u, dict) else u} for u in urls]}]}
 
 
-def rss_mb(server) -> float:
-    with open(f"/proc/{server.process.pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
 def test_every_route_needs_the_key(keyed):
     for path, body in [("/api/v1/generate", {"prompt": "hi", "max_new_tokens": 2}),
                        ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
@@ -82,11 +77,11 @@ def test_json_only_and_the_webuis_own_cors(keyed):
 
 def test_no_work_and_nothing_held_for_unauthenticated_requests(keyed):
     big = bytes_url(header_only_png(7000, 7000))
-    before, lines = rss_mb(keyed), keyed.count("llava:")
+    before, lines = keyed.rss_mb(), keyed.count("llava:")
     for _ in range(20):
         status, _, _ = call(keyed, "/v1/completions", {"prompt": f'x <img src="{big}">'}, headers={})
         assert status == 401
-    after = rss_mb(keyed)
+    after = keyed.rss_mb()
     print(f"\nRSS over 20 unauthenticated requests with a 7000x7000 PNG: {before:.0f} -> {after:.0f} MB")
     assert keyed.count("llava:") == lines  # the extension logged nothing: it did nothing
 
@@ -181,10 +176,10 @@ def test_memory_over_many_requests(keyed):
 
     for i in range(10):  # warm up: allocator pools, the tokenizer's caches
         call(keyed, "/v1/chat/completions", chat(photo(1000 + i)))
-    before = rss_mb(keyed)
+    before = keyed.rss_mb()
     for i in range(100):
         assert call(keyed, "/v1/chat/completions", chat(photo(100 + i)))[0] == 200
-    grown = rss_mb(keyed) - before
+    grown = keyed.rss_mb() - before
     print(f"\nRSS over 100 picture requests: {before:.0f} MB, then {grown:+.1f} MB")
     assert grown < MEMORY_BOUND_MB
 

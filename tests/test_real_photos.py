@@ -6,13 +6,13 @@ which records the length of every text the webui's ``encode`` receives. A 12-meg
 """
 
 import os
-import threading
 
 import pytest
 
 from extensions.llava.cli_ask import DEMO_MODEL
 from testbed.photos import make_photo
 from testbed.tiny import file_url
+from testbed.watch import run_in_threads
 from testbed.real_host import WEBUI, is_current, needs_webui, post, running_webui
 
 pytestmark = [needs_webui, pytest.mark.slow, pytest.mark.skipif(bool(WEBUI) and not is_current(WEBUI),
@@ -96,11 +96,6 @@ def test_the_notebook_never_tokenizes_picture_data(server, photos, open_page):
     page.wait_for(lambda: box.get_attribute("value").rstrip().endswith("A red circle."), "the notebook's answer")
 
 
-def rss_mb(server) -> float:
-    with open(f"/proc/{server.process.pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
 def test_memory_comes_back_after_photos_sent_at_once(tmp_path):
     """Three rounds of four new 12 MP photos at once, on a server of its own: the server ends near where it
     started (the decoded pixels and the tower's work are freed and handed back; the features stay)."""
@@ -108,16 +103,13 @@ def test_memory_comes_back_after_photos_sent_at_once(tmp_path):
     urls = [file_url(make_photo(str(tmp_path / f"round-{i}.jpg"), seed=100 + i)) for i in range(12)]
     with running_webui(models, model, str(tmp_path / "work"), api=True) as server:
         post(server.api_base + "/v1/completions", {"prompt": "warm up", "max_tokens": 2})
-        start = rss_mb(server)
+        start = server.rss_mb()
         for round_urls in (urls[:4], urls[4:8], urls[8:]):
-            threads = [threading.Thread(target=post, args=(server.api_base + "/v1/chat/completions", {
-                "max_tokens": 4, "messages": [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}]}))
-                for url in round_urls]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        grown = rss_mb(server) - start
+            def ask(i, round_urls=round_urls):
+                post(server.api_base + "/v1/chat/completions", {"max_tokens": 4, "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": round_urls[i]}}, {"type": "text", "text": QUESTION}]}]})
+
+            assert run_in_threads(ask, len(round_urls)) == []
+        grown = server.rss_mb() - start
     print(f"\nRSS after three rounds of 4 photos at once: {start:.0f} MB, then {grown:+.0f} MB")
     assert grown <= MEMORY_AFTER_PHOTOS_MB
