@@ -35,6 +35,15 @@ def test_benchmark_next_compares_equal_features():
     assert len(rows) == 3 and all(row.endswith("True") for row in rows), out  # the features are equal
 
 
+def test_benchmark_onevision_compares_equal_features_and_counts_slots():
+    out = run("tools/benchmark_onevision.py", "--quick")
+    rows = {line[:28].strip(): line.split() for line in out.splitlines() if line.startswith(("one ", "two "))}
+    assert len(rows) == 3 and all(row[-1] == "True" for row in rows.values()), out
+    # a 12 MP photo alone: base view + 30 tiles (4000x3000 picks the 6x5 canvas), scaled into 9 tiles' worth
+    assert rows["one 4000x3000 photo"][-6:-4] == ["31", "7309"], out
+    assert rows["two pictures in one prompt"][-6:-4] == ["2", "1460"], out  # one padded view each, 730 slots
+
+
 def test_benchmark_vision_cpu_prints_both_figures():
     out = run("tools/benchmark_vision_cpu.py", "--quick")
     assert out.count("s/picture") == 3 and out.count("demo held-out accuracy") == 2, out

@@ -17,12 +17,8 @@ uses a narrow tower and one run: it checks that the script still runs (CI runs i
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
-import tempfile
-import time
 
 import torch
 
@@ -52,16 +48,10 @@ def build_reference(folder: str, quick: bool = False):
 
 def save_parts(reference, folder: str):
     """The reference's tower and projector as the extension loads them (a CLIP folder, a projector file)."""
-    from safetensors.torch import save_file
+    from tools.vision_race import save_projector
     from testbed.tiny_next import save_tower
     tower_dir = save_tower(os.path.join(folder, "clip"), SimpleModel(reference))
-    projector = reference.multi_modal_projector
-    save_file({"model.mm_projector.0.weight": projector.linear_1.weight.detach(),
-               "model.mm_projector.0.bias": projector.linear_1.bias.detach(),
-               "model.mm_projector.2.weight": projector.linear_2.weight.detach(),
-               "model.mm_projector.2.bias": projector.linear_2.bias.detach(),
-               "model.image_newline": reference.image_newline.detach()},
-              os.path.join(folder, "mm_projector.safetensors"))
+    save_projector(reference, folder)
     return tower_dir
 
 
@@ -73,60 +63,26 @@ class SimpleModel:
         self.model = model
 
 
-def main(argv=None) -> int:
-    from extensions.llava.detect import Choice
-    from extensions.llava.engine import LlavaEngine
-    from extensions.llava.pipelines import PIPELINES
-    from extensions.llava.preprocess import tile_count
-    from extensions.llava.prompt import ImageRef
-    from extensions.llava.images import PilImage
-    from extensions.llava.settings import Settings
-    from testbed.photos import make_photo
-    from testbed.tiny import picture
-    from testbed.tiny_next import image_processor
-    from PIL import Image
+def build(folder: str, quick: bool):
+    reference = build_reference(folder, quick)
+    return reference, save_parts(reference, folder)
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="a narrow tower, one run: checks the script")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats = 1
-    torch.set_grad_enabled(False)
-    with tempfile.TemporaryDirectory() as folder:
-        reference = build_reference(folder, args.quick)
-        tower_dir = save_parts(reference, folder)
-        reference.to(args.device)
-        photo = Image.open(make_photo(os.path.join(folder, "photo.jpg"))).convert("RGB")
-        pipeline = PIPELINES["llava-v1.6-vicuna-7b"]
-        choice = Choice(pipeline, "benchmark", vision_source=tower_dir, projector_repo=folder,
-                        projector_filename="mm_projector.safetensors")
-        settings = Settings.from_params({"clip_device": args.device, "projector_device": args.device})
-        processor = image_processor()
-        print(f"device {args.device}, {torch.get_num_threads()} threads; seconds per picture, median of {args.repeats}")
-        print(f"{'turn':24} {'views':>5} {'ours':>8} {'reference':>10} {'ratio':>6}  equal")
-        for name, sizes in TURNS.items():
-            images = [photo if size == (4000, 3000) else picture(*size, seed=i) for i, size in enumerate(sizes)]
-            views = sum(tile_count(pipeline, *image.size) for image in images)
-            ours_times, reference_times = [], []
-            for _ in range(args.repeats):
-                engine = LlavaEngine(settings, log=lambda m: None)
-                engine.vision_parts(choice)  # loading is not timed
-                refs = [ImageRef(i + 1, 0, 0, PilImage(image)) for i, image in enumerate(images)]
-                start = time.perf_counter()
-                ours = engine.features_for(refs, choice, reference.config.text_config.hidden_size)
-                ours_times.append((time.perf_counter() - start) / len(images))
-                start = time.perf_counter()
-                batch = processor(images=images, return_tensors="pt")
-                theirs = reference.get_image_features(batch["pixel_values"].to(args.device), batch["image_sizes"],
-                                                      vision_feature_layer=-2,
-                                                      vision_feature_select_strategy="default").pooler_output
-                reference_times.append((time.perf_counter() - start) / len(images))
-            equal = all(a.shape == b.shape and (a - b).abs().max().item() <= 1e-4 for a, b in zip(ours, theirs))
-            ours_s, theirs_s = statistics.median(ours_times), statistics.median(reference_times)
-            print(f"{name:24} {views:>5} {ours_s:>8.2f} {theirs_s:>10.2f} {ours_s / theirs_s:>6.2f}  {equal}")
-    return 0
+
+def reference_features(reference, processor, images, device: str) -> list[torch.Tensor]:
+    batch = processor(images=images, return_tensors="pt")
+    return reference.get_image_features(batch["pixel_values"].to(device), batch["image_sizes"],
+                                        vision_feature_layer=-2, vision_feature_select_strategy="default").pooler_output
+
+
+def image_processor():
+    from testbed.tiny_next import image_processor as next_processor
+    return next_processor()
+
+
+def main(argv=None) -> int:
+    from tools.vision_race import Contest, main as race_main
+    return race_main(Contest(__doc__, TURNS, "llava-v1.6-vicuna-7b", build, image_processor,
+                             reference_features), argv)
 
 
 if __name__ == "__main__":
