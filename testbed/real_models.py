@@ -45,3 +45,21 @@ def v0_prompt_tokens(tokenizer, text_with_pictures: str, placeholder: str = "<pi
     expanded = text_with_pictures.replace(placeholder, "<im_start>" + "<im_patch>" * 256 + "<im_end>")
     ids = tokenizer(expanded, add_special_tokens=False)["input_ids"]
     return len(ids) + (bos and (not ids or ids[0] != tokenizer.bos_token_id))
+
+
+def convert_into(models, name: str, save) -> str:
+    """The checkpoint ``save(folder)`` writes, converted into ``models/name`` (a webui models folder)."""
+    from extensions.llava.convert import convert
+    source = save(os.path.join(str(models), name + "-source"))
+    convert(source, os.path.join(str(models), name), log=lambda line: None)
+    shutil.rmtree(source)
+    return str(models)
+
+
+def settings_file(work, **values) -> str:
+    """A webui settings file in ``work`` holding ``values``."""
+    path = os.path.join(str(work), "settings.yaml")
+    with open(path, "w") as f:
+        f.write("".join(f"{key}: {str(value).lower() if isinstance(value, bool) else value}\n"
+                        for key, value in values.items()))
+    return path

@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from extensions.llava import convert as converter
 from extensions.llava.pipelines import PIPELINES
 from extensions.llava.preprocess import max_slot_count, slot_count
 from testbed import tiny
 from testbed.hostile_files import exif_chunk, png_with, xmp_chunk
 from testbed.real_host import WEBUI, is_current, needs_webui, post, running_webui
+from testbed.real_models import convert_into, settings_file
 from testbed.tiny_next import build_next, processor, save_next_hf
 
 pytestmark = [needs_webui, pytest.mark.slow,
@@ -45,19 +45,17 @@ def test_the_sizes_make_the_case():
 def model(tmp_path_factory):
     reference, tokenizer = build_next()
     assert reference.config.text_config.max_position_embeddings == CONTEXT
-    folder = tmp_path_factory.mktemp("next-models")
-    source = save_next_hf(str(tmp_path_factory.mktemp("next-hf") / "llava-v1.6-vicuna-7b-hf"), reference, tokenizer)
-    converter.convert(source, str(folder / "tiny-llava-next"), log=lambda line: None)
-    return reference, tokenizer, str(folder)
+    models = convert_into(tmp_path_factory.mktemp("next-models"), "tiny-llava-next",
+                          lambda folder: save_next_hf(folder, reference, tokenizer))
+    return reference, tokenizer, models
 
 
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
     work = tmp_path_factory.mktemp("next-server")
-    settings = work / "settings.yaml"
-    settings.write_text(f"max_new_tokens: {MAX_NEW_TOKENS}\nauto_max_new_tokens: false\n")
+    settings = settings_file(work, max_new_tokens=MAX_NEW_TOKENS, auto_max_new_tokens=False)
     with running_webui(model[2], "tiny-llava-next", str(work), ui=True, api=True, probe_encode=True,
-                       extra_args=("--settings", str(settings))) as running:
+                       extra_args=("--settings", settings)) as running:
         yield running
 
 

@@ -15,11 +15,11 @@ import sys
 import pytest
 import torch
 
-from extensions.llava import convert as converter
 from extensions.llava.pipelines import PIPELINES
 from extensions.llava.preprocess import slot_count
 from testbed import tiny
 from testbed.real_host import ROOT, WEBUI, is_current, needs_webui, post, running_webui
+from testbed.real_models import convert_into, settings_file
 from testbed.tiny_onevision import build_onevision, onevision_image_processor, onevision_processor, save_hf
 
 pytestmark = [needs_webui, pytest.mark.slow,
@@ -34,20 +34,17 @@ WIDE, SQUARE, FULL_HD = (700, 300), (384, 384), (1920, 1080)
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     reference, tokenizer = build_onevision()
-    source = save_hf(str(tmp_path_factory.mktemp("ov-hf") / "llava-onevision-qwen2-tiny-ov-hf"), reference, tokenizer,
-                     onevision_image_processor())
-    folder = tmp_path_factory.mktemp("ov-models")
-    converter.convert(source, str(folder / "tiny-llava-onevision"), log=lambda line: None)
-    return reference, tokenizer, str(folder)
+    models = convert_into(tmp_path_factory.mktemp("ov-models"), "tiny-llava-onevision",
+                          lambda folder: save_hf(folder, reference, tokenizer, onevision_image_processor()))
+    return reference, tokenizer, models
 
 
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
     work = tmp_path_factory.mktemp("ov-server")
-    settings = work / "settings.yaml"
-    settings.write_text(f"max_new_tokens: {MAX_NEW_TOKENS}\nauto_max_new_tokens: false\n")
+    settings = settings_file(work, max_new_tokens=MAX_NEW_TOKENS, auto_max_new_tokens=False)
     with running_webui(model[2], "tiny-llava-onevision", str(work), ui=True, api=True,
-                       extra_args=("--settings", str(settings))) as running:
+                       extra_args=("--settings", settings)) as running:
         yield running
 
 
