@@ -116,6 +116,14 @@ class Page:
         time.sleep(0.5)
         return self.wait_for(reply, "the reply on the page") or first
 
+    def press(self, button: str) -> None:
+        """One of the chat's buttons by its element id (``Regenerate``, ``Continue``; the webui keeps them in a
+        menu), and wait for the generation it starts to end."""
+        done = self.server.count("Output generated in")
+        self.driver.execute_script("document.getElementById(arguments[0]).click();", button)
+        self.server.wait_for_count("Output generated in", done + 1)
+        time.sleep(0.5)
+
     def last_user_message(self):
         return self.driver.find_elements(By.CSS_SELECTOR, "#chat .user-message")[-1]
 

@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import types
 import typing
 
@@ -46,7 +47,7 @@ ADAPTER = "extensions.llava.webui"
 class Host:
     def __init__(self, model=None, tokenizer=None, settings: dict | None = None, loader: str = "Transformers",
                  api: bool = False, model_dir: str = "", model_name: str = "None", gradio_sessions: bool = True):
-        self.logger = logging.getLogger("fake-webui")
+        self.logger = logging.getLogger(f"fake-webui-{id(self)}")  # its own: hosts may live side by side
         self.logger.setLevel(logging.INFO)
         self.warned: list[str] = []  # what the extension told the user (log warnings and browser toasts)
         self.logged: list[str] = []  # every line of the extension's log
@@ -90,10 +91,16 @@ class Host:
         installed["gradio.context"] = self.gradio.context  # None: the 2023 webui's gradio has none
         installed.update(self.api.modules if self.api is not None else {})
         self._saved = {name: sys.modules.get(name) for name in installed}
+        self._installed = installed
         sys.modules.update(installed)
         # each host loads the extension anew, as each start of the webui does
         for name in [n for n in sys.modules if n == SCRIPT or n.startswith(ADAPTER)]:
             del sys.modules[name]
+
+    def activate(self) -> None:
+        """This host's webui modules in ``sys.modules`` again (another host made in the meantime replaced
+        them): the extension imports them lazily, at each call, as it would in its own webui."""
+        sys.modules.update(self._installed)
 
     def close(self) -> None:
         for capture in self._captures:
@@ -143,30 +150,68 @@ class Host:
         return state
 
     def generate(self, prompt: str, state: dict | None = None, is_chat: bool = False) -> str:
-        """_generate_reply, then generate_reply_HF."""
+        """_generate_reply, then generate_reply_HF (its static cache, negative prompt, guidance and streaming
+        in a thread of its own included). ``last_scores`` keeps the logits of each step, ``last_prefill``
+        the positions the model computed in its first step."""
+        self.activate()
         self.last_prompt = prompt
         state = state or self.state()
         if not is_chat:
             state = self.script.state_modifier(state)
             prompt = self.script.input_modifier(prompt, state, is_chat=False)
+        params = self._generate_params(state)
         max_length = state["truncation_length"] - state["max_new_tokens"]
         input_ids = self.encode(prompt, add_bos_token=state["add_bos_token"], truncation_length=max_length)
-        params = {"max_new_tokens": state["max_new_tokens"], "do_sample": False,
-                  "pad_token_id": self.shared.tokenizer.eos_token_id}
         if state["auto_max_new_tokens"]:
             params["max_new_tokens"] = state["truncation_length"] - input_ids.shape[-1]
         prompt, input_ids, inputs_embeds = self.script.tokenizer_modifier(state, prompt, input_ids, None)
         params["inputs"] = input_ids
         if inputs_embeds is not None:
             params["inputs_embeds"] = inputs_embeds
-        processors = LogitsProcessorList([])
+        self.last_scores = []
+        processors = LogitsProcessorList([_Recorder(self.last_scores)])
         self.script.logits_processor_modifier(processors, input_ids)
         params["logits_processor"] = processors
         self.last_prompt_ids, self.last_generate_params = input_ids, params
-        with torch.no_grad():
-            output = self.shared.model.generate(**params)[0]
+        output = self._run_generate(params, state.get("stream", False))
         self.last_reply_ids = output[len(input_ids[0]):]
         return self.shared.tokenizer.decode(self.last_reply_ids, skip_special_tokens=state["skip_special_tokens"])
+
+    def _generate_params(self, state: dict) -> dict:
+        from transformers import StoppingCriteriaList
+        params = {"max_new_tokens": state["max_new_tokens"], "do_sample": False, "use_cache": True,
+                  "pad_token_id": self.shared.tokenizer.eos_token_id, "stopping_criteria": StoppingCriteriaList()}
+        if state.get("guidance_scale", 1) != 1:
+            params["guidance_scale"] = state["guidance_scale"]
+        if state.get("negative_prompt"):
+            params["negative_prompt_ids"] = self.encode(state["negative_prompt"])
+        if state.get("static_cache"):
+            params["cache_implementation"] = "static"
+        return params
+
+    def _run_generate(self, params: dict, stream: bool):
+        """``model.generate``, in this thread or (streaming) in one of its own, as the webui's Iteratorize
+        runs it; the first forward's length recorded."""
+        model, first = self.shared.model, []
+
+        def record(module, args, kwargs):
+            if not first:
+                inputs = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
+                first.append(inputs.shape[1])
+
+        hook = model.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                if not stream:
+                    return model.generate(**params)[0]
+                result = []
+                thread = threading.Thread(target=lambda: result.append(model.generate(**params)[0]))
+                thread.start()
+                thread.join()
+                return result[0]
+        finally:
+            hook.remove()
+            self.last_prefill = first[0] if first else None
 
     # ------------------------------------------------------------ the user in the browser
 
@@ -194,6 +239,7 @@ class Host:
     def chat(self, text: str, state: dict | None = None, attachments: list | None = None, session=None) -> str:
         """One chat turn as the current webui's chatbot_wrapper runs it. ``attachments`` are pictures
         given to the webui's own attach button; ``session`` the browser session of the UI event."""
+        self.activate()
         state = state or self.state()
         with self.browser_session(session):
             history = self.script.history_modifier(copy.deepcopy(self.history))
@@ -208,14 +254,12 @@ class Host:
             text = self.script.input_modifier(text, state, is_chat=True)
             history["internal"].append([text, ""])
             history["visible"].append([visible_text, ""])
-            images = [a for i in range(len(history["internal"]))
-                      for a in history.get("metadata", {}).get(f"user_{i}", {}).get("attachments", [])
-                      if a.get("type") == "image"]
+            self.history = history
+            images = self.image_attachments()
             if images:
                 state["image_attachments"] = images
             if state["mode"] == "instruct":
                 state["add_bos_token"] = False  # the instruction template writes BOS itself
-            self.history = history
             prompt = self.chat_prompt(state)
             reply = self.generate(prompt, state, is_chat=True).lstrip(" ")
         history["internal"][-1][1] = reply
@@ -229,6 +273,10 @@ class Host:
     @property
     def visible(self) -> list[list[str]]:
         return self.history["visible"]
+
+    def image_attachments(self) -> list[dict]:
+        """Every image attachment of the history, oldest first, as the webui lists them in the state."""
+        return [a for i in range(len(self.internal)) for a in self.attachments_of(i) if a.get("type") == "image"]
 
     def attachments_of(self, row: int) -> list[dict]:
         return self.history.get("metadata", {}).get(f"user_{row}", {}).get("attachments", [])
@@ -267,6 +315,17 @@ class Host:
             if bot:
                 messages.append({"role": "assistant", "content": bot.strip()})
         return self.shared.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+class _Recorder:
+    """A logits processor that keeps each step's scores (the logits, where nothing warps them)."""
+
+    def __init__(self, into: list):
+        self.into = into
+
+    def __call__(self, input_ids, scores):
+        self.into.append(scores.detach().clone())
+        return scores
 
 
 class _Capture(logging.Handler):
@@ -311,6 +370,7 @@ def _fake_gradio(request_context, logger):
         return made
 
     def fire(elem_id: str, event: str, *values, session=None) -> list:
+        sys.modules.update({"gradio": gradio, "gradio.context": gradio.context})
         """A user action on a component: its handlers run with the event's request, as gradio runs them;
         what each returns (the new values of its outputs)."""
         request = Request(session)
@@ -327,6 +387,7 @@ def _fake_gradio(request_context, logger):
             if token is not None:
                 request_context.reset(token)
 
+    page = component(elem_id="page")  # the whole page: its unload event fires when a tab closes
     gradio.Accordion = gradio.Blocks = lambda *args, **kwargs: contextlib.nullcontext()
     gradio.File = gradio.Checkbox = gradio.Image = component
     gradio.Request = Request
@@ -336,4 +397,5 @@ def _fake_gradio(request_context, logger):
     if request_context is not None:
         gradio.context = types.ModuleType("gradio.context")
         gradio.context.LocalContext = types.SimpleNamespace(request=request_context)
+        gradio.context.Context = types.SimpleNamespace(root_block=page)
     return gradio

@@ -131,15 +131,15 @@ def convert_and_load(src: str, dst: str, **kwargs) -> tuple[dict, Loaded]:
     return result, load_folder(dst)
 
 
-def llama_config(vocab_size: int, width: int = LLM_WIDTH) -> LlamaConfig:
+def llama_config(vocab_size: int, width: int = LLM_WIDTH, layers: int = 2) -> LlamaConfig:
     return LlamaConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
                        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def make_llm(vocab_size: int, seed: int = 0, width: int = LLM_WIDTH) -> LlamaForCausalLM:
+def make_llm(vocab_size: int, seed: int = 0, width: int = LLM_WIDTH, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    return LlamaForCausalLM(llama_config(vocab_size, width)).eval()
+    return LlamaForCausalLM(llama_config(vocab_size, width, layers)).eval()
 
 
 def vision_config(image_size: int = 224, layers: int = 3) -> CLIPVisionConfig:

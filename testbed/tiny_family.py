@@ -13,20 +13,21 @@ import shutil
 import torch
 from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
-from testbed.tiny import (VISION_WIDTH, TinyLlava, llama_config, make_llm, make_tokenizer,
+from testbed.tiny import (LLM_WIDTH, VISION_WIDTH, TinyLlava, llama_config, make_llm, make_tokenizer,
                         reference_llava, save_clip, save_projector)
 
 IMAGE_ID = 32000  # <image> right after the LLaMA vocabulary
 
 
-def build_v15(folder: str) -> TinyLlava:
-    """A v1.5 model: 336 px CLIP (named like the real one), mlp2x_gelu projector, <image> = 32000."""
+def build_v15(folder: str, width: int = LLM_WIDTH, layers: int = 2) -> TinyLlava:
+    """A v1.5 model: 336 px CLIP (named like the real one), mlp2x_gelu projector, <image> = 32000; its
+    language model ``layers`` deep and ``width`` wide."""
     clip_dir = os.path.join(folder, "clip-vit-large-patch14-336")
     projector_dir = os.path.join(folder, "projector")
     save_clip(clip_dir, 336, seed=11)
-    state = save_projector(os.path.join(projector_dir, "mm_projector.bin"), "mlp2x_gelu", seed=12)
+    state = save_projector(os.path.join(projector_dir, "mm_projector.bin"), "mlp2x_gelu", seed=12, out_width=width)
     tokenizer = make_tokenizer(image_tokens=("<image>",))
-    llm = make_llm(len(tokenizer), seed=13)
+    llm = make_llm(len(tokenizer), seed=13, width=width, layers=layers)
     return TinyLlava(folder, clip_dir, projector_dir, tokenizer, llm, state, "llava-v1.5-7b")
 
 

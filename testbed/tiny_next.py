@@ -15,7 +15,7 @@ import torch
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from extensions.llava.pipelines import PIPELINES
-from testbed.tiny import (CLIP_MEAN, CLIP_STD, llama_config, make_tokenizer, vision_config, with_random_newline,
+from testbed.tiny import (CLIP_MEAN, CLIP_STD, LLM_WIDTH, llama_config, make_tokenizer, vision_config, with_random_newline,
                          write_processor)
 from testbed.tiny_family import IMAGE_ID, save_original
 
@@ -27,11 +27,13 @@ SIZES = {"wide": (500, 300), "tall": (300, 520), "square": (900, 880), "small": 
          "very-wide": (2400, 200), "ceil-resize": (700, 300)}
 
 
-def build_next(seed: int = 51, mistral: bool = False) -> tuple[LlavaNextForConditionalGeneration, object]:
+def build_next(seed: int = 51, mistral: bool = False, width: int = LLM_WIDTH,
+               layers: int = 2) -> tuple[LlavaNextForConditionalGeneration, object]:
     """The reference model with random weights (a non-zero image_newline), and its tokenizer; with
-    ``mistral`` its language model is a Mistral, as in llava-v1.6-mistral-7b-hf."""
+    ``mistral`` its language model is a Mistral, as in llava-v1.6-mistral-7b-hf; the language model
+    ``layers`` deep and ``width`` wide."""
     tokenizer = make_tokenizer(image_tokens=("<image>",))
-    text = llama_config(len(tokenizer)).to_dict()
+    text = llama_config(len(tokenizer), width, layers).to_dict()
     if mistral:
         from transformers import MistralConfig
         keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -77,3 +77,15 @@ def test_benchmark_convert_measures_the_peak_for_two_sizes():
 def test_benchmark_webui_runs_against_the_real_webui():
     out = run("tools/benchmark_webui.py", "--quick", timeout=900)
     assert out.count("encode <= ") == 3 and "2-turn chat in the browser" in out, out
+
+
+@needs_webui
+def test_benchmark_followups_prefills_only_the_new_part_with_reuse_on():
+    import ast
+    out = run("tools/benchmark_followups.py", "--quick", timeout=900)
+    rows = {line.split()[4]: line.split("  ")[-1] for line in out.splitlines() if line.startswith("v1.5")}
+    (prompts_off, prefilled_off), (prompts_on, prefilled_on) = (
+        [ast.literal_eval(part) for part in rows[setting].split(" / ")] for setting in ("off", "on"))
+    assert prompts_off == prompts_on == prefilled_off and len(prompts_on) == 2, out
+    # the follow-up starts from the whole first prompt, pictures included (the reply may not come back alike)
+    assert prefilled_on[0] == prompts_on[0] and prefilled_on[1] <= prompts_on[1] - prompts_on[0], out

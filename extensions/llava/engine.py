@@ -22,6 +22,7 @@ from .errors import LlavaError
 from .images import ImageError, ImageSource
 from .memory import release_freed_memory
 from .pipelines import PIPELINES, Pipeline, PipelineError
+from .prefix_cache import PositionKey
 from .preprocess import max_slot_count, slot_count, tiled
 from .prompt import MEDIA_PLACEHOLDER, ImageRef, escape_special_tokens, expand_prompt, parse_prompt
 from .settings import Settings
@@ -46,6 +47,7 @@ class Prepared:
     notes: list[str] = field(default_factory=list)  # things the user should be told
     images_dropped: int = 0
     images_embedded: int = 0
+    positions: PositionKey | None = None  # what stands at each position (for reusing an earlier prefix)
 
 
 @dataclass
@@ -182,7 +184,9 @@ class LlavaEngine:
         self.log(f"llava: {len(parsed.images)} image(s) in the prompt, {len(chosen)} embedded")
         for note in notes:
             self.log(f"llava: {note}")
-        return Prepared(prompt, ids.to(embeds.device), embeds, notes, dropped, len(chosen))
+        positions = position_key(ids, spans, [(image.source.digest() if i in chosen else None)
+                                              for i, image in enumerate(kept)], tiled(choice.pipeline, len(parsed.images) == 1))
+        return Prepared(prompt, ids.to(embeds.device), embeds, notes, dropped, len(chosen), positions)
 
     def _widened_ids(self, parsed, pipeline: Pipeline, tokenizer, encode: Encode, max_length: int | None):
         """The prompt's ids with each picture widened to its slots, cut on the left to ``max_length``
@@ -332,6 +336,15 @@ class _Placeholder(ImageSource):
 
     def digest(self) -> str:
         return ""
+
+
+def position_key(ids: torch.Tensor, spans, digests: list[str | None], tiled_layout: bool) -> PositionKey:
+    """What stands at each position of ``ids``: the ids, and each picture's slots with the picture (by
+    its data's digest and its layout) or, where it was not embedded (``None``), the plain embedding."""
+    firsts = spans.slots[torch.cumsum(spans.counts, 0) - spans.counts].tolist() if len(spans.counts) else []
+    pictures = tuple((first, first + int(count), ("plain",) if digest is None else (digest, tiled_layout))
+                     for first, count, digest in zip(firsts, spans.counts.tolist(), digests))
+    return PositionKey(ids[0].detach().cpu(), pictures)
 
 
 def pictures_in(prompt: str, media: Sequence[ImageSource] | None = None, references: dict | None = None) -> bool:

@@ -20,6 +20,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 
+from .prefix_cache import Handoffs, PrefixStore
+
 
 @dataclass(eq=False)
 class Session:
@@ -61,13 +63,19 @@ class Session:
 
 
 class Sessions:
-    """Every session's record, looked up one way (``current``)."""
+    """Every session's record, looked up one way (``current``); and what outlives a generation: the
+    language model's caches of earlier prompts (``prefixes``, owned by browser sessions or shared by API
+    requests) and the ones handed from the tokenizer hook to ``generate`` (``handoffs``)."""
 
-    def __init__(self, limit: int = 256):
+    API = "api"  # the owner of what API requests leave
+
+    def __init__(self, limit: int = 256, prefix_bytes: int = 0):
         self.limit = limit
         self._browsers: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         self._request: contextvars.ContextVar[Session | None] = contextvars.ContextVar("llava_request", default=None)
+        self.prefixes = PrefixStore(prefix_bytes)
+        self.handoffs = Handoffs()
 
     def current(self, browser_session: str | None = None) -> Session:
         """The HTTP request's record while one is served, else the browser session's (None: a host
@@ -82,8 +90,18 @@ class Sessions:
                 session = self._browsers[key] = Session()
             self._browsers.move_to_end(key)
             while len(self._browsers) > self.limit:
-                self._browsers.popitem(last=False)
+                self.prefixes.forget(self._browsers.popitem(last=False)[0])
             return session
+
+    def owner(self, browser_session: str | None = None):
+        """Whose earlier prompts the current generation may reuse: its browser session's, or the API's."""
+        return self.API if self.serving_request() else browser_session
+
+    def end(self, browser_session: str | None) -> None:
+        """A browser session went (its page was closed): its record and its entries go."""
+        with self._lock:
+            self._browsers.pop(browser_session, None)
+        self.prefixes.forget(browser_session)
 
     def serving_request(self) -> bool:
         return self._request.get() is not None

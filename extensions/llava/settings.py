@@ -28,6 +28,7 @@ DEFAULTS = {
     "projector_filename": None,
     "add_all_images_to_prompt": False,
     "cache_size_mb": 256,
+    "prefix_cache_mb": None,
 }
 
 ALLOWED_BITS = (16, 32)
@@ -117,6 +118,17 @@ def _cache_size(name: str, value) -> float:
     return size
 
 
+def _prefix_cache_size(name: str, value) -> float | None:
+    """None (unset or "auto": the device decides), or a size in MB (0 turns reuse off)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+        return None
+    size = _number(float, value)
+    if size is None or size < 0:
+        raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}; expected auto or a size in MB, 0 or more "
+                            "(0 turns reusing earlier prompts off)")
+    return size
+
+
 def _pipeline(name: str, value) -> str:
     return _optional_text(name, value) or "auto"
 
@@ -127,7 +139,8 @@ CHECKS = {"pipeline": ("pipeline", _pipeline), "clip_bits": ("clip_bits", _bits)
           "projector_bits": ("projector_bits", _bits), "projector_device": ("projector_device", resolve_device),
           "projector_repo": ("projector_repo", _optional_text),
           "projector_filename": ("projector_filename", _optional_text),
-          "add_all_images_to_prompt": ("embed_all", _flag), "cache_size_mb": ("cache_size_mb", _cache_size)}
+          "add_all_images_to_prompt": ("embed_all", _flag), "cache_size_mb": ("cache_size_mb", _cache_size),
+          "prefix_cache_mb": ("prefix_cache_mb", _prefix_cache_size)}
 
 
 @dataclass(frozen=True)
@@ -144,6 +157,7 @@ class Settings:
     projector_filename: str | None
     embed_all: bool
     cache_size_mb: float
+    prefix_cache_mb: float | None  # None: chosen by the device the language model runs on
 
     @property
     def clip_dtype(self) -> torch.dtype:

@@ -12,6 +12,7 @@ from ..prompt import reference_pictures
 from ..settings import SettingsError
 from .extension import embed_all, engine, log, model_folder, session, warn
 from .page import input_hijack
+from .reuse import offer
 from .server import serve_api
 
 
@@ -85,6 +86,8 @@ def tokenizer_modifier(state, prompt, input_ids, input_embeds):
         grew = prepared.input_ids.shape[-1] > input_ids.shape[-1]
         prompt, input_ids, input_embeds = prepared.prompt, prepared.input_ids, prepared.inputs_embeds
         current.reply_limit = reply_limit(state, grew)
+        if input_embeds is not None:
+            offer(shared.model, getattr(shared.args, "loader", None), prepared)
     _record_prompt_length(shared.model, current, int(input_ids.shape[-1]), state)
     current.finish_generation()
     return prompt, input_ids, input_embeds

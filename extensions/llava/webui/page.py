@@ -36,10 +36,14 @@ def ui():
     def on_embed_all(value, request: gr.Request):
         sessions.browser(_session_of(request)).embed_all = bool(value)
 
+    def on_leave(request: gr.Request):
+        sessions.end(_session_of(request))
+
     # upload and clear are the user's own actions; emptying the field after a send fires neither.
     picture.upload(on_pick, picture, preview)
     picture.clear(on_clear, None, preview)
     embed_all.change(on_embed_all, embed_all, None)
+    _when_page_closes(on_leave)
     emptied, empty = (picture, lambda: None) if preview is None else ([picture, preview], lambda: (None, None))
     for name, event in (("Generate", "click"), ("textbox", "submit")):
         listener = getattr(shared.gradio.get(name), event, None)
@@ -55,6 +59,18 @@ def _preview(gr):
                         elem_id="llava-preview")
     except TypeError:
         return None
+
+
+def _when_page_closes(handler) -> None:
+    """``handler`` runs when a browser tab closes or reloads (its session ends); the 2023 webui's gradio
+    has no such event."""
+    try:
+        from gradio.context import Context
+    except ImportError:
+        return
+    page = getattr(Context, "root_block", None)
+    if page is not None and hasattr(page, "unload"):
+        page.unload(handler)
 
 
 def _session_of(request) -> str | None:
