@@ -50,10 +50,10 @@ def test_storage_is_copied_only_when_full_and_counted_with_its_room():
     layer = cache.layers[0]
     positions = 100 + SPARE_POSITIONS + 19  # the last token generated is never fed
     assert layer.keys.shape[-2] == positions
-    capacity = layer._storage[0].shape[-2]
-    assert positions < capacity <= positions + SPARE_POSITIONS
     width = model.config.hidden_size  # 4 heads of 16
-    assert cache_bytes(cache) == 2 * 2 * capacity * width * 4  # 2 layers, keys and values, float32
+    position_bytes = 2 * 2 * width * 4  # 2 layers, keys and values, float32
+    capacity, rest = divmod(cache_bytes(cache), position_bytes)  # the storage, room to spare included
+    assert rest == 0 and positions < capacity <= positions + SPARE_POSITIONS
 
 
 def test_tensors_replaced_by_transformers_start_new_storage():

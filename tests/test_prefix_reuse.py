@@ -194,7 +194,8 @@ def test_the_cache_is_bounded_and_a_sessions_entries_go_with_it(host_factory, v0
     assert "s5" in store.owners()
     owners_before = store.owners()
     host.gradio.fire("page", "unload", session="s5")  # its tab closed
-    assert store.owners() == owners_before - {"s5"} and "s5" not in host.extension.sessions._browsers
+    assert any(line.startswith("llava: a browser session ended; its 1 earlier prompt(s) (") for line in host.logged)
+    assert store.owners() == owners_before - {"s5"} and "s5" not in host.extension.sessions
 
 
 def test_a_prompt_larger_than_the_bound_is_said_and_not_kept(host_factory, v0):

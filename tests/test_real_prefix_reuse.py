@@ -112,6 +112,8 @@ def test_the_chat_page_regenerates_continues_and_takes_a_new_picture_alike_with_
             page.close()
 
     on, on_lines = session(servers["on"])
+    # the closed tab ends its browser session, and its earlier prompts go with it
+    servers["on"].wait_for_count("llava: a browser session ended", 1, timeout=90)
     off, off_lines = session(servers["off"])
     assert on == off and len(on) == 6 and not off_lines
     (_, first), (second_reused, second), (regen_reused, regen), (continue_reused, _), (last_reused, last) = on_lines

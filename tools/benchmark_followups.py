@@ -13,9 +13,10 @@ and a 6-turn chat runs over /v1/chat/completions, the client sending the whole h
 OpenAI clients do: once with the pictures in turn 1, once with the same text and no pictures, ``--runs``
 times each, alternating. Replies are 16 greedy tokens of plain characters (a random model's other tokens
 would not come back the same from their text). Printed: turn 1's seconds, the mean seconds of turns 2-6,
-their ratio to the text-only chat's follow-ups, the prompt positions each follow-up prefilled (from the
-extension's log line), and the server's peak memory. ``--quick`` runs the v1.5 shape with a 2-layer,
-64-wide language model, 2 turns, once: it checks the script against the real webui (CI runs it).
+their ratio to the text-only chat's follow-ups, the server's peak memory, what the store of earlier
+prompts held at the end, and the prompt positions each turn computed (from the extension's log line).
+``--quick`` runs the v1.5 shape with a 2-layer, 64-wide language model, 2 turns, once: it checks the
+script against the real webui (CI runs it).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ QUESTIONS = ["Describe the pictures in a few words.", "And what colour is the bi
              "Is there anything written on it?", "How many shapes are there in all?",
              "Which one is closest to the top?", "Say it again in one sentence."]
 REUSED = re.compile(r"llava: (\d+) of (\d+) prompt positions came from an earlier prompt")
+KEPT = re.compile(r"earlier prompts kept: \d+ \(([\d.]+) MB")
 
 
 def v15_model(models: str, quick: bool) -> tuple[str, object]:
@@ -72,10 +74,10 @@ def plain_characters_only(tokenizer) -> str:
     return ",".join(str(i) for i in range(len(tokenizer)) if i not in allowed)
 
 
-def chat(server, urls: list[str], turns: int, bans: str) -> tuple[list[float], list[int]]:
+def chat(server, urls: list[str], turns: int, bans: str, label: str) -> tuple[list[float], list[int]]:
     """One chat over /v1/chat/completions, the whole history sent each turn; each turn's seconds and
-    prompt tokens."""
-    messages, times, prompts = [], [], []
+    prompt tokens. ``label`` starts the system message, so that no chat shares a prefix with another."""
+    messages, times, prompts = [{"role": "system", "content": f"Conversation {label}."}], [], []
     for turn, question in enumerate(QUESTIONS[:turns]):
         content = [{"type": "text", "text": question}]
         if turn == 0:
@@ -92,9 +94,13 @@ def chat(server, urls: list[str], turns: int, bans: str) -> tuple[list[float], l
     return times, prompts
 
 
+def unwrapped_log(server) -> str:
+    return re.sub(r"\s*\n\s+", " ", server.log_text())  # the webui's log wraps long lines
+
+
 def reuse_lines(server) -> list[tuple[str, str]]:
-    """(reused, prompt length) of each generation the extension logged; the webui's log wraps long lines."""
-    return REUSED.findall(re.sub(r"\s*\n\s+", " ", server.log_text()))
+    """(reused, prompt length) of each generation the extension logged."""
+    return REUSED.findall(unwrapped_log(server))
 
 
 def peak_mb(server) -> float:
@@ -111,13 +117,13 @@ def measure(models: str, model: str, tokenizer, urls_for, reuse: bool, args, wor
     bans = plain_characters_only(tokenizer)
     with running_webui(models, model, work, api=True, extra_args=("--settings", settings),
                        log_name=f"{model}-{reuse}.log") as server:
-        chat(server, urls_for(-1), 2, bans)  # warm up: the vision parts load on the first picture
+        chat(server, urls_for(args.runs), 2, bans, "warm-up")  # the vision parts load on the first picture
         pictures, text = [], []
         for run in range(args.runs):
             marks = len(reuse_lines(server))
-            times, prompts = chat(server, urls_for(run), args.turns, bans)
+            times, prompts = chat(server, urls_for(run), args.turns, bans, f"{run} with pictures")
             pictures.append(times)
-            text.append(chat(server, [], args.turns, bans)[0])
+            text.append(chat(server, [], args.turns, bans, f"{run} in words")[0])
         # what each turn of the last picture chat prefilled: the extension logs what it reused
         lines = reuse_lines(server)[marks:]
         prefilled = [int(total) - int(reused) for reused, total in lines[:args.turns]] if reuse else prompts
@@ -125,7 +131,8 @@ def measure(models: str, model: str, tokenizer, urls_for, reuse: bool, args, wor
         return {"turn 1": statistics.median(times[0] for times in pictures),
                 "follow-ups": statistics.mean(t for times in pictures for t in times[1:]),
                 "text follow-ups": statistics.mean(t for times in text for t in times[1:]),
-                "prefilled": prefilled, "prompts": prompts, "peak": peak_mb(server)}
+                "prefilled": prefilled, "prompts": prompts, "peak": peak_mb(server),
+                "kept": float((KEPT.findall(unwrapped_log(server)) or [0])[-1])}
 
 
 def main(argv=None) -> int:
@@ -143,7 +150,7 @@ def main(argv=None) -> int:
         shapes.append(("1.6, one 12 MP photo", next_model, "photo"))
     print(f"{args.turns}-turn chats over /v1/chat/completions, {args.runs} run(s) each; seconds")
     print(f"{'model':28} {'reuse':5} {'turn 1':>7} {'turns 2+':>9} {'text only':>10} {'ratio':>6} "
-          f"{'peak MB':>8}  prompt tokens per turn / prefilled")
+          f"{'peak MB':>8} {'kept MB':>8}  prompt tokens per turn / prefilled")
     with tempfile.TemporaryDirectory() as folder:
         for name, build, kind in shapes:
             models = os.path.join(folder, "models-" + kind)
@@ -156,7 +163,7 @@ def main(argv=None) -> int:
                 row = measure(models, model, tokenizer, urls_for, reuse, args, work)
                 ratio = row["follow-ups"] / row["text follow-ups"]
                 print(f"{name:28} {'on' if reuse else 'off':5} {row['turn 1']:>7.2f} {row['follow-ups']:>9.2f} "
-                      f"{row['text follow-ups']:>10.2f} {ratio:>6.2f} {row['peak']:>8.0f}  {row['prompts']} / {row['prefilled']}",
+                      f"{row['text follow-ups']:>10.2f} {ratio:>6.2f} {row['peak']:>8.0f} {row['kept']:>8.0f}  {row['prompts']} / {row['prefilled']}",
                       flush=True)
     return 0
 

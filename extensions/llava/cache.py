@@ -70,11 +70,15 @@ class BoundedStore:
         with self._lock:
             return [value for value, _ in self._entries.values()]
 
-    def remove_where(self, doomed: Callable[[object], bool]) -> None:
+    def remove_where(self, doomed: Callable[[object], bool]) -> tuple[int, int]:
+        """Remove the values ``doomed`` picks; how many went and their bytes."""
         with self._lock:
-            for key in [key for key, (value, _) in self._entries.items() if doomed(value)]:
+            before = self._bytes
+            keys = [key for key, (value, _) in self._entries.items() if doomed(value)]
+            for key in keys:
                 self._drop(key)
             self._count()
+            return len(keys), before - self._bytes
 
     def resize(self, max_bytes: int) -> None:
         with self._lock:

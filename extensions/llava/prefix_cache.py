@@ -168,9 +168,9 @@ class PrefixStore:
     def owners(self) -> set:
         return {entry.owner for entry in self._entries.values()}
 
-    def forget(self, owner) -> None:
-        """Drop every entry of ``owner`` (a browser session that went)."""
-        self._entries.remove_where(lambda entry: entry.owner == owner)
+    def forget(self, owner) -> tuple[int, int]:
+        """Drop every entry of ``owner`` (a browser session that went); how many went and their bytes."""
+        return self._entries.remove_where(lambda entry: entry.owner == owner)
 
     def clear(self) -> None:
         self._entries.remove_where(lambda entry: True)

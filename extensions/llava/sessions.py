@@ -93,15 +93,21 @@ class Sessions:
                 self.prefixes.forget(self._browsers.popitem(last=False)[0])
             return session
 
+    def __contains__(self, browser_session: str | None) -> bool:
+        """Whether the browser session has a record (it has not ended)."""
+        with self._lock:
+            return browser_session in self._browsers
+
     def owner(self, browser_session: str | None = None):
         """Whose earlier prompts the current generation may reuse: its browser session's, or the API's."""
         return self.API if self.serving_request() else browser_session
 
-    def end(self, browser_session: str | None) -> None:
-        """A browser session went (its page was closed): its record and its entries go."""
+    def end(self, browser_session: str | None) -> tuple[int, int]:
+        """A browser session went (its page was closed): its record and its entries go (how many, their
+        bytes)."""
         with self._lock:
             self._browsers.pop(browser_session, None)
-        self.prefixes.forget(browser_session)
+        return self.prefixes.forget(browser_session)
 
     def serving_request(self) -> bool:
         return self._request.get() is not None

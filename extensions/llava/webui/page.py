@@ -8,7 +8,7 @@ at run time, and ``gr`` is imported inside ``ui``."""
 from ..attachments import read_upload
 from ..chat_2023 import inline_in_message
 from ..errors import LlavaError
-from .extension import embed_all_setting, request_context, sessions, warn
+from .extension import embed_all_setting, log, request_context, sessions, warn
 
 # The 2023 webui takes the next message's picture through input_hijack; the current one calls
 # history_modifier then chat_input_modifier. Each host uses one of the two, never both.
@@ -37,7 +37,9 @@ def ui():
         sessions.browser(_session_of(request)).embed_all = bool(value)
 
     def on_leave(request: gr.Request):
-        sessions.end(_session_of(request))
+        count, size = sessions.end(_session_of(request))
+        if count:
+            log(f"llava: a browser session ended; its {count} earlier prompt(s) ({size / 2**20:.1f} MB) went")
 
     # upload and clear are the user's own actions; emptying the field after a send fires neither.
     picture.upload(on_pick, picture, preview)
