@@ -63,3 +63,11 @@ def settings_file(work, **values) -> str:
         f.write("".join(f"{key}: {str(value).lower() if isinstance(value, bool) else value}\n"
                         for key, value in values.items()))
     return path
+
+
+def serving(models, name: str, work, *, ui: bool = True, probe_encode: bool = False, **settings):
+    """The webui serving ``models/name`` over the API (and the UI, with ``ui``), started with ``settings``
+    written into a settings file in ``work``; a context manager giving the server."""
+    from testbed.real_host import running_webui
+    return running_webui(str(models), name, str(work), ui=ui, api=True, probe_encode=probe_encode,
+                         extra_args=("--settings", settings_file(work, **settings)))

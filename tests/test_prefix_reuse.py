@@ -7,7 +7,6 @@ import os
 import re
 
 import pytest
-import torch
 
 from testbed.tiny import PATCH_ID, img_tag, picture
 from testbed.watch import run_in_threads

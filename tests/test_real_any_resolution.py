@@ -18,8 +18,8 @@ from extensions.llava.pipelines import PIPELINES
 from extensions.llava.preprocess import max_slot_count, slot_count
 from testbed import tiny
 from testbed.hostile_files import exif_chunk, png_with, xmp_chunk
-from testbed.real_host import WEBUI, is_current, needs_webui, post, running_webui
-from testbed.real_models import convert_into, settings_file
+from testbed.real_host import WEBUI, is_current, needs_webui, post
+from testbed.real_models import convert_into, serving
 from testbed.tiny_next import build_next, processor, save_next_hf
 
 pytestmark = [needs_webui, pytest.mark.slow,
@@ -53,9 +53,8 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
     work = tmp_path_factory.mktemp("next-server")
-    settings = settings_file(work, max_new_tokens=MAX_NEW_TOKENS, auto_max_new_tokens=False)
-    with running_webui(model[2], "tiny-llava-next", str(work), ui=True, api=True, probe_encode=True,
-                       extra_args=("--settings", settings)) as running:
+    with serving(model[2], "tiny-llava-next", work, probe_encode=True, max_new_tokens=MAX_NEW_TOKENS,
+                 auto_max_new_tokens=False) as running:
         yield running
 
 

@@ -16,10 +16,9 @@ import pytest
 import torch
 
 from extensions.llava.pipelines import PIPELINES
-from extensions.llava.preprocess import slot_count
 from testbed import tiny
-from testbed.real_host import ROOT, WEBUI, is_current, needs_webui, post, running_webui
-from testbed.real_models import convert_into, settings_file
+from testbed.real_host import ROOT, WEBUI, is_current, needs_webui, post
+from testbed.real_models import convert_into, serving
 from testbed.tiny_onevision import build_onevision, onevision_image_processor, onevision_processor, save_hf
 
 pytestmark = [needs_webui, pytest.mark.slow,
@@ -42,9 +41,8 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
     work = tmp_path_factory.mktemp("ov-server")
-    settings = settings_file(work, max_new_tokens=MAX_NEW_TOKENS, auto_max_new_tokens=False)
-    with running_webui(model[2], "tiny-llava-onevision", str(work), ui=True, api=True,
-                       extra_args=("--settings", settings)) as running:
+    with serving(model[2], "tiny-llava-onevision", work, max_new_tokens=MAX_NEW_TOKENS,
+                 auto_max_new_tokens=False) as running:
         yield running
 
 

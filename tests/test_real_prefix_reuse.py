@@ -13,8 +13,8 @@ import re
 import pytest
 
 from testbed import tiny
-from testbed.real_host import WEBUI, is_current, needs_webui, post, running_webui
-from testbed.real_models import convert_into, settings_file
+from testbed.real_host import WEBUI, is_current, needs_webui, post
+from testbed.real_models import convert_into, serving
 
 pytestmark = [needs_webui, pytest.mark.slow,
               pytest.mark.skipif(bool(WEBUI) and not is_current(WEBUI), reason="the current webui's generation path")]
@@ -38,10 +38,9 @@ def servers(models, tmp_path_factory):
         started = {}
         for name, extra in (("on", {}), ("off", {"llava-prefix_cache_mb": 0})):
             work = tmp_path_factory.mktemp(f"reuse-{name}")
-            settings = settings_file(work, max_new_tokens=16, auto_max_new_tokens=False, preset="Deterministic",
-                                     do_sample=False, top_p=1, top_k=1, **extra)
-            started[name] = stack.enter_context(running_webui(models, MODEL, str(work), ui=True, api=True,
-                                                              extra_args=("--settings", settings)))
+            started[name] = stack.enter_context(serving(
+                models, MODEL, work, max_new_tokens=16, auto_max_new_tokens=False, preset="Deterministic",
+                do_sample=False, top_p=1, top_k=1, **extra))
         yield started
 
 

@@ -33,8 +33,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from testbed.real_host import WEBUI, post, running_webui  # noqa: E402
-from testbed.real_models import convert_into, settings_file  # noqa: E402
+from testbed.real_host import WEBUI, post  # noqa: E402
+from testbed.real_models import convert_into, serving  # noqa: E402
 
 QUESTIONS = ["Describe the pictures in a few words.", "And what colour is the biggest shape?",
              "Is there anything written on it?", "How many shapes are there in all?",
@@ -113,10 +113,8 @@ def measure(models: str, model: str, tokenizer, urls_for, reuse: bool, args, wor
     values = {"max_new_tokens": 16, "auto_max_new_tokens": False}
     if not reuse:
         values["llava-prefix_cache_mb"] = 0
-    settings = settings_file(work, **values)
     bans = plain_characters_only(tokenizer)
-    with running_webui(models, model, work, api=True, extra_args=("--settings", settings),
-                       log_name=f"{model}-{reuse}.log") as server:
+    with serving(models, model, work, ui=False, **values) as server:
         chat(server, urls_for(args.runs), 2, bans, "warm-up")  # the vision parts load on the first picture
         pictures, text = [], []
         for run in range(args.runs):
