@@ -92,6 +92,52 @@ class Server:
         return getattr(self, key)
 
 
+def install_link(target: str, link: str) -> None:
+    """``link`` pointing at ``target``, replacing another copy installed there."""
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    if os.path.lexists(link):
+        shutil.rmtree(link) if os.path.isdir(link) and not os.path.islink(link) else os.unlink(link)
+    os.symlink(target, link)
+
+
+def current_webui_arguments(work_dir: str, ui: bool, api: bool, probe_encode: bool):
+    """Arguments for today's webui (its own user_data copied into ``work_dir``) and its UI and API ports."""
+    user_data = os.path.join(work_dir, "user_data")
+    if not os.path.isdir(user_data):
+        shutil.copytree(os.path.join(WEBUI, "user_data"), user_data, symlinks=True,
+                        ignore=shutil.ignore_patterns("models", "logs", "cache"))
+    install_link(EXTENSION, os.path.join(user_data, "extensions", "llava"))
+    extensions = ["llava"]
+    if probe_encode:
+        probe = os.path.join(user_data, "extensions", "encode_probe")
+        if not os.path.lexists(probe):
+            os.symlink(os.path.join(ROOT, "testbed", "encode_probe"), probe)
+        extensions.append("encode_probe")
+    arguments = ["--user-data-dir", user_data, "--loader", "transformers", "--extensions", *extensions]
+    ui_port, api_port = free_port(), free_port()
+    if api:
+        arguments += ["--api", "--api-port", str(api_port)]
+    arguments += ["--listen-port", str(ui_port)] if ui else ["--nowebui"]
+    return arguments, user_data, ui_port, api_port
+
+
+def wait_until_ready(server: "Server", port: int, ui: bool) -> None:
+    """Until the UI says it runs (``ui``) or the port takes connections; the test fails if the server stops."""
+    deadline = time.time() + 300
+    while time.time() < deadline and server.process.poll() is None:
+        if ui:
+            if "Running on local URL" in server.log_text():
+                return
+        else:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                pass
+        time.sleep(0.5)
+    pytest.fail("the webui did not start:\n" + server.log_text()[-4000:])
+
+
 @contextlib.contextmanager
 def running_webui(models: str, model: str, work_dir: str, *, ui: bool = False, api: bool = True,
                   extra_args: tuple = (), env: dict | None = None, log_name: str = "server.log",
@@ -104,37 +150,15 @@ def running_webui(models: str, model: str, work_dir: str, *, ui: bool = False, a
     user_data = None
     command = [PYTHON, "server.py", "--cpu", "--model-dir", str(models), "--model", model]
     if current:
-        user_data = os.path.join(work_dir, "user_data")
-        if not os.path.isdir(user_data):
-            shutil.copytree(os.path.join(WEBUI, "user_data"), user_data, symlinks=True,
-                            ignore=shutil.ignore_patterns("models", "logs", "cache"))
-        link = os.path.join(user_data, "extensions", "llava")
-        os.makedirs(os.path.dirname(link), exist_ok=True)
-        if os.path.lexists(link):  # another copy of the extension installed in the checkout
-            shutil.rmtree(link) if os.path.isdir(link) and not os.path.islink(link) else os.unlink(link)
-        os.symlink(EXTENSION, link)
-        extensions = ["llava"]
-        if probe_encode:
-            probe = os.path.join(user_data, "extensions", "encode_probe")
-            if not os.path.lexists(probe):
-                os.symlink(os.path.join(ROOT, "testbed", "encode_probe"), probe)
-            extensions.append("encode_probe")
-        command += ["--user-data-dir", user_data, "--loader", "transformers", "--extensions", *extensions]
-        ui_port, api_port = free_port(), free_port()
-        if api:
-            command += ["--api", "--api-port", str(api_port)]
-        if ui:
-            command += ["--listen-port", str(ui_port)]
-        else:
-            command += ["--nowebui"]
+        arguments, user_data, ui_port, api_port = current_webui_arguments(work_dir, ui, api, probe_encode)
     else:
         link = os.path.join(WEBUI, "extensions", "llava_under_test")
         if os.path.lexists(link):
             pytest.skip(f"{link} already exists; remove it to run this test")
         os.symlink(EXTENSION, link)
         ui_port, api_port = free_port(), 5000
-        command += ["--extensions", "llava_under_test", "--api", "--listen-port", str(ui_port)]
-    command += list(extra_args)
+        arguments = ["--extensions", "llava_under_test", "--api", "--listen-port", str(ui_port)]
+    command += arguments + list(extra_args)
     log_path = os.path.join(work_dir, log_name)
     log = open(log_path, "w")
     probe_log = os.path.join(work_dir, log_name + ".encoded")
@@ -146,21 +170,7 @@ def running_webui(models: str, model: str, work_dir: str, *, ui: bool = False, a
     server.probe_log = probe_log
     server.api_base = f"http://127.0.0.1:{api_port}"
     try:
-        deadline = time.time() + 300
-        ready = "Running on local URL" if ui else None
-        while time.time() < deadline and process.poll() is None:
-            if ready is not None:
-                if ready in server.log_text():
-                    break
-            else:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    pass
-            time.sleep(0.5)
-        if process.poll() is not None or time.time() >= deadline:
-            pytest.fail("the webui did not start:\n" + server.log_text()[-4000:])
+        wait_until_ready(server, port, ui)
         yield server
     finally:
         process.terminate()

@@ -65,44 +65,42 @@ def build(folder: str, quick: bool):
     return clip_dir, state, tokenizer, llm, params, config
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="a narrow tower: checks the script, not the speed")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} using {torch.get_num_threads()} threads")
-    folder = tempfile.mkdtemp()
-    clip_dir, projector_state, tokenizer, llm, params, vision_config = build(folder, args.quick)
-    from testbed.tiny import BosEncoder, img_tag, picture
-    encode = BosEncoder(tokenizer)
+class Bench:
+    """What every figure needs: the tiny LLM with its 13b-wide embeddings, and engines over the same weights."""
 
-    def engine(**extra):
-        return LlavaEngine(Settings.from_params({**params, **extra}), log=lambda m: None)
+    def __init__(self, quick: bool):
+        folder = tempfile.mkdtemp()
+        self.clip_dir, _, self.tokenizer, self.llm, self.params, self.vision_config = build(folder, quick)
+        from testbed.tiny import BosEncoder
+        self.encode = BosEncoder(self.tokenizer)
+        self.width = self.llm.get_input_embeddings().weight.shape[1]
+        self.photo = tiny.picture(640, 480, seed=1)
 
-    # 1. one image: ours against transformers' LLaVA image features, same weights
+    def engine(self, **extra) -> LlavaEngine:
+        return LlavaEngine(Settings.from_params({**self.params, **extra}), log=lambda m: None)
+
+
+def one_image(bench: Bench):
+    """1. ours against transformers' LLaVA image features, same weights; returns our encode for figure 5."""
     from transformers import CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from extensions.llava.preprocess import load_image_processor
     reference = LlavaForConditionalGeneration(LlavaConfig(
-        vision_config=vision_config.to_dict(), image_token_id=32000,
+        vision_config=bench.vision_config.to_dict(), image_token_id=32000,
         text_config=LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=16, num_hidden_layers=1,
                                 num_attention_heads=4).to_dict())).eval()
-    reference.model.vision_tower.load_state_dict(CLIPVisionModel.from_pretrained(clip_dir).state_dict())
-    from extensions.llava.preprocess import load_image_processor
-    processor = load_image_processor(clip_dir)
-    photo = picture(640, 480, seed=1)
-    ours = engine()
-    vision = ours.vision_parts(ours.choice_for(llm, tokenizer))
+    reference.model.vision_tower.load_state_dict(CLIPVisionModel.from_pretrained(bench.clip_dir).state_dict())
+    processor = load_image_processor(bench.clip_dir)
+    ours = bench.engine()
+    vision = ours.vision_parts(ours.choice_for(bench.llm, bench.tokenizer))
     reference.model.multi_modal_projector = vision.projector  # the same v0 projector on both sides
 
     def reference_features():
         with torch.inference_mode():
-            pixels = processor(images=[photo], return_tensors="pt")["pixel_values"]
+            pixels = processor(images=[bench.photo], return_tensors="pt")["pixel_values"]
             reference.model.get_image_features(pixels, vision_feature_layer=-2, vision_feature_select_strategy="default")
 
     def our_features():
-        vision.encode([photo])
+        vision.encode([bench.photo])
 
     for _ in range(2):
         reference_features(), our_features()
@@ -113,50 +111,54 @@ def main(argv=None) -> int:
     ref_t, our_t = statistics.median(reference_time), statistics.median(our_time)
     print(f"1. one image: ours {our_t * 1000:.0f} ms, transformers LLaVA {ref_t * 1000:.0f} ms, "
           f"ratio {our_t / ref_t:.3f} (target <= 1.05)")
+    return our_features
 
-    # 2. a 10-turn chat, one new picture per turn
-    pictures = [img_tag(picture(320, 240, seed=10 + turn)) for turn in range(10)]
+
+def ten_turn_chat(bench: Bench) -> None:
+    """2. a 10-turn chat, one new picture per turn, against re-encoding every picture each turn."""
+    pictures = [tiny.img_tag(tiny.picture(320, 240, seed=10 + turn)) for turn in range(10)]
 
     def chat(eng, embed_all):
         history = ""
         started = time.perf_counter()
         for turn in range(10):
             history += f"USER: picture {turn}: {pictures[turn]}\nASSISTANT: ok\n"
-            eng.prepare(history, model=llm, tokenizer=tokenizer, encode=encode, max_length=None, embed_all=embed_all)
+            eng.prepare(history, model=bench.llm, tokenizer=bench.tokenizer, encode=bench.encode, max_length=None,
+                        embed_all=embed_all)
         return time.perf_counter() - started, eng.counters.vision_forwards
 
-    naive_time, naive_forwards = chat(engine(cache_size_mb=0), True)
+    naive_time, naive_forwards = chat(bench.engine(cache_size_mb=0), True)
     for embed_all in (True, False):
-        our_chat_time, our_forwards = chat(engine(), embed_all)
+        our_chat_time, our_forwards = chat(bench.engine(), embed_all)
         print(f"2. 10-turn chat, embed all {'on' if embed_all else 'off'}: {our_forwards} vision forwards "
               f"(re-encoding everything: {naive_forwards}), {our_chat_time:.2f} s against {naive_time:.2f} s, "
               f"ratio {our_chat_time / naive_time:.3f}")
 
-    # 3. a cache hit against a first encode
-    eng = engine()
-    prompt = "x " + img_tag(picture(640, 480, seed=99))
-    choice = eng.choice_for(llm, tokenizer)
-    width = llm.get_input_embeddings().weight.shape[1]
-    images = parse_prompt(prompt).images
+
+def cache_hit_and_counting(bench: Bench) -> None:
+    """3. a cache hit against a first encode; 4. token counting on a prompt with 10 × 1 MB images."""
+    eng = bench.engine()
+    choice = eng.choice_for(bench.llm, bench.tokenizer)
+    images = parse_prompt("x " + tiny.img_tag(tiny.picture(640, 480, seed=99))).images
     eng.vision_parts(choice)
-    first = best_of(lambda: eng.features_for(images, choice, width), 1)
-    hit = best_of(lambda: eng.features_for(images, choice, width), 20)
+    first = best_of(lambda: eng.features_for(images, choice, bench.width), 1)
+    hit = best_of(lambda: eng.features_for(images, choice, bench.width), 20)
     print(f"3. cache hit {hit * 1e6:.0f} µs against first encode {first * 1000:.0f} ms: "
           f"{first / hit:.0f}× faster (target >= 50×)")
-
-    # 4. token counting on a prompt with 10 × 1 MB images
     payload = "data:image/png;base64," + "A" * (1 << 20)
     big = "".join(f"USER: picture {i} <img src=\"{payload}\">\nASSISTANT: ok\n" for i in range(10))
-    count = best_of(lambda: eng.token_count(big, llm, tokenizer, encode), 5)
+    count = best_of(lambda: eng.token_count(big, bench.llm, bench.tokenizer, bench.encode), 5)
     print(f"4. custom_tokenized_length with 10 × 1 MB images: {count * 1000:.1f} ms (target <= 20 ms)")
 
-    # 5. the splice at a 4k-token prompt against one vision forward
+
+def splice_against_forward(bench: Bench, our_features) -> None:
+    """5. the splice at a 4k-token prompt against one vision forward."""
     layout = TokenLayout(32000, 32001, 32002)
-    text = "word " * 700 + img_tag(picture(seed=5)) + " more " * 100
-    expanded = text.replace(img_tag(picture(seed=5)), "<im_start>" + "<im_patch>" * 256 + "<im_end>")
-    ids = encode(expanded)[:, :4096]
-    features = torch.randn(256, width)
-    embeds = llm.get_input_embeddings()(ids).detach()
+    tag = tiny.img_tag(tiny.picture(seed=5))
+    expanded = ("word " * 700 + tag + " more " * 100).replace(tag, "<im_start>" + "<im_patch>" * 256 + "<im_end>")
+    ids = bench.encode(expanded)[:, :4096]
+    features = torch.randn(256, bench.width)
+    embeds = bench.llm.get_input_embeddings()(ids).detach()
 
     def splice_once():
         spans = find_images(ids[0], layout, torch.tensor([256]))
@@ -164,8 +166,24 @@ def main(argv=None) -> int:
 
     splice_time = best_of(splice_once, 20)
     forward = best_of(our_features, 3)
-    print(f"5. splice at {ids.shape[1]} tokens × {width}: {splice_time * 1000:.2f} ms against one vision forward "
-          f"{forward * 1000:.0f} ms: {100 * splice_time / forward:.2f} % (target <= 2 %)")
+    print(f"5. splice at {ids.shape[1]} tokens × {bench.width}: {splice_time * 1000:.2f} ms against one vision "
+          f"forward {forward * 1000:.0f} ms: {100 * splice_time / forward:.2f} % (target <= 2 %)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="a narrow tower: checks the script, not the speed")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__} using {torch.get_num_threads()} threads")
+    bench = Bench(args.quick)
+    our_features = one_image(bench)
+    ten_turn_chat(bench)
+    cache_hit_and_counting(bench)
+    splice_against_forward(bench, our_features)
     return 0
 
 
