@@ -1,0 +1,141 @@
+"""Projected features of pictures: the vision parts loaded for the current settings, and a cache by
+picture content, so that a chat never decodes or encodes the same picture twice."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import torch
+
+from .cache import FeatureCache
+from .checkpoint_rules import check
+from .detect import Choice
+from .memory import release_freed_memory
+from .pipelines import PipelineError
+from .preprocess import tiled
+from .prompt import ImageRef
+from .settings import Settings
+from .towers import VisionLoadError
+from .vision import LOADER_FIX, Placement, Sources, VisionParts, load_vision_parts
+
+logger = logging.getLogger("llava")
+
+
+@dataclass
+class Counters:
+    """What the vision side did since the engine started (tests assert these exactly)."""
+
+    vision_forwards: int = 0  # pictures that went through the tower
+    vision_batches: int = 0  # tower calls
+    loads: int = 0  # times the vision parts were loaded
+    memory_releases: int = 0  # times freed memory was handed back to the operating system after large pictures
+
+
+class PictureFeatures:
+    """The vision side of an engine: what features a picture has under the current settings."""
+
+    def __init__(self, settings: Settings, log: Callable[[str], None] | None = None):
+        self.settings = settings
+        self.log = log or logger.info
+        self.cache = FeatureCache(cache_bytes(settings))
+        self.counters = Counters()
+        self._vision: VisionParts | None = None
+        self._vision_key: tuple | None = None
+        self._load_lock = threading.Lock()
+        self._encode_lock = threading.Lock()
+
+    def configure(self, settings: Settings) -> None:
+        """New settings: the vision parts reload on the next picture if their sources or placement changed."""
+        self.settings = settings
+        self.cache.resize(cache_bytes(settings))
+
+    def features_for(self, images: Sequence[ImageRef], choice: Choice, width: int,
+                     notes: list[str] | None = None, alone: bool = True) -> list[torch.Tensor]:
+        """Each image's projected features [slots, width], from the cache or as few tower batches as may be.
+        ``alone``: whether the prompt holds only one picture (the features of a picture tiled alone and
+        laid out among several are different, and cached apart)."""
+        pipeline = choice.pipeline
+        if not images:
+            return []
+        vision, vision_key = self._vision_and_key(choice)
+        check(replace(vision.parts, llm_width=width), pipeline, {"parts": LOADER_FIX, "pipeline": LOADER_FIX},
+              PipelineError)
+        layout = "tiled" if tiled(pipeline, alone) else "one view"
+        keys = [(image.source.digest(), layout) + vision_key for image in images]
+        found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
+        if any(v is None for v in found.values()):
+            with self._encode_lock:
+                for key in found:
+                    if found[key] is None and key in self.cache:
+                        found[key] = self.cache.get(key)
+                todo = [(key, image) for key, image in zip(keys, images) if found[key] is None]
+                todo = list({key: image for key, image in todo}.items())
+                if todo:
+                    self._encode([image for _, image in todo], [key for key, _ in todo], vision, found, notes,
+                                 alone)
+        return [found[key] for key in keys]
+
+    def _encode(self, images: list[ImageRef], keys: list[tuple], vision: VisionParts, found: dict,
+                notes: list[str] | None, alone: bool) -> None:
+        """Decode ``images`` and run them through the vision parts; their features go into ``found`` and
+        the cache. What the decoding and the tower freed goes back to the operating system after."""
+        pictures = []
+        for image in images:
+            picture = image.source.load()
+            if notes is not None:
+                notes.extend(picture.notes)
+            pictures.append(picture.image)
+        encoded = []
+        for batch in vision.encode_batches(pictures, alone):
+            encoded.extend(batch)
+            self.counters.vision_batches += 1
+        self.counters.vision_forwards += len(pictures)
+        for key, feature in zip(keys, encoded):
+            found[key] = feature = feature.clone()
+            self.cache.put(key, feature)
+        pixels = sum(picture.width * picture.height for picture in pictures)
+        del pictures, encoded
+        if release_freed_memory(pixels):
+            self.counters.memory_releases += 1
+
+    def vision_parts(self, choice: Choice) -> VisionParts:
+        return self._vision_and_key(choice)[0]
+
+    def _sources(self, choice: Choice) -> Sources:
+        """The settings name a tower or projector; else the model folder's metadata; else the pipeline's."""
+        s, pipeline = self.settings, choice.pipeline
+        projector_repo = s.projector_repo or choice.projector_repo or pipeline.projector_repo
+        if projector_repo is None:
+            raise VisionLoadError(f"pipeline {pipeline.name} has no released projector to fall back on; "
+                                  "set llava-projector_repo (a repo id or a local folder)")
+        filename = s.projector_filename or (choice.projector_filename if not s.projector_repo else None) \
+            or (pipeline.projector_filename if not choice.projector_repo else None)
+        if not filename and not choice.projector_repo and not s.projector_repo:
+            self.log(f"llava: no projector file is known for {pipeline.name}; reading it out of the full "
+                     f"checkpoint {projector_repo} (a large download unless cached). Converting the model "
+                     "with `python -m extensions.llava convert` avoids this")
+        return Sources(s.clip_repo or choice.vision_source or pipeline.vision_repo, projector_repo, filename)
+
+    def _vision_and_key(self, choice: Choice) -> tuple[VisionParts, tuple]:
+        """The vision parts for ``choice`` under the current settings, with the key of what they are
+        (the features cache keys on it: a reconfigure during this call cannot mix the two)."""
+        s = self.settings
+        placement = Placement(s.clip_device, s.clip_dtype, s.projector_device, s.projector_dtype)
+        with self._load_lock:
+            sources = self._sources(choice)
+            key = (choice.pipeline, sources, str(placement))
+            if self._vision_key != key:
+                self._vision = None
+                if "cpu" in (s.clip_device.type, s.projector_device.type) and 16 in (s.clip_bits, s.projector_bits):
+                    self.log("llava: 16 bits on the CPU means bfloat16 (float16 matmuls are slow or unsupported there)")
+                self._vision = load_vision_parts(choice.pipeline, sources, placement, log=self.log)
+                self._vision_key = key
+                self.counters.loads += 1
+            return self._vision, key
+
+
+def cache_bytes(settings: Settings) -> int:
+    return int(settings.cache_size_mb * 2**20)
