@@ -97,7 +97,7 @@ def test_llava_hf_linear_projector_round_trip(v0, v0_reference, tmp_path):
     assert described_as(converted_pipeline(loaded.folder), "llava-v0-13b") and result["shards"] == 1
     engine = assert_equals_reference("llava-hf linear → converted", loaded, v0_reference, v0.clip_dir,
                                      [picture(80, 60, seed=3)], False, "Look {} now")
-    vision = engine.vision_parts(engine.choice_for(loaded.model, loaded.tokenizer, loaded.folder))
+    vision = engine.features.vision_parts(engine.choice_for(loaded.model, loaded.tokenizer, loaded.folder))
     assert vision.parts.projector_type == "linear" and engine.counters.loads == 1
 
 

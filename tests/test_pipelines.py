@@ -26,7 +26,7 @@ def test_seed_geometry(v0):
     prepared = v0.prepare(engine, img_tag(picture(300, 200)))
     assert prepared.input_ids.shape[1] == 1 + 258
     assert prepared.input_ids[0, 1].item() == START_ID and prepared.input_ids[0, -1].item() == END_ID
-    vision = engine.vision_parts(engine.choice_for(v0.llm, v0.tokenizer))
+    vision = engine.features.vision_parts(engine.choice_for(v0.llm, v0.tokenizer))
     assert engine.counters.loads == 1  # the parts the prompt used
     assert vision.tower.config.image_size == 224 and vision.tower.config.patch_size == 14
     # the tower keeps only the layers up to hidden_states[-2] of the 3-layer checkpoint
@@ -41,7 +41,7 @@ def test_v15_layout_and_token_count(v15):
     expected = len(encode("Hi  bye")[0]) + 576  # no start/end tokens around the 576 slots
     assert prepared.input_ids.shape[1] == expected
     assert engine.token_count(prompt, v15.llm, v15.tokenizer, encode) == expected
-    vision = engine.vision_parts(engine.choice_for(v15.llm, v15.tokenizer))
+    vision = engine.features.vision_parts(engine.choice_for(v15.llm, v15.tokenizer))
     assert vision.tower.config.image_size == 336 and engine.counters.loads == 1
 
 

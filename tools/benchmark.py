@@ -91,7 +91,7 @@ def one_image(bench: Bench):
     reference.model.vision_tower.load_state_dict(CLIPVisionModel.from_pretrained(bench.clip_dir).state_dict())
     processor = load_image_processor(bench.clip_dir)
     ours = bench.engine()
-    vision = ours.vision_parts(ours.choice_for(bench.llm, bench.tokenizer))
+    vision = ours.features.vision_parts(ours.choice_for(bench.llm, bench.tokenizer))
     reference.model.multi_modal_projector = vision.projector  # the same v0 projector on both sides
 
     def reference_features():
@@ -140,9 +140,9 @@ def cache_hit_and_counting(bench: Bench) -> None:
     eng = bench.engine()
     choice = eng.choice_for(bench.llm, bench.tokenizer)
     images = parse_prompt("x " + tiny.img_tag(tiny.picture(640, 480, seed=99))).images
-    eng.vision_parts(choice)
-    first = best_of(lambda: eng.features_for(images, choice, bench.width), 1)
-    hit = best_of(lambda: eng.features_for(images, choice, bench.width), 20)
+    eng.features.vision_parts(choice)
+    first = best_of(lambda: eng.features.features_for(images, choice, bench.width), 1)
+    hit = best_of(lambda: eng.features.features_for(images, choice, bench.width), 20)
     print(f"3. cache hit {hit * 1e6:.0f} µs against first encode {first * 1000:.0f} ms: "
           f"{first / hit:.0f}× faster (target >= 50×)")
     payload = "data:image/png;base64," + "A" * (1 << 20)

@@ -59,10 +59,10 @@ def race(turns: dict, photo, choice, settings, llm_width: int,
         for _ in range(repeats):
             engine = LlavaEngine(settings, log=lambda message: None)
             warm_up = ImageRef(0, 0, 0, PilImage(turn_pictures(photo, [(32, 32)])[0]))
-            engine.features_for([warm_up], choice, llm_width)  # loading, weights paged in included, is not timed
+            engine.features.features_for([warm_up], choice, llm_width)  # loading, weights paged in included, is not timed
             refs = [ImageRef(i + 1, 0, 0, PilImage(image)) for i, image in enumerate(images)]
             start = time.perf_counter()
-            ours = engine.features_for(refs, choice, llm_width, alone=alone)
+            ours = engine.features.features_for(refs, choice, llm_width, alone=alone)
             ours_times.append((time.perf_counter() - start) / len(images))
             start = time.perf_counter()
             theirs = reference_features(images)

@@ -24,7 +24,6 @@ from .preprocess import max_slot_count, slot_count, tiled
 from .prompt import MEDIA_PLACEHOLDER, ImageRef, escape_special_tokens, expand_prompt, parse_prompt
 from .settings import Settings
 from .splice import TokenLayout, find_images, shift_spans, splice, truncation_cut, widen_image_slots
-from .vision import VisionParts
 
 logger = logging.getLogger("llava")
 
@@ -148,7 +147,7 @@ class LlavaEngine:
         chosen = list(range(len(kept))) if embed_all else list(range(len(kept)))[-1:]
         embeddings = model.get_input_embeddings()
         # the layout of each picture was chosen for the prompt as it came, however many truncation dropped
-        features = self.features_for([kept[i] for i in chosen], choice, embeddings.weight.shape[-1], notes,
+        features = self.features.features_for([kept[i] for i in chosen], choice, embeddings.weight.shape[-1], notes,
                                      alone=len(parsed.images) == 1)
         for i, feature, slots in zip(chosen, features, spans.counts[chosen].tolist()):
             if feature.shape[0] != slots:  # the header and the pixels disagree: refused, never spliced
@@ -220,14 +219,7 @@ class LlavaEngine:
             known = self._image_tokens[key] = sorted(t for t in tokens if vocab is None or t in vocab)
         return known
 
-    # ------------------------------------------------------------ features
-
-    def features_for(self, images: Sequence[ImageRef], choice: Choice, width: int,
-                     notes: list[str] | None = None, alone: bool = True) -> list[torch.Tensor]:
-        return self.features.features_for(images, choice, width, notes, alone)
-
-    def vision_parts(self, choice: Choice) -> VisionParts:
-        return self.features.vision_parts(choice)
+    # ------------------------------------------------------------ what the vision side did
 
     @property
     def cache(self) -> FeatureCache:
