@@ -14,20 +14,20 @@ from typing import Callable, Sequence
 import torch
 
 from .cache import FeatureCache
+from .counting import Encode, prompt_length, slot_counts, stand_in_ids, unseen_pictures
 from .detect import Choice, choose_pipeline
 from .errors import LlavaError
 from .features import Counters, PictureFeatures
-from .images import ImageError, ImageSource
+from .images import ImageSource
 from .pipelines import PIPELINES, Pipeline, PipelineError
 from .prefix_cache import PositionKey
-from .preprocess import max_slot_count, slot_count, tiled
-from .prompt import MEDIA_PLACEHOLDER, ImageRef, escape_special_tokens, expand_prompt, parse_prompt
+from .preprocess import tiled
+from .prompt import escape_special_tokens, parse_prompt
 from .settings import Settings
 from .splice import TokenLayout, find_images, shift_spans, splice, truncation_cut, widen_image_slots
 
 logger = logging.getLogger("llava")
 
-Encode = Callable[[str], torch.Tensor]
 # Image tokens a typed prompt may hold whatever the model: those of every named pipeline.
 NAMED_IMAGE_TOKENS = frozenset(token for pipeline in PIPELINES.values() for token in pipeline.special_tokens)
 
@@ -93,43 +93,15 @@ class LlavaEngine:
                            start_id=ids.get(pipeline.start_token) if pipeline.start_token else None,
                            end_id=ids.get(pipeline.end_token) if pipeline.end_token else None)
 
-    @staticmethod
-    def slot_counts(images: Sequence[ImageRef], pipeline: Pipeline) -> torch.Tensor:
-        """Each image's slot count. Any-resolution counts come from the picture's header: its size
-        after its orientation, read without decoding a pixel, and whether it is alone in the prompt
-        (OneVision lays several pictures out otherwise). A picture never seen (a bare placeholder)
-        counts at the most any picture takes; one whose header cannot be read at its base view alone
-        (it is refused if it is ever embedded)."""
-        if not pipeline.anyres:
-            return torch.full((len(images),), pipeline.feature_count, dtype=torch.long)
-        alone, counts = len(images) == 1, []
-        for image in images:
-            if isinstance(image.source, _Placeholder):
-                counts.append(max_slot_count(pipeline, alone))
-                continue
-            try:
-                counts.append(slot_count(pipeline, *image.source.header(), alone))
-            except ImageError:
-                counts.append(pipeline.feature_count)
-        return torch.tensor(counts, dtype=torch.long)
-
     def token_count(self, prompt: str, model, tokenizer, encode: Encode, media: Sequence[ImageSource] | None = None,
                     model_path: str | None = None, references: dict | None = None) -> int | None:
         """Tokens ``prompt`` takes, each image counted at its full length; None without images.
-
         ``media`` are the pictures of the ``<__media__>`` placeholders; without them every placeholder
-        stands for a picture of unknown size. Images are replaced by a one-slot stand-in before
-        tokenizing: image tokens are added tokens, so the text around them tokenizes the same and the
-        stand-in's slots can be counted up to the real number. No base64 is decoded or tokenized.
-        """
-        if media is None:
-            media = [_Placeholder()] * prompt.count(MEDIA_PLACEHOLDER)
-        parsed = parse_prompt(prompt, media, references)
+        stands for a picture of unknown size."""
+        parsed = parse_prompt(prompt, unseen_pictures(prompt) if media is None else media, references)
         if not parsed.images:
             return None
-        pipeline = self.choice_for(model, tokenizer, model_path).pipeline
-        ids = encode(expand_prompt(parsed, pipeline.image_stand_in(), pipeline.special_tokens))
-        return int(ids.shape[-1]) + int(self.slot_counts(parsed.images, pipeline).sum()) - len(parsed.images)
+        return prompt_length(parsed, self.choice_for(model, tokenizer, model_path).pipeline, encode)
 
     # ------------------------------------------------------------ the tokenizer hook
 
@@ -170,10 +142,8 @@ class LlavaEngine:
         layout = self.token_layout(tokenizer, pipeline)
         # Each picture is tokenized as one slot and widened to its full length in the ids: the
         # tokenizer reads a few characters per picture, never hundreds of image tokens as text.
-        ids = encode(expand_prompt(parsed, pipeline.image_stand_in(), pipeline.special_tokens))
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        counts = self.slot_counts(parsed.images, pipeline)
+        ids = stand_in_ids(parsed, pipeline, encode)
+        counts = slot_counts(parsed.images, pipeline)
         ids = widen_image_slots(ids, layout, counts)
         spans = find_images(ids[0], layout, counts)
         cut, dropped = truncation_cut(ids.shape[1], max_length, spans)
@@ -228,14 +198,6 @@ class LlavaEngine:
     @property
     def counters(self) -> Counters:
         return self.features.counters
-
-
-@dataclass(frozen=True, eq=False)
-class _Placeholder(ImageSource):
-    """A stand-in for a picture that is only counted, never opened."""
-
-    def digest(self) -> str:
-        return ""
 
 
 def position_key(ids: torch.Tensor, spans, digests: list[str | None], tiled_layout: bool) -> PositionKey:
