@@ -6,7 +6,7 @@ Real geometry with random weights: CLIP ViT-L/14 at 336 px (cut after its second
 as both run it), an mlp2x_gelu projector into a 4096-wide LLM space, the 1.6 canvases. Each row is
 one chat turn that brings new pictures, from decoded pictures to their spliceable features:
 
-- ours: ``LlavaEngine.features_for`` (tiles of all new pictures in one tower batch, then unpad and
+- ours: ``PictureFeatures.features_for`` (tiles of all new pictures in one tower batch, then unpad and
   newline per picture), with an empty cache;
 - reference: ``LlavaNextImageProcessorPil`` + ``LlavaNextModel.get_image_features`` (the same
   weights; its processor pads every picture to the most tiles of the batch).

@@ -7,7 +7,7 @@ checkpoints hold it), an mlp2x_gelu projector into a 896-wide LLM space (Qwen2-0
 canvases and anyres_max_9. Each row is one chat turn that brings new pictures, from decoded pictures to
 their spliceable features:
 
-- ours: ``LlavaEngine.features_for`` (all views of the new pictures in one tower batch, the tower cut after
+- ours: ``PictureFeatures.features_for`` (all views of the new pictures in one tower batch, the tower cut after
   its feature layer, then unpad, scale to the budget and newline per picture), with an empty cache;
 - reference: ``LlavaOnevisionImageProcessorPil`` + ``LlavaOnevisionModel.get_image_features`` (the same
   weights).

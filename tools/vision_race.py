@@ -2,7 +2,7 @@
 
 Each turn starts from an empty feature cache (the tower and projector are loaded, and run once on a
 small picture so that their weights are in memory, before the clock starts) and times
-``LlavaEngine.features_for`` against the reference's processor and ``get_image_features``, per picture;
+``PictureFeatures.features_for`` against the reference's processor and ``get_image_features``, per picture;
 it prints the median of the repeats, the views and slots the turn's pictures take and whether the
 features are equal within 1e-4.
 """
