@@ -15,6 +15,17 @@ params = {"display_name": "LLaVA", "is_tab": False, **DEFAULTS}
 settings = SettingsWatch(params)
 sessions = Sessions()
 _engine: LlavaEngine | None = None
+_webui = None
+
+
+def bind_webui(objects) -> None:
+    """The webui's own objects (``script.Webui``), handed over by the only file that imports the webui."""
+    global _webui
+    _webui = objects
+
+
+def webui():
+    return _webui
 
 
 def engine() -> LlavaEngine:
@@ -40,9 +51,8 @@ def embed_all(session: Session) -> bool:
 
 
 def log(message: str, level: str = "info") -> None:
-    try:
-        from modules.logging_colors import logger
-    except ImportError:
+    logger = _webui.logger if _webui is not None else None
+    if logger is None:
         import logging
         logger = logging.getLogger("llava")
     getattr(logger, level)(message)

@@ -10,7 +10,7 @@ from ..errors import LlavaError
 from ..loaders import unseen_pictures_warning
 from ..prompt import reference_pictures
 from ..settings import SettingsError
-from .extension import embed_all, engine, log, model_folder, session, warn
+from .extension import embed_all, engine, log, model_folder, session, warn, webui
 from .page import input_hijack
 from .reuse import offer
 from .server import serve_api
@@ -51,7 +51,7 @@ def chat_input_modifier(text, visible_text, state):
 def input_modifier(string, state=None, is_chat=False):  # the 2023 webui passes only the text
     """Default and Notebook tabs: the webui tokenizes this text before the tokenizer hook, so each
     picture's data URL becomes a short reference, resolved by that hook."""
-    from modules import shared
+    shared = webui().shared
     current = session()
     attached = current.take("attached")
     if not is_chat and isinstance(string, str) and "data:" in string:
@@ -64,15 +64,15 @@ def input_modifier(string, state=None, is_chat=False):  # the 2023 webui passes 
 
 
 def tokenizer_modifier(state, prompt, input_ids, input_embeds):
-    from modules import shared
-    from modules.text_generation import encode, get_max_prompt_length
+    host = webui()
+    shared = host.shared
     current = session()
     media = media_from_state(state)
     try:
         prepared = engine().prepare(
             prompt, model=shared.model, tokenizer=shared.tokenizer,
-            encode=lambda text: encode(text, add_bos_token=state["add_bos_token"]),
-            max_length=get_max_prompt_length(state), media=media, embed_all=embed_all(current),
+            encode=lambda text: host.encode(text, add_bos_token=state["add_bos_token"]),
+            max_length=host.max_prompt_length(state), media=media, embed_all=embed_all(current),
             model_path=model_folder(shared), references=current.references)
     except SettingsError as error:
         if pictures_in(prompt, media, current.references):
@@ -95,7 +95,7 @@ def tokenizer_modifier(state, prompt, input_ids, input_embeds):
 
 def logits_processor_modifier(processor_list, input_ids):
     """Runs right after the tokenizer hook: ends the reply at the context length."""
-    from modules import shared
+    shared = webui().shared
     limit = session().take("reply_limit")
     eos = getattr(shared.tokenizer, "eos_token_id", None)
     if limit is not None and eos is not None:
@@ -104,14 +104,14 @@ def logits_processor_modifier(processor_list, input_ids):
 
 
 def custom_tokenized_length(prompt):
-    from modules import shared
-    from modules.text_generation import encode
+    host = webui()
+    shared = host.shared
     if shared.model is None or shared.tokenizer is None:
         return None
     current = session()
     media = media_from_state(current.state) if current.state is not None else None
     try:
-        return engine().token_count(prompt, shared.model, shared.tokenizer, lambda text: encode(text), media=media,
+        return engine().token_count(prompt, shared.model, shared.tokenizer, lambda text: host.encode(text), media=media,
                                     model_path=model_folder(shared), references=current.references)
     except LlavaError:
         return None
@@ -130,8 +130,4 @@ def _record_prompt_length(model, current, length: int, state) -> None:
 def _refusal(error: Exception) -> Exception:
     """Show the problem; over the API it becomes the webui's 400 error."""
     warn(f"llava: {error}")
-    try:
-        from modules.api.errors import InvalidRequestError
-    except ImportError:
-        return error
-    return InvalidRequestError(message=str(error), param="image")
+    return webui().request_error(str(error), "image") or error

@@ -8,7 +8,7 @@ at run time, and ``gr`` is imported inside ``ui``."""
 from ..attachments import read_upload
 from ..chat_2023 import inline_in_message
 from ..errors import LlavaError
-from .extension import embed_all_setting, log, request_context, sessions, warn
+from .extension import embed_all_setting, log, request_context, sessions, warn, webui
 
 # The 2023 webui takes the next message's picture through input_hijack; the current one calls
 # history_modifier then chat_input_modifier. Each host uses one of the two, never both.
@@ -17,7 +17,7 @@ input_hijack = {"state": False, "value": ["", ""]}
 
 def ui():
     import gradio as gr
-    from modules import shared
+    shared = webui().shared
     with gr.Accordion("LLaVA", open=True):
         picture = gr.File(label="Picture for the next message", file_types=["image"], type="filepath",
                           elem_id="llava-picture")

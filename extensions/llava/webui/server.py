@@ -7,16 +7,15 @@ from __future__ import annotations
 from ..api.check import MESSAGES_PATH, PictureRequestMiddleware
 from ..api.generate_route import add_generate_route
 from ..errors import LlavaError
-from .extension import embed_all_setting, log, sessions
+from .extension import embed_all_setting, log, sessions, webui
 
 
 def serve_api() -> None:
-    from modules import shared
-    if not (getattr(shared.args, "api", False) or getattr(shared.args, "public_api", False)):
+    args = webui().shared.args
+    if not (getattr(args, "api", False) or getattr(args, "public_api", False)):
         return
-    try:
-        from modules.api import script as api_script
-    except ImportError:
+    api_script = webui().api_script
+    if api_script is None:
         return  # the 2023 webui serves /api/v1/generate from its own api extension
     from starlette.middleware import Middleware
     app = api_script.app
@@ -32,7 +31,7 @@ def serve_api() -> None:
 def _authorized(scope) -> bool:
     """The webui's own key check of the route: ``x-api-key`` on its Anthropic-style route, else
     ``Authorization: Bearer``."""
-    from modules.api import script as api_script
+    api_script = webui().api_script
     headers = dict(scope.get("headers", []))
     anthropic = scope.get("path") == MESSAGES_PATH and hasattr(api_script, "verify_anthropic_key")
     header = headers.get(b"x-api-key" if anthropic else b"authorization")
@@ -51,13 +50,10 @@ def _complete(body: dict, stop_event) -> dict:
     """Run a completion request body through the webui's own completion logic. Its streamed form is
     used: only that one checks ``stop_event`` between tokens, so a client that leaves stops the
     generation."""
-    from modules.api import completions
-    from modules.api.typing import CompletionRequest, to_dict
     try:
-        request = CompletionRequest(**{**body, "stream": True})
+        chunks = webui().stream_completions({**body, "stream": True}, stop_event)
     except ValueError as error:
         raise LlavaError(f"the request is not valid: {error}") from None
-    chunks = completions.stream_completions(to_dict(request), stop_event=stop_event)
     texts = []
     try:
         for chunk in chunks:
