@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -17,7 +17,7 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
-    stored_bytes: int = 0
+    stored_bytes: int = 0  # as the store holds now
     entries: int = 0
 
 
@@ -35,16 +35,20 @@ class BoundedStore:
         self._entries: OrderedDict = OrderedDict()  # key → (value, its size)
         self._bytes = 0
         self._lock = threading.Lock()
-        self.stats = CacheStats()
+        self._counts = CacheStats()  # hits, misses and evictions so far
+
+    @property
+    def stats(self) -> CacheStats:
+        return replace(self._counts, stored_bytes=self._bytes, entries=len(self._entries))
 
     def get(self, key):
         with self._lock:
             found = self._entries.get(key)
             if found is None:
-                self.stats.misses += 1
+                self._counts.misses += 1
                 return None
             self._entries.move_to_end(key)
-            self.stats.hits += 1
+            self._counts.hits += 1
             return found[0]
 
     def put(self, key, value) -> bool:
@@ -62,9 +66,7 @@ class BoundedStore:
     def pop(self, key):
         """The value of ``key``, taken out of the store; None when it is not there."""
         with self._lock:
-            found = self._drop(key)
-            self._count()
-        return found
+            return self._drop(key)
 
     def values(self) -> list:
         with self._lock:
@@ -77,7 +79,6 @@ class BoundedStore:
             keys = [key for key, (value, _) in self._entries.items() if doomed(value)]
             for key in keys:
                 self._drop(key)
-            self._count()
             return len(keys), before - self._bytes
 
     def resize(self, max_bytes: int) -> None:
@@ -96,12 +97,7 @@ class BoundedStore:
         while self._bytes > self.max_bytes:
             _, (_, size) = self._entries.popitem(last=False)
             self._bytes -= size
-            self.stats.evictions += 1
-        self._count()
-
-    def _count(self) -> None:
-        self.stats.stored_bytes = self._bytes
-        self.stats.entries = len(self._entries)
+            self._counts.evictions += 1
 
     @property
     def nbytes(self) -> int:
@@ -120,4 +116,4 @@ class FeatureCache(BoundedStore):
     def __init__(self, max_bytes: int):
         super().__init__(max_bytes, tensor_bytes)
 
-    size_of = staticmethod(tensor_bytes)
+    size_of = staticmethod(tensor_bytes)  # a picture's features measured as the cache measures them

@@ -95,11 +95,10 @@ class Reuse:
 
 @dataclass
 class Stats:
-    """Positions not computed again (reused) and computed (prefilled), in all; entries dropped for room."""
+    """Positions not computed again (reused) and computed (prefilled), in all."""
 
     reused_positions: int = 0
     prefilled_positions: int = 0
-    evictions: int = 0
 
 
 class PrefixStore:
@@ -160,10 +159,12 @@ class PrefixStore:
             self._keep(Entry(reuse.owner, reuse.key.cut(reuse.reused), reuse.cache))
 
     def _keep(self, entry: Entry) -> bool:
-        before = self._entries.stats.evictions
-        kept = self._entries.put(id(entry), entry)
-        self.stats.evictions += self._entries.stats.evictions - before
-        return kept
+        return self._entries.put(id(entry), entry)
+
+    @property
+    def evictions(self) -> int:
+        """Entries dropped for room, in all."""
+        return self._entries.stats.evictions
 
     def owners(self) -> set:
         return {entry.owner for entry in self._entries.values()}
