@@ -238,9 +238,11 @@ def max_views(pipeline: Pipeline) -> int:
     return max((tile_count(pipeline, w, h) for h, w in pipeline.grid_pinpoints), default=1)
 
 
+@functools.lru_cache(maxsize=64)
 def max_slot_count(pipeline: Pipeline, alone: bool = True) -> int:
     """The most slots any picture can take (what an unseen picture is counted at): the largest of the
-    grids an unpadded window can keep on any canvas (every full canvas, every narrower window)."""
+    grids an unpadded window can keep on any canvas (every full canvas, every narrower window). Kept per
+    pipeline: the search takes milliseconds, and the webui counts a prompt again at each trimming step."""
     if not tiled(pipeline, alone):
         return slot_count(pipeline, 1, 1, alone)
     most = 0
