@@ -71,9 +71,10 @@ class BosEncoder:
         self.tokenizer = tokenizer
         self.add_bos_token = add_bos_token
 
-    def __call__(self, text: str) -> torch.Tensor:
+    def __call__(self, text: str, add_bos_token: bool | None = None) -> torch.Tensor:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if self.add_bos_token and self.tokenizer.bos_token_id is not None:  # a Qwen2 tokenizer has no BOS
+        add_bos = self.add_bos_token if add_bos_token is None else add_bos_token
+        if add_bos and self.tokenizer.bos_token_id is not None:  # a Qwen2 tokenizer has no BOS
             ids = [self.tokenizer.bos_token_id] + ids
         return torch.tensor([ids], dtype=torch.long)
 
@@ -87,10 +88,9 @@ def quiet_engine(**params) -> LlavaEngine:
     return LlavaEngine(Settings.from_params({**CPU, **params}), log=lambda message: None)
 
 
-def prepare(engine: LlavaEngine, prompt: str, model, tokenizer, **kwargs):
+def prepare(engine: LlavaEngine, prompt: str, model, tokenizer, folder: str | None = None, **kwargs):
     """``engine.prepare`` with the host's BOS encoding and, unless ``kwargs`` say otherwise, no truncation."""
-    return engine.prepare(prompt, **{"model": model, "tokenizer": tokenizer, "encode": BosEncoder(tokenizer),
-                                     "max_length": None, **kwargs})
+    return engine.prepare(prompt, engine.bind(model, tokenizer, folder, BosEncoder(tokenizer)), **kwargs)
 
 
 class Loaded(NamedTuple):
@@ -101,10 +101,14 @@ class Loaded(NamedTuple):
     folder: str
 
     def prepare(self, engine: LlavaEngine, prompt: str, **kwargs):
-        return prepare(engine, prompt, self.model, self.tokenizer, **kwargs)
+        return prepare(engine, prompt, self.model, self.tokenizer, self.folder, **kwargs)
+
+    def bound(self, engine: LlavaEngine):
+        """The folder's model context in ``engine``."""
+        return engine.bind(self.model, self.tokenizer, self.folder, BosEncoder(self.tokenizer))
 
     def token_count(self, engine: LlavaEngine, prompt: str, **kwargs) -> int | None:
-        return engine.token_count(prompt, self.model, self.tokenizer, BosEncoder(self.tokenizer), **kwargs)
+        return engine.token_count(prompt, self.bound(engine), **kwargs)
 
     def encode(self, text: str):
         return BosEncoder(self.tokenizer)(text)

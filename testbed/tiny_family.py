@@ -100,7 +100,7 @@ def save_llava_hf(folder: str, reference: LlavaForConditionalGeneration, tokeniz
     tokenizer.save_pretrained(folder)
     if style == "new":
         from transformers import LlavaProcessor
-        from extensions.llava.preprocess import load_image_processor
+        from extensions.llava.vision.processors import load_image_processor
         processor = LlavaProcessor(image_processor=load_image_processor(clip_dir), tokenizer=tokenizer,
                                    patch_size=14, vision_feature_select_strategy="default")
         processor.save_pretrained(folder)

@@ -85,7 +85,7 @@ def test_llava_hf_round_trip(v15, v15_reference, tmp_path, style, capsys):
     engine = assert_equals_reference(f"llava-hf ({style} names) → converted", loaded, original, v15.clip_dir,
                                      [picture(90, 40, seed=21), picture(50, 50, seed=22)], True,
                                      "USER: {} and {} differ how? ASSISTANT:")
-    assert described_as(engine.choice_for(loaded.model, loaded.tokenizer).pipeline, "llava-v1.5-7b")
+    assert described_as(engine.bind(loaded.model, loaded.tokenizer).choice.pipeline, "llava-v1.5-7b")
 
 
 def test_llava_hf_linear_projector_round_trip(v0, v0_reference, tmp_path):
@@ -97,7 +97,7 @@ def test_llava_hf_linear_projector_round_trip(v0, v0_reference, tmp_path):
     assert described_as(converted_pipeline(loaded.folder), "llava-v0-13b") and result["shards"] == 1
     engine = assert_equals_reference("llava-hf linear → converted", loaded, v0_reference, v0.clip_dir,
                                      [picture(80, 60, seed=3)], False, "Look {} now")
-    vision = engine.features.vision_parts(engine.choice_for(loaded.model, loaded.tokenizer, loaded.folder))
+    vision = engine.features.vision_parts(loaded.bound(engine).choice)
     assert vision.parts.projector_type == "linear" and engine.counters.loads == 1
 
 
@@ -159,7 +159,7 @@ def test_original_mistral_round_trip(v15, tmp_path):
     ids = BosEncoder(tokenizer)("a short text")
     with torch.no_grad():
         assert (model(ids).logits - mistral(ids).logits).abs().max().item() <= 1e-6
-    choice = quiet_engine().choice_for(model, tokenizer)
+    choice = quiet_engine().bind(model, tokenizer).choice
     assert described_as(choice.pipeline, "bakllava-1") and choice.vision_source == CLIP_336
 
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from extensions.llava.cli_ask import DEMO_MODEL, Asker, main
-from extensions.llava.preprocess import slot_count
+from extensions.llava.families import slot_count
 from testbed.photos import make_photo
 from testbed.tiny import Loaded, file_url, img_tag
 from testbed.tiny_next import PIPELINE
@@ -172,7 +172,7 @@ def test_module_entry_point_as_in_the_readme():
 
 def test_training_is_seeded():
     """Two short runs with the same seed give the same weights (the demo's recipe is reproducible)."""
-    from extensions.llava.preprocess import load_image_processor
+    from extensions.llava.vision.processors import load_image_processor
     processor = load_image_processor(os.path.join(DEMO_MODEL, "vision_tower"))
     tokenizer = make_tokenizer()
     threads = torch.get_num_threads()

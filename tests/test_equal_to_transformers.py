@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from extensions.llava.pipelines import get_pipeline
-from extensions.llava.preprocess import load_image_processor, one_view_each, slot_count
+from extensions.llava.families import slot_count
+from extensions.llava.vision.processors import fixed_views, load_image_processor
 from testbed.reference import assert_matches, compare_next, logits_of, ours, reference_pixels
 from testbed.tiny import END_ID, PATCH_ID, START_ID, img_tag, picture, reference_run
 from testbed.tiny_family import IMAGE_ID, llava_mean_colour
@@ -42,7 +43,7 @@ def test_padding_is_the_truncated_mean_colour(v15):
     """LLaVA fills with int(mean * 255), not round(): (122, 116, 104) for CLIP's mean."""
     processor = load_image_processor(v15.clip_dir)
     assert llava_mean_colour(processor.image_mean) == (122, 116, 104)
-    pixels = one_view_each([Image.new("RGB", (64, 16), (0, 0, 0))], processor, get_pipeline("llava-v1.5-7b"))
+    pixels = fixed_views([Image.new("RGB", (64, 16), (0, 0, 0))], processor, pad=get_pipeline("llava-v1.5-7b").preprocess == "pad")
     expected = (torch.tensor([122, 116, 104]) / 255 - torch.tensor(processor.image_mean)) / torch.tensor(processor.image_std)
     assert torch.allclose(pixels[0, :, 0, 0], expected.float(), atol=1e-6)  # a corner lies in the padding
 

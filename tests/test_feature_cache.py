@@ -138,7 +138,7 @@ def test_cache_keeps_count_under_threads():
 def test_sixteen_bits_on_cpu_is_bfloat16_and_lands_in_the_llm_dtype(v0):
     engine = v0.engine(clip_bits=16, projector_bits=16)
     prepared = v0.prepare(engine, "x " + img_tag(picture()))
-    vision = engine.features.vision_parts(engine.choice_for(v0.llm, v0.tokenizer))
+    vision = engine.features.vision_parts(engine.bind(v0.llm, v0.tokenizer).choice)
     assert vision.tower.dtype == torch.bfloat16 and engine.counters.loads == 1  # the parts that were used
     assert next(vision.projector.parameters()).dtype == torch.bfloat16
     assert prepared.inputs_embeds.dtype == torch.float32

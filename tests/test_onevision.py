@@ -13,7 +13,8 @@ import torch
 
 from extensions.llava.errors import LlavaError
 from extensions.llava.pipelines import PIPELINES
-from extensions.llava.preprocess import load_image_processor, max_slot_count, slot_count
+from extensions.llava.families import max_slot_count, slot_count
+from extensions.llava.vision.processors import load_image_processor
 from testbed.reference import chatml_prompt, compare_onevision
 from testbed.tiny import convert_and_load, img_tag, picture, quiet_engine
 from testbed.tiny_onevision import (SIZES, build_interleave, interleave_processor, onevision_image_processor,
@@ -30,12 +31,12 @@ def test_slot_counts_are_the_reference_processors():
     counts = {name: slot_count(ONEVISION, *size) for name, size in SIZES.items()}
     assert counts == {"square": 1485, "ceil-resize": 1994, "small": 1317, "full-hd": 7269, "largest": 7371,
                       "floor-division": 7209, "just-under": 8468}  # 1600² scales 135 → 80 rows, not 81
-    assert slot_count(ONEVISION, 700, 300, alone=False) == 730  # one of several: 729 + one newline
+    assert slot_count(ONEVISION, 700, 300, among=2) == 730  # one of several: 729 + one newline
 
 
 def test_an_unseen_picture_is_counted_at_no_less_than_any_picture_takes():
     most = max(slot_count(ONEVISION, w, h) for w in range(10, 2700, 53) for h in range(10, 2700, 53))
-    assert most <= max_slot_count(ONEVISION) == 8829 and max_slot_count(ONEVISION, alone=False) == 730
+    assert most <= max_slot_count(ONEVISION) == 8829 and max_slot_count(ONEVISION, among=2) == 730
 
 
 @pytest.mark.parametrize("name", ["full-hd", "floor-division", "ceil-resize", "small"])

@@ -13,7 +13,7 @@ from PIL import EpsImagePlugin, GifImagePlugin, IcoImagePlugin, Image
 
 from extensions.llava.decode import SUPPORTED_FORMATS, normalise
 from extensions.llava.images import ImageError, InlineImage
-from extensions.llava.preprocess import slot_count
+from extensions.llava.families import slot_count
 from testbed.hostile_files import (animated_gif, eps_stub, exif_chunk, ico_holding, png_with, raw_profile_chunk,
                                    xmp_chunk)
 from testbed.photos import encoded, turned_exif

@@ -12,8 +12,10 @@ from transformers import MistralConfig
 
 from extensions.llava.detect import choose_pipeline, detect_pipeline, pipeline_from_config
 from extensions.llava.engine import LlavaEngine
+from extensions.llava.families import family_of
 from extensions.llava.pipelines import CLIP_224, CLIP_336, NEXT_PINPOINTS, PIPELINES, PipelineError
-from extensions.llava.preprocess import canvas_patches, max_slot_count, slot_count
+from extensions.llava.families import max_slot_count, slot_count
+from extensions.llava.families.llava_next import tiling_of
 from testbed.tiny import END_ID, START_ID, BosEncoder, img_tag, make_tokenizer, picture
 from testbed.tiny_next import PIPELINE, SIZES, reference_slot_count
 
@@ -26,7 +28,7 @@ def test_seed_geometry(v0):
     prepared = v0.prepare(engine, img_tag(picture(300, 200)))
     assert prepared.input_ids.shape[1] == 1 + 258
     assert prepared.input_ids[0, 1].item() == START_ID and prepared.input_ids[0, -1].item() == END_ID
-    vision = engine.features.vision_parts(engine.choice_for(v0.llm, v0.tokenizer))
+    vision = engine.features.vision_parts(engine.bind(v0.llm, v0.tokenizer).choice)
     assert engine.counters.loads == 1  # the parts the prompt used
     assert vision.tower.config.image_size == 224 and vision.tower.config.patch_size == 14
     # the tower keeps only the layers up to hidden_states[-2] of the 3-layer checkpoint
@@ -40,8 +42,8 @@ def test_v15_layout_and_token_count(v15):
     prepared = v15.prepare(engine, prompt)
     expected = len(encode("Hi  bye")[0]) + 576  # no start/end tokens around the 576 slots
     assert prepared.input_ids.shape[1] == expected
-    assert engine.token_count(prompt, v15.llm, v15.tokenizer, encode) == expected
-    vision = engine.features.vision_parts(engine.choice_for(v15.llm, v15.tokenizer))
+    assert engine.token_count(prompt, engine.bind(v15.llm, v15.tokenizer, encode=encode)) == expected
+    vision = engine.features.vision_parts(engine.bind(v15.llm, v15.tokenizer).choice)
     assert vision.tower.config.image_size == 336 and engine.counters.loads == 1
 
 
@@ -172,7 +174,7 @@ def test_v0_7b_image_ids_come_from_its_tokenizer():
     tokenizer = make_tokenizer(image_tokens=("[PAD]", "<im_patch>", "<im_start>", "<im_end>"))
     folder, config, _ = STAND_INS["llava-v0-7b"]
     pipeline = choose_pipeline("auto", config(), tokenizer.get_vocab(), folder).pipeline
-    layout = LlavaEngine.token_layout(tokenizer, pipeline)
+    layout = family_of(pipeline).token_layout(pipeline, tokenizer.get_vocab())
     assert pipeline.name == "llava-v0-7b" and (layout.image_id, layout.start_id, layout.end_id) == (32001, 32002, 32003)
     assert pipeline.feature_count + layout.extra_tokens == 258
 
@@ -235,6 +237,6 @@ def test_slot_count_is_the_reference_processors_for_any_size():
 
 
 def test_the_sizes_pick_different_canvases():
-    canvases = {name: canvas_patches(PIPELINE, *size) for name, size in SIZES.items()}
+    canvases = {name: tiling_of(PIPELINE).patches(*size) for name, size in SIZES.items()}
     assert canvases == {"wide": (24, 48), "tall": (48, 24), "square": (48, 48), "small": (24, 48),
                         "very-wide": (24, 72), "ceil-resize": (24, 72)}

@@ -66,7 +66,7 @@ def pic_model(v15, v15_reference, tmp_path_factory):
 def test_a_typed_image_token_of_a_pipeline_read_from_its_config_stays_text(pic_model, host_factory):
     assert all("<pic>" not in pipeline.special_tokens for pipeline in PIPELINES.values())
     host = host_factory(**pic_model.in_the_webui())
-    pipeline = host.engine().choice_for(pic_model.model, pic_model.tokenizer, pic_model.folder).pipeline
+    pipeline = host.engine().bind(pic_model.model, pic_model.tokenizer, pic_model.folder).choice.pipeline
     assert pipeline.name == "llava-pic-hf (from its config)" and pipeline.special_tokens == ("<pic>",)
     assert pic_model.tokenizer.convert_tokens_to_ids("<pic>") == IMAGE_ID
     assert_stays_text(host, "I typed <pic> myself", "I typed &lt;pic> myself", IMAGE_ID)

@@ -8,7 +8,7 @@ import torch
 from extensions.llava import images
 from extensions.llava.errors import LlavaError
 from extensions.llava.images import InlineImage
-from extensions.llava.preprocess import max_slot_count, slot_count
+from extensions.llava.families import max_slot_count, slot_count
 from extensions.llava.prompt import parse_prompt
 from testbed.photos import turned_jpeg
 from testbed.tiny import PATCH_ID, bytes_url, data_url, img_tag, llama_config, picture, quiet_engine

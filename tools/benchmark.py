@@ -83,7 +83,7 @@ class Bench:
 def one_image(bench: Bench):
     """1. ours against transformers' LLaVA image features, same weights; returns our encode for figure 5."""
     from transformers import CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    from extensions.llava.preprocess import load_image_processor
+    from extensions.llava.vision.processors import load_image_processor
     reference = LlavaForConditionalGeneration(LlavaConfig(
         vision_config=bench.vision_config.to_dict(), image_token_id=32000,
         text_config=LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=16, num_hidden_layers=1,
@@ -91,7 +91,7 @@ def one_image(bench: Bench):
     reference.model.vision_tower.load_state_dict(CLIPVisionModel.from_pretrained(bench.clip_dir).state_dict())
     processor = load_image_processor(bench.clip_dir)
     ours = bench.engine()
-    vision = ours.features.vision_parts(ours.choice_for(bench.llm, bench.tokenizer))
+    vision = ours.features.vision_parts(ours.bind(bench.llm, bench.tokenizer).choice)
     reference.model.multi_modal_projector = vision.projector  # the same v0 projector on both sides
 
     def reference_features():
@@ -100,7 +100,7 @@ def one_image(bench: Bench):
             reference.model.get_image_features(pixels, vision_feature_layer=-2, vision_feature_select_strategy="default")
 
     def our_features():
-        vision.encode([bench.photo])
+        vision.encode([bench.photo], "one view")
 
     for _ in range(2):
         reference_features(), our_features()
@@ -123,8 +123,7 @@ def ten_turn_chat(bench: Bench) -> None:
         started = time.perf_counter()
         for turn in range(10):
             history += f"USER: picture {turn}: {pictures[turn]}\nASSISTANT: ok\n"
-            eng.prepare(history, model=bench.llm, tokenizer=bench.tokenizer, encode=bench.encode, max_length=None,
-                        embed_all=embed_all)
+            eng.prepare(history, eng.bind(bench.llm, bench.tokenizer, encode=bench.encode), embed_all=embed_all)
         return time.perf_counter() - started, eng.counters.vision_forwards
 
     naive_time, naive_forwards = chat(bench.engine(cache_size_mb=0), True)
@@ -138,16 +137,17 @@ def ten_turn_chat(bench: Bench) -> None:
 def cache_hit_and_counting(bench: Bench) -> None:
     """3. a cache hit against a first encode; 4. token counting on a prompt with 10 × 1 MB images."""
     eng = bench.engine()
-    choice = eng.choice_for(bench.llm, bench.tokenizer)
+    choice = eng.bind(bench.llm, bench.tokenizer).choice
     images = parse_prompt("x " + tiny.img_tag(tiny.picture(640, 480, seed=99))).images
     eng.features.vision_parts(choice)
-    first = best_of(lambda: eng.features.features_for(images, choice, bench.width), 1)
-    hit = best_of(lambda: eng.features.features_for(images, choice, bench.width), 20)
+    first = best_of(lambda: eng.features.features_for(images, ["one view"] * len(images), choice, bench.width), 1)
+    hit = best_of(lambda: eng.features.features_for(images, ["one view"] * len(images), choice, bench.width), 20)
     print(f"3. cache hit {hit * 1e6:.0f} µs against first encode {first * 1000:.0f} ms: "
           f"{first / hit:.0f}× faster (target >= 50×)")
     payload = "data:image/png;base64," + "A" * (1 << 20)
     big = "".join(f"USER: picture {i} <img src=\"{payload}\">\nASSISTANT: ok\n" for i in range(10))
-    count = best_of(lambda: eng.token_count(big, bench.llm, bench.tokenizer, bench.encode), 5)
+    loaded = eng.bind(bench.llm, bench.tokenizer, encode=bench.encode)
+    count = best_of(lambda: eng.token_count(big, loaded), 5)
     print(f"4. custom_tokenized_length with 10 × 1 MB images: {count * 1000:.1f} ms (target <= 20 ms)")
 
 

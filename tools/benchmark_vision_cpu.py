@@ -65,7 +65,7 @@ def demo_accuracy(bits: int, per_combination: int = 10, combinations: int | None
     asker = Asker()
     asker.ask_tags([tag(draw("red", "circle", random.Random(0)))], question)  # loads the vision parts
     if bits == 8:
-        vision = asker.engine.features.vision_parts(asker.engine.choice_for(asker.model, asker.tokenizer, asker.model_dir))
+        vision = asker.engine.features.vision_parts(asker.loaded.choice)
         vision.tower = quantized(vision.tower)
         asker.engine.cache.resize(0)
     rng = random.Random(HELD_OUT_SEED)

@@ -44,8 +44,8 @@ if ROOT not in sys.path:
 
 from extensions.llava.cli_ask import ASK_MESSAGE  # noqa: E402
 from extensions.llava.pipelines import get_pipeline  # noqa: E402
-from extensions.llava.projector import build_projector  # noqa: E402
-from extensions.llava.preprocess import load_image_processor, one_view_each  # noqa: E402
+from extensions.llava.vision.projector import build_projector  # noqa: E402
+from extensions.llava.vision.processors import fixed_views, load_image_processor  # noqa: E402
 
 PIPELINE = get_pipeline("llava-demo")
 COLOURS = {"red": (215, 35, 35), "green": (35, 165, 50), "blue": (40, 70, 215), "yellow": (235, 210, 30)}
@@ -287,7 +287,7 @@ class Batches:
             labels[row, :len(row_labels)] = torch.tensor(row_labels)
             mask[row, :len(row_ids)] = 1
         embed_all = torch.tensor([c.embed_all for c in conversations])
-        return one_view_each(pictures, self.processor, PIPELINE), ids, labels, mask, embed_all
+        return fixed_views(pictures, self.processor, pad=PIPELINE.preprocess == "pad"), ids, labels, mask, embed_all
 
 
 def spliced_embeddings(tower, projector, llm, pixels, ids, image_id, embed_all):

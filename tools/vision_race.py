@@ -44,7 +44,7 @@ def race(turns: dict, photo, choice, settings, llm_width: int,
          reference_features: Callable[[list], list[torch.Tensor]], repeats: int) -> None:
     from extensions.llava.engine import LlavaEngine
     from extensions.llava.images import PilImage
-    from extensions.llava.preprocess import slot_count, tile_count
+    from extensions.llava.families import family_of, slot_count, view_count
     from extensions.llava.prompt import ImageRef
 
     pipeline = choice.pipeline
@@ -52,17 +52,18 @@ def race(turns: dict, photo, choice, settings, llm_width: int,
     print(f"{'turn':28} {'views':>5} {'slots':>6} {'ours':>8} {'reference':>10} {'ratio':>6}  equal")
     for name, sizes in turns.items():
         images = turn_pictures(photo, sizes)
-        alone = len(images) == 1
-        views = sum(tile_count(pipeline, *image.size, alone) for image in images)
-        slots = sum(slot_count(pipeline, *image.size, alone) for image in images)
+        among = len(images)
+        layouts = family_of(pipeline).arrange(pipeline, among)
+        views = sum(view_count(pipeline, *image.size, among) for image in images)
+        slots = sum(slot_count(pipeline, *image.size, among) for image in images)
         ours_times, reference_times = [], []
         for _ in range(repeats):
             engine = LlavaEngine(settings, log=lambda message: None)
             warm_up = ImageRef(0, 0, 0, PilImage(turn_pictures(photo, [(32, 32)])[0]))
-            engine.features.features_for([warm_up], choice, llm_width)  # loading, weights paged in included, is not timed
+            engine.features.features_for([warm_up], family_of(pipeline).arrange(pipeline, 1), choice, llm_width)  # loading, weights paged in included, is not timed
             refs = [ImageRef(i + 1, 0, 0, PilImage(image)) for i, image in enumerate(images)]
             start = time.perf_counter()
-            ours = engine.features.features_for(refs, choice, llm_width, alone=alone)
+            ours = engine.features.features_for(refs, layouts, choice, llm_width)
             ours_times.append((time.perf_counter() - start) / len(images))
             start = time.perf_counter()
             theirs = reference_features(images)

@@ -22,7 +22,7 @@ from .checkpoint_rules import Parts
 from .detect import detect_pipeline, pipeline_from_config
 from .errors import LlavaError, first_line
 from .pipelines import TOWER_KINDS, Pipeline, PipelineError, get_pipeline, tower_kind_of
-from .projector import normalise_projector_keys, projector_type_of
+from .vision.projector import normalise_projector_keys, projector_type_of
 from .weights import IMAGE_NEWLINE_KEYS, PROJECTOR_PREFIXES, TOWER_PREFIXES, WeightsError, read_projector_tensors
 from .weights import weight_files as checkpoint_files
 

@@ -80,13 +80,18 @@ class Asker:
             message = {"role": "user", "content": ASK_MESSAGE}
             return self.tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True,
                                                       bos_token="")
-        family = self.engine.choice_for(self.model, self.tokenizer, self.model_dir).pipeline.family
+        family = self.loaded.choice.pipeline.family
         return FAMILY_TEMPLATES.get(family, FALLBACK_TEMPLATE)
 
     def prompt(self, tags: list[str], question: str) -> str:
         return self.template().replace("{images}", "".join(tags)).replace("{question}", question)
 
-    def encode(self, text: str):
+    @property
+    def loaded(self):
+        """The model's context for the engine (bound once)."""
+        return self.engine.bind(self.model, self.tokenizer, self.model_dir, self.encode)
+
+    def encode(self, text: str, **options):
         """Text → ids [1, n] with one BOS in front, as the webui encodes a prompt."""
         import torch
         ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -100,8 +105,7 @@ class Asker:
     def answer(self, prompt: str, max_new_tokens: int = 64) -> str:
         """The model's greedy continuation of ``prompt``, a text with ``<img>`` tags (BOS is added)."""
         import torch
-        prepared = self.engine.prepare(prompt, model=self.model, tokenizer=self.tokenizer,
-                                       encode=self.encode, max_length=None, model_path=self.model_dir)
+        prepared = self.engine.prepare(prompt, self.loaded)
         if prepared is None:
             raise LlavaError("the prompt holds no picture")
         ids = prepared.input_ids.to(self.model.device)

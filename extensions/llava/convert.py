@@ -35,9 +35,9 @@ from .checkpoint_rules import check
 from .detect import METADATA_FILE
 from .errors import LlavaError
 from .pipelines import PIPELINES, Pipeline
-from .preprocess import load_image_processor
-from .projector import projector_type_of, split_image_newline
-from .towers import TOWER_KINDS, save_tower, tower_kind_of
+from .vision.processors import load_image_processor
+from .vision.projector import projector_type_of, split_image_newline
+from .vision.towers import TOWER_KINDS, save_tower, tower_kind_of
 from .weights import IMAGE_NEWLINE_KEYS, LazyTensor, WeightsError, lazy_tensors, write_safetensors
 
 PROJECTOR_FILE = "mm_projector.safetensors"

@@ -2,7 +2,7 @@
 
 Each picture is tokenized as a one-slot stand-in: image tokens are added tokens, so the text around
 them tokenizes the same, and each stand-in is then counted (or widened) to its picture's slots. The
-slots of an any-resolution picture come from its header.
+slots of a picture whose family counts by size come from its header.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 import torch
 
 from .images import ImageError, ImageSource
+from .families import family_of
 from .pipelines import Pipeline
-from .preprocess import max_slot_count, slot_count
 from .prompt import MEDIA_PLACEHOLDER, ImageRef, ParsedPrompt, expand_prompt
 
 Encode = Callable[[str], torch.Tensor]
@@ -33,22 +33,25 @@ def unseen_pictures(prompt: str) -> list[ImageSource]:
 
 
 def slot_counts(images: Sequence[ImageRef], pipeline: Pipeline) -> torch.Tensor:
-    """Each picture's slot count. Any-resolution counts come from the picture's header: its size after
-    its orientation, read without decoding a pixel, and whether it is alone in the prompt (OneVision lays
-    several pictures out otherwise). An unseen picture counts at the most any picture takes; one whose
-    header cannot be read at its base view alone (it is refused if it is ever embedded)."""
-    if not pipeline.anyres:
-        return torch.full((len(images),), pipeline.feature_count, dtype=torch.long)
-    alone, counts = len(images) == 1, []
-    for image in images:
-        if isinstance(image.source, UnseenPicture):
-            counts.append(max_slot_count(pipeline, alone))
-            continue
-        try:
-            counts.append(slot_count(pipeline, *image.source.header(), alone))
-        except ImageError:
-            counts.append(pipeline.feature_count)
-    return torch.tensor(counts, dtype=torch.long)
+    """Each picture's slot count, in the layout its family gives the prompt's pictures. A family that
+    counts by size reads each picture's header: its size after its orientation, read without decoding a
+    pixel. An unseen picture counts at the most any picture takes; one whose header cannot be read at its
+    base view alone (it is refused if it is ever embedded)."""
+    family = family_of(pipeline)
+    layouts = family.arrange(pipeline, len(images))
+    return torch.tensor([_slots(family, pipeline, image, layout) for image, layout in zip(images, layouts)],
+                        dtype=torch.long)
+
+
+def _slots(family, pipeline: Pipeline, image: ImageRef, layout: str) -> int:
+    if not family.counts_by_size:
+        return family.slot_count(pipeline, None, layout)
+    if isinstance(image.source, UnseenPicture):
+        return family.most_slots(pipeline, layout)
+    try:
+        return family.slot_count(pipeline, image.source.header(), layout)
+    except ImageError:
+        return pipeline.feature_count
 
 
 def stand_in_ids(parsed: ParsedPrompt, pipeline: Pipeline, encode: Encode) -> torch.Tensor:

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from .checkpoint_rules import PROJECTOR_ACTIVATIONS
+from .families import family_claiming
 from .pipelines import (CLIP_224, CLIP_336, DEFAULT_PIPELINE, PIPELINES, TOWER_KINDS, Pipeline, PipelineError,
                         get_pipeline, tower_kind_of)
 
@@ -101,8 +102,7 @@ def pipeline_from_config(config, model_path: str | None = None, image_token: str
         return None
     stated_preprocess = row.pop("preprocess")
     tower = row.pop("vision_repo", "")
-    family = "onevision" if row["max_tiles"] else "v1.6" if row["grid_pinpoints"] else \
-        "interleave" if row["tower"] == "siglip" else "v1.5" if row["image_size"] == 336 else "v0"
+    family = family_claiming(row)
     matches = [p for p in PIPELINES.values()
                if all(getattr(p, k) == v for k, v in row.items()) and p.llm_hidden_size == width
                and (stated_preprocess is None or p.preprocess == stated_preprocess)]
@@ -114,11 +114,10 @@ def pipeline_from_config(config, model_path: str | None = None, image_token: str
         # alike rows (OneVision's "ov" and "si" releases): the folder's name tells them apart
         folder = os.path.basename(os.path.normpath(model_path)).lower() if model_path else ""
         return next((p for p in matches if p.name in folder), matches[0])
-    # LLaVA v1.5 was trained on pictures padded to a square, v0 on centre crops; a config that does
-    # not say follows its family (a SigLIP tower's processor squashes the picture to its view)
-    preprocess = stated_preprocess or ("pad" if family == "v1.5" else "crop")
+    # a config that does not say how its pictures are prepared follows its family
+    preprocess = stated_preprocess or family.default_preprocess(row)
     name = os.path.basename(os.path.normpath(model_path)) if model_path else "unnamed"
-    return Pipeline(name=f"{name} (from its config)", preprocess=preprocess, family=family,
+    return Pipeline(name=f"{name} (from its config)", preprocess=preprocess, family=family.release_of(row),
                     llm_hidden_size=int(width or 0), vision_repo=tower,
                     projector_repo=None, projector_filename=None, **row)
 
@@ -135,8 +134,7 @@ def _common_row(*, tower: str, image_size: int, patch_size: int, layer: int, kee
                 projector_type=projector_type, image_token=image_token,
                 start_token="<im_start>" if start_end else None, end_token="<im_end>" if start_end else None,
                 grid_pinpoints=pinpoints, preprocess="anyres" if pinpoints else preprocess, tower=tower,
-                max_tiles=max_tiles, several_pictures="pad" if max_tiles else "",
-                view_processor="LlavaOnevisionImageProcessor" if max_tiles else "")
+                max_tiles=max_tiles)
 
 
 def _max_tiles(aspect) -> int:

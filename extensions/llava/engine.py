@@ -1,8 +1,9 @@
 """The extension's core: from a prompt with pictures to ids and spliced embeddings.
 
-Nothing here knows the webui. The host hands over its model, tokenizer and an ``encode``
-function (text → ids with the host's BOS handling, no truncation) and receives ids and
-embeddings of equal length. Pictures become features in ``features.PictureFeatures``.
+Nothing here knows the webui. The host binds its model, tokenizer, folder and ``encode`` function
+(text → ids with the host's BOS handling, no truncation) once (``bind``: a ``loaded.LoadedModel``) and
+receives ids and embeddings of equal length. Pictures become features in ``vision.features``; how
+they are laid out is their family's (``families``).
 """
 
 from __future__ import annotations
@@ -15,21 +16,16 @@ import torch
 
 from .cache import FeatureCache
 from .counting import Encode, prompt_length, slot_counts, stand_in_ids, unseen_pictures
-from .detect import Choice, choose_pipeline
 from .errors import LlavaError
-from .features import Counters, PictureFeatures
 from .images import ImageSource
-from .pipelines import PIPELINES, Pipeline, PipelineError
+from .loaded import LoadedModel, LoadedModels
 from .prefix_cache import PositionKey
-from .preprocess import tiled
 from .prompt import escape_special_tokens, parse_prompt
 from .settings import Settings
-from .splice import TokenLayout, find_images, shift_spans, splice, truncation_cut, widen_image_slots
+from .splice import find_images, shift_spans, splice, truncation_cut, widen_image_slots
+from .vision.features import Counters, PictureFeatures
 
 logger = logging.getLogger("llava")
-
-# Image tokens a typed prompt may hold whatever the model: those of every named pipeline.
-NAMED_IMAGE_TOKENS = frozenset(token for pipeline in PIPELINES.values() for token in pipeline.special_tokens)
 
 
 @dataclass
@@ -45,18 +41,12 @@ class Prepared:
     positions: PositionKey | None = None  # what stands at each position (for reusing an earlier prefix)
 
 
-def model_path_of(model) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "_name_or_path", None) or None
-
-
 class LlavaEngine:
     def __init__(self, settings: Settings | None = None, log: Callable[[str], None] | None = None):
         self.settings = settings or Settings.from_params({})
         self.log = log or logger.info
         self.features = PictureFeatures(self.settings, self.log)
-        self._choices: dict[tuple, Choice] = {}
-        self._image_tokens: dict[tuple, list[str]] = {}
+        self.models = LoadedModels(self.log)
 
     def configure(self, settings: Settings) -> None:
         """New settings: vision parts reload on the next picture if their sources or placement changed."""
@@ -64,63 +54,43 @@ class LlavaEngine:
             return
         self.settings = settings
         self.features.configure(settings)
-        self._choices.clear()
-        self._image_tokens.clear()
+        self.models.clear()
 
-    # ------------------------------------------------------------ pipeline and tokens
+    def bind(self, model, tokenizer, folder: str | None = None, encode: Encode | None = None) -> LoadedModel:
+        """The loaded model's context under the current settings, made once per loaded model.
+        ``encode(text, **options)`` is the host's (without it, the tokenizer's ids as they come)."""
+        return self.models.bind(model, tokenizer, folder, encode or _plain_encode(tokenizer), self.settings.pipeline)
 
-    def choice_for(self, model, tokenizer, model_path: str | None = None) -> Choice:
-        model_path = model_path or model_path_of(model)
-        key = (id(model), id(tokenizer), model_path, self.settings.pipeline)
-        choice = self._choices.get(key)
-        if choice is None:
-            vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-            choice = choose_pipeline(self.settings.pipeline, getattr(model, "config", None), vocab, model_path)
-            self.log(f"llava: pipeline {choice.pipeline.name} ({choice.reason})")
-            self._choices[key] = choice
-        return choice
-
-    @staticmethod
-    def token_layout(tokenizer, pipeline: Pipeline) -> TokenLayout:
-        vocab = tokenizer.get_vocab()
-        missing = [t for t in pipeline.special_tokens if t not in vocab]
-        if missing:
-            raise PipelineError(f"the loaded tokenizer has no {', '.join(missing)} token(s), which pipeline "
-                                f"{pipeline.name} needs: wrong model or wrong pipeline (set llava-pipeline, or "
-                                "convert the checkpoint with `python -m extensions.llava convert`)")
-        ids = {t: vocab[t] for t in pipeline.special_tokens}
-        return TokenLayout(image_id=ids[pipeline.image_token],
-                           start_id=ids.get(pipeline.start_token) if pipeline.start_token else None,
-                           end_id=ids.get(pipeline.end_token) if pipeline.end_token else None)
-
-    def token_count(self, prompt: str, model, tokenizer, encode: Encode, media: Sequence[ImageSource] | None = None,
-                    model_path: str | None = None, references: dict | None = None) -> int | None:
+    def token_count(self, prompt: str, loaded: LoadedModel, media: Sequence[ImageSource] | None = None,
+                    references: dict | None = None) -> int | None:
         """Tokens ``prompt`` takes, each image counted at its full length; None without images.
         ``media`` are the pictures of the ``<__media__>`` placeholders; without them every placeholder
         stands for a picture of unknown size."""
         parsed = parse_prompt(prompt, unseen_pictures(prompt) if media is None else media, references)
         if not parsed.images:
             return None
-        return prompt_length(parsed, self.choice_for(model, tokenizer, model_path).pipeline, encode)
+        return prompt_length(parsed, loaded.choice.pipeline, loaded.encode)
 
     # ------------------------------------------------------------ the tokenizer hook
 
-    def prepare(self, prompt: str, *, model, tokenizer, encode: Encode, max_length: int | None,
+    def prepare(self, prompt: str, loaded: LoadedModel, *, max_length: int | None = None,
                 media: Sequence[ImageSource] | None = None, embed_all: bool | None = None,
-                model_path: str | None = None, references: dict | None = None) -> Prepared | None:
+                references: dict | None = None, encode_options: dict | None = None) -> Prepared | None:
         """ids and embeddings for ``prompt``; None when the host's ids stand as they are."""
+        encode = loaded.encoder(**(encode_options or {}))
         parsed = parse_prompt(prompt, media, references)
         if not parsed.images:
-            return self._without_images(prompt, model, tokenizer, encode, max_length, model_path)
-        choice = self.choice_for(model, tokenizer, model_path)
-        ids, spans, dropped, notes = self._widened_ids(parsed, choice.pipeline, tokenizer, encode, max_length)
-        kept = parsed.images[dropped:]
+            return self._without_images(prompt, loaded, encode, max_length)
+        choice = loaded.choice
+        # the layout of each picture was chosen for the prompt as it came, however many truncation drops
+        layouts = loaded.family.arrange(choice.pipeline, len(parsed.images))
+        ids, spans, dropped, notes = self._widened_ids(parsed, loaded, encode, max_length)
+        kept, layouts = parsed.images[dropped:], layouts[dropped:]
         embed_all = self.settings.embed_all if embed_all is None else embed_all
         chosen = list(range(len(kept))) if embed_all else list(range(len(kept)))[-1:]
-        embeddings = model.get_input_embeddings()
-        # the layout of each picture was chosen for the prompt as it came, however many truncation dropped
-        features = self.features.features_for([kept[i] for i in chosen], choice, embeddings.weight.shape[-1], notes,
-                                     alone=len(parsed.images) == 1)
+        embeddings = loaded.embeddings()
+        features = self.features.features_for([kept[i] for i in chosen], [layouts[i] for i in chosen], choice,
+                                              embeddings.weight.shape[-1], notes)
         for i, feature, slots in zip(chosen, features, spans.counts[chosen].tolist()):
             if feature.shape[0] != slots:  # the header and the pixels disagree: refused, never spliced
                 raise kept[i].source.error(f"its pixels give {feature.shape[0]} features for the {slots} places its "
@@ -132,14 +102,15 @@ class LlavaEngine:
         self.log(f"llava: {len(parsed.images)} image(s) in the prompt, {len(chosen)} embedded")
         for note in notes:
             self.log(f"llava: {note}")
-        positions = position_key(ids, spans, [(image.source.digest() if i in chosen else None)
-                                              for i, image in enumerate(kept)], tiled(choice.pipeline, len(parsed.images) == 1))
+        identities = [(image.source.digest(), layout) if i in chosen else None
+                      for i, (image, layout) in enumerate(zip(kept, layouts))]
+        positions = position_key(ids, spans, identities)
         return Prepared(prompt, ids.to(embeds.device), embeds, notes, dropped, len(chosen), positions)
 
-    def _widened_ids(self, parsed, pipeline: Pipeline, tokenizer, encode: Encode, max_length: int | None):
+    def _widened_ids(self, parsed, loaded: LoadedModel, encode: Encode, max_length: int | None):
         """The prompt's ids with each picture widened to its slots, cut on the left to ``max_length``
         without cutting into a picture; (ids, the pictures' spans, pictures dropped, notes)."""
-        layout = self.token_layout(tokenizer, pipeline)
+        pipeline, layout = loaded.choice.pipeline, loaded.layout
         # Each picture is tokenized as one slot and widened to its full length in the ids: the
         # tokenizer reads a few characters per picture, never hundreds of image tokens as text.
         ids = stand_in_ids(parsed, pipeline, encode)
@@ -160,11 +131,11 @@ class LlavaEngine:
                              "raise truncation_length or lower max_new_tokens")
         return ids, spans, dropped, notes
 
-    def _without_images(self, prompt: str, model, tokenizer, encode: Encode, max_length: int | None,
-                        model_path: str | None) -> Prepared | None:
+    @staticmethod
+    def _without_images(prompt: str, loaded: LoadedModel, encode: Encode, max_length: int | None) -> Prepared | None:
         """A prompt without pictures keeps the host's ids, unless the user typed an image token:
         that stays text, as it does beside pictures, so that no image slot appears out of nothing."""
-        typed = [token for token in self.image_tokens(model, tokenizer, model_path) if token in prompt]
+        typed = [token for token in loaded.image_tokens if token in prompt]
         if not typed:
             return None
         ids = encode(escape_special_tokens(prompt, typed))
@@ -173,21 +144,6 @@ class LlavaEngine:
         if max_length:
             ids = ids[:, -max_length:]
         return Prepared(prompt, ids, None)
-
-    def image_tokens(self, model, tokenizer, model_path: str | None = None) -> list[str]:
-        """The image tokens of the loaded tokenizer that only the extension may place: those of the
-        model's pipeline (named, from its llava.json or from its config) and of every named one."""
-        key = (id(model), id(tokenizer), model_path or model_path_of(model), self.settings.pipeline)
-        known = self._image_tokens.get(key)
-        if known is None:
-            tokens = set(NAMED_IMAGE_TOKENS)
-            try:
-                tokens.update(self.choice_for(model, tokenizer, model_path).pipeline.special_tokens)
-            except LlavaError:
-                pass  # not a LLaVA model: only the named tokens its tokenizer knows can matter
-            vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else None
-            known = self._image_tokens[key] = sorted(t for t in tokens if vocab is None or t in vocab)
-        return known
 
     # ------------------------------------------------------------ what the vision side did
 
@@ -200,12 +156,18 @@ class LlavaEngine:
         return self.features.counters
 
 
-def position_key(ids: torch.Tensor, spans, digests: list[str | None], tiled_layout: bool) -> PositionKey:
+def _plain_encode(tokenizer) -> Encode:
+    def encode(text: str, **options) -> torch.Tensor:
+        return torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+    return encode
+
+
+def position_key(ids: torch.Tensor, spans, identities: list[tuple | None]) -> PositionKey:
     """What stands at each position of ``ids``: the ids, and each picture's slots with the picture (by
     its data's digest and its layout) or, where it was not embedded (``None``), the plain embedding."""
     firsts = spans.slots[torch.cumsum(spans.counts, 0) - spans.counts].tolist() if len(spans.counts) else []
-    pictures = tuple((first, first + int(count), ("plain",) if digest is None else (digest, tiled_layout))
-                     for first, count, digest in zip(firsts, spans.counts.tolist(), digests))
+    pictures = tuple((first, first + int(count), ("plain",) if identity is None else identity)
+                     for first, count, identity in zip(firsts, spans.counts.tolist(), identities))
     return PositionKey(ids[0].detach().cpu(), pictures)
 
 

@@ -1,9 +1,8 @@
 """LLaVA pipelines as rows of data.
 
-A pipeline says which vision tower and projector belong to a language model, how an
-image is preprocessed and how it is laid out in the token stream. Everything else in
-the extension reads these fields; nothing subclasses them. How many slots a picture of a
-given size takes is computed from them in ``preprocess``.
+A pipeline is the data one checkpoint gives: which vision tower and projector belong to a language
+model, its sizes, its image tokens and canvases. Its family (``families``) reads these fields to lay
+pictures out: how many slots a picture takes, its views, its features.
 """
 
 from __future__ import annotations
@@ -33,6 +32,10 @@ def tower_kind_of(vision_config: dict) -> str:
     return "siglip" if str(vision_config.get("model_type", "")).startswith("siglip") else "clip"
 
 
+# Fields that rows written by earlier converters carry and that the family now decides.
+LEGACY_FIELDS = ("several_pictures", "view_processor")
+
+
 @dataclass(frozen=True)
 class Pipeline:
     name: str
@@ -43,14 +46,14 @@ class Pipeline:
     image_token: str  # one per projected feature
     start_token: str | None  # before an image's features, if the layout has one
     end_token: str | None  # after them
-    # "crop": the processor's resize + centre crop; "pad": pad to a square first; "anyres": tiles
-    # on the best canvas of grid_pinpoints plus the whole picture squashed to one view
+    # "crop": the processor's resize + centre crop; "pad": pad to a square first; "anyres": the tiling
+    # families' (how each family reads it: ``families``)
     preprocess: str
     llm_hidden_size: int
     projector_repo: str | None  # where the released projector lives
     projector_filename: str | None
     vision_feature_layer: int = -2
-    family: str = ""
+    family: str = ""  # the release, whose module in ``families`` lays its pictures out
     patch_size: int = 14
     keeps_cls: bool = False  # the "full" select strategy: the CLS feature is an image slot too
     # Any-resolution (LLaVA-NeXT): the canvases, as (height, width), that a picture is tiled onto.
@@ -60,11 +63,6 @@ class Pipeline:
     # Any-resolution with a budget (LLaVA-OneVision's anyres_max_N): a grid of more than N tiles' worth
     # of features is scaled down to about that many. 0: no budget.
     max_tiles: int = 0
-    # How pictures are laid out when a prompt holds more than one: "" as when alone; "pad" (OneVision)
-    # each padded to a square of the mean colour, one view and one newline, no tiles.
-    several_pictures: str = ""
-    # transformers' image processor that makes any-resolution views ("" for LLaVA-NeXT's)
-    view_processor: str = ""
 
     @property
     def anyres(self) -> bool:
@@ -100,6 +98,7 @@ class Pipeline:
 
     @classmethod
     def from_json(cls, row: dict) -> "Pipeline":
+        row = {k: v for k, v in row.items() if k not in LEGACY_FIELDS}
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(row) - fields
         missing = {f.name for f in dataclasses.fields(cls)
@@ -133,8 +132,7 @@ SIGLIP_384 = "google/siglip-so400m-patch14-384"
 ONEVISION_PINPOINTS = tuple((384 * rows, 384 * columns) for rows in range(1, 7) for columns in range(1, 7))
 _SIGLIP = dict(image_size=384, feature_count=729, projector_type="mlp2x_gelu", image_token="<image>",
                start_token=None, end_token=None, projector_filename=None, tower="siglip", vision_feature_layer=-1)
-_ONEVISION = dict(_SIGLIP, preprocess="anyres", grid_pinpoints=ONEVISION_PINPOINTS, max_tiles=9,
-                  several_pictures="pad", view_processor="LlavaOnevisionImageProcessor", family="onevision")
+_ONEVISION = dict(_SIGLIP, preprocess="anyres", grid_pinpoints=ONEVISION_PINPOINTS, max_tiles=9, family="onevision")
 _INTERLEAVE = dict(_SIGLIP, preprocess="crop", family="interleave")  # the SigLIP processor: squashed to 384
 
 

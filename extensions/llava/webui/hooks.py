@@ -69,11 +69,11 @@ def tokenizer_modifier(state, prompt, input_ids, input_embeds):
     current = session()
     media = media_from_state(state)
     try:
-        prepared = engine().prepare(
-            prompt, model=shared.model, tokenizer=shared.tokenizer,
-            encode=lambda text: host.encode(text, add_bos_token=state["add_bos_token"]),
-            max_length=host.max_prompt_length(state), media=media, embed_all=embed_all(current),
-            model_path=model_folder(shared), references=current.references)
+        current_engine = engine()
+        loaded = current_engine.bind(shared.model, shared.tokenizer, model_folder(shared), host.encode)
+        prepared = current_engine.prepare(
+            prompt, loaded, max_length=host.max_prompt_length(state), media=media, embed_all=embed_all(current),
+            references=current.references, encode_options={"add_bos_token": state["add_bos_token"]})
     except SettingsError as error:
         if pictures_in(prompt, media, current.references):
             raise _refusal(error) from None
@@ -111,8 +111,9 @@ def custom_tokenized_length(prompt):
     current = session()
     media = media_from_state(current.state) if current.state is not None else None
     try:
-        return engine().token_count(prompt, shared.model, shared.tokenizer, lambda text: host.encode(text), media=media,
-                                    model_path=model_folder(shared), references=current.references)
+        current_engine = engine()
+        loaded = current_engine.bind(shared.model, shared.tokenizer, model_folder(shared), host.encode)
+        return current_engine.token_count(prompt, loaded, media=media, references=current.references)
     except LlavaError:
         return None
 

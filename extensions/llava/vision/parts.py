@@ -1,9 +1,9 @@
 """The vision side of a pipeline: the tower and the projector on the devices the settings name, turning
 pictures into the projected features of their image slots.
 
-Pixels come from ``preprocess``, the tower from ``towers``, the projector from ``projector``; the
-parts are checked against each other and the pipeline by ``checkpoint_rules``. Any-resolution
-pictures have their views' features laid out here (``pack``), as transformers' LLaVA-NeXT does.
+The pipeline's family (``families``) makes the views and lays the projected views out as each
+picture's slot features; the tower comes from ``towers``, the projector from ``projector``; the parts
+are checked against each other and the pipeline by ``checkpoint_rules``.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checkpoint_rules import Parts, check
-from .pipelines import Pipeline
-from .preprocess import canvas_patches, grid_shape, max_views, pixel_views, tiled
+from ..checkpoint_rules import Parts, check
+from ..families import family_of
+from ..pipelines import Pipeline
+from ..weights import read_projector_tensors
 from .projector import normalise_projector_keys, projector_from_state, projector_shape, projector_type_of, split_image_newline
 from .towers import VisionLoadError, load_vision_tower, tower_geometry
-from .weights import read_projector_tensors
 
 MAX_VIEWS_PER_BATCH = 32  # 32 fixed-size pictures, or 6 LLaVA-1.6 ones of up to 5 views (a OneVision one: 37)
 # What to do when the loaded parts do not fit each other or the pipeline.
@@ -45,27 +45,6 @@ class Placement:
     tower_dtype: torch.dtype
     projector_device: torch.device
     projector_dtype: torch.dtype
-
-
-def pack(view_features: torch.Tensor, width: int, height: int, pipeline: Pipeline,
-         newline: torch.Tensor) -> torch.Tensor:
-    """One tiled picture's projected view features [views, F, hidden] → its slots [slots, hidden]: the
-    base view first, then the canvas grid without its padded rows or columns (scaled down bilinearly to
-    the pipeline's budget, if any), each row ending in the model's ``image_newline``."""
-    base, grid = view_features[0], view_features[1:]
-    side = pipeline.patches_per_side
-    rows, columns = canvas_patches(pipeline, width, height)
-    hidden = grid.shape[-1]
-    # tiles in reading order → one feature map of the whole canvas, [rows, columns, hidden]
-    grid = grid.reshape(rows // side, columns // side, side, side, hidden).permute(0, 2, 1, 3, 4)
-    grid = grid.reshape(rows, columns, hidden)
-    kept_rows, kept_columns, (top, bottom, left, right) = grid_shape(pipeline, width, height)
-    grid = grid[top:bottom, left:right]
-    if (kept_rows, kept_columns) != tuple(grid.shape[:2]):
-        grid = torch.nn.functional.interpolate(grid.permute(2, 0, 1)[None], size=(kept_rows, kept_columns),
-                                               mode="bilinear")[0].permute(1, 2, 0)
-    ends = newline.to(grid.device, grid.dtype).expand(grid.shape[0], 1, hidden)
-    return torch.cat([base, torch.cat([grid, ends], dim=1).reshape(-1, hidden)])
 
 
 @dataclass
@@ -96,24 +75,19 @@ class VisionParts:
         return self.projector(hidden.to(place.projector_device, place.projector_dtype))
 
     @torch.inference_mode()
-    def encode(self, images, alone: bool = True) -> list[torch.Tensor]:
-        """Pictures → each one's projected features [slots, hidden]; all their views in one tower batch.
-        ``alone``: whether the prompt holds only one picture (OneVision lays several out otherwise)."""
-        pixels, views = pixel_views(images, self.processor, self.pipeline, alone)
-        features = self.project_views(pixels)
-        if not self.pipeline.anyres:
-            return list(features)
-        if not tiled(self.pipeline, alone):  # one view each, and one newline after it
-            ends = self.image_newline.to(features.device, features.dtype)[None]
-            return [torch.cat([view, ends]) for view in features]
-        return [pack(picture_views, *image.size, self.pipeline, self.image_newline)
-                for picture_views, image in zip(features.split(views), images)]
+    def encode(self, pictures, layout: str) -> list[torch.Tensor]:
+        """Pictures of one layout → each one's projected features [slots, hidden]; all their views in one
+        tower batch."""
+        family = family_of(self.pipeline)
+        pixels, views = family.views(self.pipeline, self.processor, pictures, layout)
+        projected = self.project_views(pixels)
+        return family.features(self.pipeline, projected, views, pictures, layout, self.image_newline)
 
-    def encode_batches(self, images, alone: bool = True):
+    def encode_batches(self, pictures, layout: str):
         """Pictures in tower batches of at most MAX_VIEWS_PER_BATCH views, so 100 pictures stay within memory."""
-        per_batch = max(1, MAX_VIEWS_PER_BATCH // (max_views(self.pipeline) if tiled(self.pipeline, alone) else 1))
-        for start in range(0, len(images), per_batch):
-            yield self.encode(images[start:start + per_batch], alone)
+        per_batch = max(1, MAX_VIEWS_PER_BATCH // family_of(self.pipeline).most_views(self.pipeline, layout))
+        for start in range(0, len(pictures), per_batch):
+            yield self.encode(pictures[start:start + per_batch], layout)
 
 
 def load_vision_parts(pipeline: Pipeline, sources: Sources, placement: Placement, log=print) -> VisionParts:

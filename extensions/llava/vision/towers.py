@@ -12,11 +12,11 @@ import os
 import torch
 from torch import nn
 
-from .errors import first_line
-from .pipelines import TOWER_KINDS, tower_kind_of
-from .preprocess import load_image_processor
-from .weights import (TOWER_PREFIXES, LazyTensor, WeightsError, quiet_transformers, read_tensors, resolve_file,
+from ..errors import first_line
+from ..pipelines import TOWER_KINDS, tower_kind_of
+from ..weights import (TOWER_PREFIXES, LazyTensor, WeightsError, quiet_transformers, read_tensors, resolve_file,
                       without_prefix, write_safetensors)
+from .processors import load_image_processor
 
 LLAVA_HF_TYPES = ("llava", "llava_next", "llava_onevision", "llava_llama", "llava_mistral")
 

@@ -10,16 +10,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from .cache import FeatureCache
-from .checkpoint_rules import check
-from .detect import Choice
-from .memory import release_freed_memory
-from .pipelines import PipelineError
-from .preprocess import tiled
-from .prompt import ImageRef
-from .settings import Settings
+from ..cache import FeatureCache
+from ..checkpoint_rules import check
+from ..detect import Choice
+from ..memory import release_freed_memory
+from ..pipelines import PipelineError
+from ..prompt import ImageRef
+from ..settings import Settings
+from .parts import LOADER_FIX, Placement, Sources, VisionParts, load_vision_parts
 from .towers import VisionLoadError
-from .vision import LOADER_FIX, Placement, Sources, VisionParts, load_vision_parts
 
 logger = logging.getLogger("llava")
 
@@ -52,36 +51,34 @@ class PictureFeatures:
         self.settings = settings
         self.cache.resize(cache_bytes(settings))
 
-    def features_for(self, images: Sequence[ImageRef], choice: Choice, width: int,
-                     notes: list[str] | None = None, alone: bool = True) -> list[torch.Tensor]:
-        """Each image's projected features [slots, width], from the cache or as few tower batches as may be.
-        ``alone``: whether the prompt holds only one picture (the features of a picture tiled alone and
-        laid out among several are different, and cached apart)."""
+    def features_for(self, images: Sequence[ImageRef], layouts: Sequence[str], choice: Choice, width: int,
+                     notes: list[str] | None = None) -> list[torch.Tensor]:
+        """Each image's projected features [slots, width] in its layout (its family's ``arrange`` for the
+        prompt: the same picture laid out otherwise has other features, cached apart), from the cache or
+        as few tower batches as may be."""
         pipeline = choice.pipeline
         if not images:
             return []
         vision, vision_key = self._vision_and_key(choice)
         check(replace(vision.parts, llm_width=width), pipeline, {"parts": LOADER_FIX, "pipeline": LOADER_FIX},
               PipelineError)
-        layout = "tiled" if tiled(pipeline, alone) else "one view"
-        keys = [(image.source.digest(), layout) + vision_key for image in images]
+        keys = [(image.source.digest(), layout) + vision_key for image, layout in zip(images, layouts)]
         found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
         if any(v is None for v in found.values()):
             with self._encode_lock:
                 for key in found:
                     if found[key] is None and key in self.cache:
                         found[key] = self.cache.get(key)
-                todo = [(key, image) for key, image in zip(keys, images) if found[key] is None]
-                todo = list({key: image for key, image in todo}.items())
-                if todo:
-                    self._encode([image for _, image in todo], [key for key, _ in todo], vision, found, notes,
-                                 alone)
+                todo = {key: image for key, image in zip(keys, images) if found[key] is None}
+                for layout in dict.fromkeys(key[1] for key in todo):
+                    same = [key for key in todo if key[1] == layout]
+                    self._encode([todo[key] for key in same], same, layout, vision, found, notes)
         return [found[key] for key in keys]
 
-    def _encode(self, images: list[ImageRef], keys: list[tuple], vision: VisionParts, found: dict,
-                notes: list[str] | None, alone: bool) -> None:
-        """Decode ``images`` and run them through the vision parts; their features go into ``found`` and
-        the cache. What the decoding and the tower freed goes back to the operating system after."""
+    def _encode(self, images: list[ImageRef], keys: list[tuple], layout: str, vision: VisionParts, found: dict,
+                notes: list[str] | None) -> None:
+        """Decode ``images`` and run them through the vision parts in ``layout``; their features go into
+        ``found`` and the cache. What the decoding and the tower freed goes back to the operating system after."""
         pictures = []
         for image in images:
             picture = image.source.load()
@@ -89,7 +86,7 @@ class PictureFeatures:
                 notes.extend(picture.notes)
             pictures.append(picture.image)
         encoded = []
-        for batch in vision.encode_batches(pictures, alone):
+        for batch in vision.encode_batches(pictures, layout):
             encoded.extend(batch)
             self.counters.vision_batches += 1
         self.counters.vision_forwards += len(pictures)
