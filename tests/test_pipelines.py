@@ -240,3 +240,30 @@ def test_the_sizes_pick_different_canvases():
     canvases = {name: tiling_of(PIPELINE).patches(*size) for name, size in SIZES.items()}
     assert canvases == {"wide": (24, 48), "tall": (48, 24), "square": (48, 48), "small": (24, 48),
                         "very-wide": (24, 72), "ceil-resize": (24, 72)}
+
+
+# ---------------------------------------------------------------- families
+
+
+def test_every_pipeline_has_its_family():
+    """Each named pipeline is laid out by its family's module; a row's family is what recognition says."""
+    families = {name: family_of(pipeline).name for name, pipeline in PIPELINES.items()}
+    assert {families[n] for n in ("llava-v0-13b", "llava-llama-2-13b", "llava-v1.5-7b", "bakllava-1", "llava-demo")} \
+        == {"llava"}
+    assert {families[n] for n in PIPELINES if n.startswith("llava-v1.6")} == {"next"}
+    assert {families[n] for n in PIPELINES if n.startswith("llava-onevision")} == {"onevision"}
+    assert {families[n] for n in PIPELINES if n.startswith("llava-interleave")} == {"interleave"}
+
+
+def test_a_row_written_by_an_earlier_converter_still_loads(tmp_path):
+    """Earlier converters wrote how OneVision lays out several pictures into the row; the family decides
+    that now, and such a row gives the same pipeline."""
+    onevision = PIPELINES["llava-onevision-qwen2-0.5b-ov"]
+    row = {**onevision.to_json(), "name": "an older conversion", "several_pictures": "pad",
+           "view_processor": "LlavaOnevisionImageProcessor"}
+    folder = tmp_path / "older"
+    folder.mkdir()
+    (folder / "llava.json").write_text(json.dumps({"pipeline": row}))
+    pipeline = choose_pipeline("auto", None, {}, str(folder)).pipeline
+    assert family_of(pipeline).name == "onevision"
+    assert slot_count(pipeline, 1920, 1080) == 7269 and slot_count(pipeline, 1920, 1080, among=2) == 730

@@ -21,7 +21,8 @@ import torch
 from .checkpoint_rules import Parts
 from .detect import detect_pipeline, pipeline_from_config
 from .errors import LlavaError, first_line
-from .pipelines import TOWER_KINDS, Pipeline, PipelineError, get_pipeline, tower_kind_of
+from .pipelines import Pipeline, PipelineError, get_pipeline
+from .vision.tower_kinds import TOWER_KINDS, tower_kind_of
 from .vision.projector import normalise_projector_keys, projector_type_of
 from .weights import IMAGE_NEWLINE_KEYS, PROJECTOR_PREFIXES, TOWER_PREFIXES, WeightsError, read_projector_tensors
 from .weights import weight_files as checkpoint_files
@@ -209,7 +210,7 @@ def parts_of(source: Source, projector: dict, newline, tokenizer) -> Parts:
     raw, hf = source.raw, source.kind == "llava-hf"
     projector_in, projector_out = projector_io(projector)
     strategy = raw.get("vision_feature_select_strategy" if hf else "mm_vision_select_feature", "default")
-    has_cls = TOWER_KINDS[tower_kind_of(source.vision) if hf else choose_tower_kind(raw)].has_cls
+    has_cls = TOWER_KINDS[tower_kind_of(source.vision) if hf else tower_kind_of(name=raw.get("mm_vision_tower", ""))].has_cls
     common = dict(newline_shape=tuple(newline.shape) if newline is not None else None,
                   llm_width=source.text.get("hidden_size"), keeps_cls=strategy in ("full", "cls_patch") and has_cls,
                   feature_layer=raw.get("vision_feature_layer" if hf else "mm_vision_select_layer", -2))
@@ -223,8 +224,3 @@ def parts_of(source: Source, projector: dict, newline, tokenizer) -> Parts:
     return Parts(projector_type_of(projector), projector_in, projector_out, tower_width=vision.get("hidden_size"),
                  tower_grid=(vision.get("image_size", 224) // vision.get("patch_size", 14)) ** 2,
                  activation=raw.get("projector_hidden_act", "gelu"), image_token=image_token, **common)
-
-
-def choose_tower_kind(raw: dict) -> str:
-    """The kind of the tower an original config names."""
-    return "siglip" if "siglip" in str(raw.get("mm_vision_tower", "")).lower() else "clip"

@@ -37,7 +37,8 @@ from .errors import LlavaError
 from .pipelines import PIPELINES, Pipeline
 from .vision.processors import load_image_processor
 from .vision.projector import projector_type_of, split_image_newline
-from .vision.towers import TOWER_KINDS, save_tower, tower_kind_of
+from .vision.tower_kinds import TOWER_KINDS, tower_kind_of
+from .vision.towers import save_tower
 from .weights import IMAGE_NEWLINE_KEYS, LazyTensor, WeightsError, lazy_tensors, write_safetensors
 
 PROJECTOR_FILE = "mm_projector.safetensors"

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from .checkpoint_rules import PROJECTOR_ACTIVATIONS
 from .families import family_claiming
-from .pipelines import (CLIP_224, CLIP_336, DEFAULT_PIPELINE, PIPELINES, TOWER_KINDS, Pipeline, PipelineError,
-                        get_pipeline, tower_kind_of)
+from .pipelines import CLIP_224, CLIP_336, DEFAULT_PIPELINE, PIPELINES, Pipeline, PipelineError, get_pipeline
+from .vision.tower_kinds import TOWER_KINDS, tower_kind_of
 
 METADATA_FILE = "llava.json"
 
@@ -169,7 +169,7 @@ def _llava_hf_row(get, image_token: str | None, start_end: bool) -> dict:
 
 def _original_row(get) -> dict:
     tower = str(get("mm_vision_tower"))
-    kind = "siglip" if "siglip" in tower.lower() else "clip"
+    kind = tower_kind_of(name=tower)
     image_size = _TOWER_IMAGE_SIZES.get(tower) or _tower_image_size(tower)
     aspect = get("image_aspect_ratio")
     pinpoints = None

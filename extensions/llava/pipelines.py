@@ -11,25 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .errors import LlavaError
-
-
-@dataclass(frozen=True)
-class TowerKind:
-    """One family of vision towers: transformers' classes for it, and whether its first feature is a CLS."""
-
-    config_class: str
-    model_class: str
-    processor_class: str
-    has_cls: bool
-
-
-TOWER_KINDS = {"clip": TowerKind("CLIPVisionConfig", "CLIPVisionModel", "CLIPImageProcessor", True),
-               "siglip": TowerKind("SiglipVisionConfig", "SiglipVisionModel", "SiglipImageProcessor", False)}
-
-
-def tower_kind_of(vision_config: dict) -> str:
-    """"clip" or "siglip", from a tower's config."""
-    return "siglip" if str(vision_config.get("model_type", "")).startswith("siglip") else "clip"
+from .vision.tower_kinds import TOWER_KINDS
 
 
 # Fields that rows written by earlier converters carry and that the family now decides.

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from ..errors import first_line
-from ..pipelines import TOWER_KINDS, tower_kind_of
 from ..weights import (TOWER_PREFIXES, LazyTensor, WeightsError, quiet_transformers, read_tensors, resolve_file,
                       without_prefix, write_safetensors)
 from .processors import load_image_processor
+from .tower_kinds import TOWER_KINDS, tower_kind_of
 
 LLAVA_HF_TYPES = ("llava", "llava_next", "llava_onevision", "llava_llama", "llava_mistral")
 
