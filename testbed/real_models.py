@@ -49,7 +49,7 @@ def v0_prompt_tokens(tokenizer, text_with_pictures: str, placeholder: str = "<pi
 
 def convert_into(models, name: str, save) -> str:
     """The checkpoint ``save(folder)`` writes, converted into ``models/name`` (a webui models folder)."""
-    from extensions.llava.convert import convert
+    from extensions.llava.converter.convert import convert
     source = save(os.path.join(str(models), name + "-source"))
     convert(source, os.path.join(str(models), name), log=lambda line: None)
     shutil.rmtree(source)

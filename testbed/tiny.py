@@ -18,7 +18,7 @@ from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfi
                           PreTrainedTokenizerFast)
 
 from extensions.llava.engine import LlavaEngine
-from extensions.llava.images import data_url  # noqa: F401  (the one way to build a data URL)
+from extensions.llava.media.sources import data_url  # noqa: F401  (the one way to build a data URL)
 from extensions.llava.settings import Settings
 
 VISION_WIDTH = 32
@@ -129,8 +129,8 @@ def load_folder(folder: str) -> Loaded:
 
 
 def convert_and_load(src: str, dst: str, **kwargs) -> tuple[dict, Loaded]:
-    """``extensions.llava.convert.convert`` without its report, then the written folder loaded."""
-    from extensions.llava.convert import convert
+    """``extensions.llava.converter.convert.convert`` without its report, then the written folder loaded."""
+    from extensions.llava.converter.convert import convert
     result = convert(src, dst, log=lambda line: None, **kwargs)
     return result, load_folder(dst)
 

@@ -14,7 +14,7 @@ import os
 import torch
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
-from extensions.llava.pipelines import PIPELINES
+from extensions.llava.families.pipelines import PIPELINES
 from testbed.tiny import (CLIP_MEAN, CLIP_STD, LLM_WIDTH, llama_config, make_tokenizer, vision_config, with_random_newline,
                          write_processor)
 from testbed.tiny_family import IMAGE_ID, save_original

@@ -17,7 +17,7 @@ import torch
 from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerFast, Qwen2Config, SiglipVisionConfig
 
-from extensions.llava.convert import CHATML
+from extensions.llava.converter.convert import CHATML
 from testbed.tiny import byte_tokenizer, with_random_newline
 
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]

@@ -13,7 +13,7 @@ import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from extensions.llava import images
+from extensions.llava.media import sources as images
 from extensions.llava.api.generate_route import add_generate_route, completion_body
 from extensions.llava.errors import LlavaError
 from testbed.fake_webui_api import AUTH

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from extensions.llava.errors import LlavaError
-from extensions.llava.prompt import parse_prompt
+from extensions.llava.prompt.parse import parse_prompt
 from testbed.tiny import PATCH_ID, data_url, embedded_line, img_tag, picture, two_pictures
 
 

@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from extensions.llava.checkpoint_rules import RULES, Parts, check, problems
+from extensions.llava.families.checkpoint_rules import RULES, Parts, check, problems
 from extensions.llava.errors import LlavaError
-from extensions.llava.pipelines import PIPELINES
+from extensions.llava.families.pipelines import PIPELINES
 from testbed.tiny import img_tag, make_llm, make_tokenizer, picture, prepare, save_projector
 
 TOWER_WIDTH = 1024  # CLIP ViT-L/14's

@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration, MistralConfig
 
-from extensions.llava import convert as converter
-from extensions.llava.detect import read_metadata
-from extensions.llava.pipelines import CLIP_336, NEXT_PINPOINTS, PIPELINES
+from extensions.llava.converter import convert as converter
+from extensions.llava.families.recognise import read_metadata
+from extensions.llava.families.pipelines import CLIP_336, NEXT_PINPOINTS, PIPELINES
 from testbed.reference import assert_matches, compare_next, ours, reference_pixels
 from testbed.tiny import (BosEncoder, convert_and_load, img_tag, load_folder, make_llm, make_tokenizer, picture,
                           quiet_engine, reference_run)

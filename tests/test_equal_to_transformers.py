@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from extensions.llava.pipelines import get_pipeline
+from extensions.llava.families.pipelines import get_pipeline
 from extensions.llava.families import slot_count
 from extensions.llava.vision.processors import fixed_views, load_image_processor
 from testbed.reference import assert_matches, compare_next, logits_of, ours, reference_pixels

@@ -4,8 +4,8 @@ per generated token."""
 
 import torch
 
-from extensions.llava.kv_cache import SPARE_POSITIONS, RoomyCache
-from extensions.llava.prefix_cache import cache_bytes
+from extensions.llava.reuse.kv_cache import SPARE_POSITIONS, RoomyCache
+from extensions.llava.reuse.prefixes import cache_bytes
 from testbed.tiny import make_llm
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from extensions.llava.errors import LlavaError
-from extensions.llava.pipelines import PIPELINES
+from extensions.llava.families.pipelines import PIPELINES
 from extensions.llava.families import max_slot_count, slot_count
 from extensions.llava.vision.processors import load_image_processor
 from testbed.reference import chatml_prompt, compare_onevision

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import EpsImagePlugin, GifImagePlugin, IcoImagePlugin, Image
 
-from extensions.llava.decode import SUPPORTED_FORMATS, normalise
-from extensions.llava.images import ImageError, InlineImage
+from extensions.llava.media.decode import SUPPORTED_FORMATS, normalise
+from extensions.llava.media.sources import ImageError, InlineImage
 from extensions.llava.families import slot_count
 from testbed.hostile_files import (animated_gif, eps_stub, exif_chunk, ico_holding, png_with, raw_profile_chunk,
                                    xmp_chunk)

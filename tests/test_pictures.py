@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from extensions.llava import images
-from extensions.llava.images import HEADER_PREFIX_CHARS, ImageError, InlineImage
+from extensions.llava.media import sources as images
+from extensions.llava.media.sources import HEADER_PREFIX_CHARS, ImageError, InlineImage
 from testbed.photos import encoded, make_photo, noisy_picture, turned_jpeg
 from testbed.tiny import bytes_url, img_tag, picture
 from testbed.watch import record_calls, refuse_calls

@@ -10,10 +10,10 @@ import random
 import pytest
 from transformers import MistralConfig
 
-from extensions.llava.detect import choose_pipeline, detect_pipeline, pipeline_from_config
+from extensions.llava.families.recognise import choose_pipeline, detect_pipeline, pipeline_from_config
 from extensions.llava.engine import LlavaEngine
 from extensions.llava.families import family_of
-from extensions.llava.pipelines import CLIP_224, CLIP_336, NEXT_PINPOINTS, PIPELINES, PipelineError
+from extensions.llava.families.pipelines import CLIP_224, CLIP_336, NEXT_PINPOINTS, PIPELINES, PipelineError
 from extensions.llava.families import max_slot_count, slot_count
 from extensions.llava.families.llava_next import tiling_of
 from testbed.tiny import END_ID, START_ID, BosEncoder, img_tag, make_tokenizer, picture

@@ -208,7 +208,7 @@ def test_a_prompt_larger_than_the_bound_is_said_and_not_kept(host_factory, v0):
 
 
 def test_the_device_decides_the_bound_when_the_setting_is_unset(v0):
-    from extensions.llava.prefix_cache import default_megabytes
+    from extensions.llava.reuse.prefixes import default_megabytes
     memory_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20
     assert default_megabytes(v0.llm) == min(8192, memory_mb // 10)  # a tenth of the machine's, at most 8 GB
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from extensions.llava.pipelines import PIPELINES
+from extensions.llava.families.pipelines import PIPELINES
 from extensions.llava.families import max_slot_count, slot_count
 from testbed import tiny
 from testbed.hostile_files import exif_chunk, png_with, xmp_chunk

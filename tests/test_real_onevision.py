@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from extensions.llava.pipelines import PIPELINES
+from extensions.llava.families.pipelines import PIPELINES
 from testbed import tiny
 from testbed.real_host import ROOT, WEBUI, is_current, needs_webui, post
 from testbed.real_models import convert_into, serving

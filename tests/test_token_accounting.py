@@ -5,11 +5,11 @@ one, and a reply that ends at the context length."""
 import pytest
 import torch
 
-from extensions.llava import images
+from extensions.llava.media import sources as images
 from extensions.llava.errors import LlavaError
-from extensions.llava.images import InlineImage
+from extensions.llava.media.sources import InlineImage
 from extensions.llava.families import max_slot_count, slot_count
-from extensions.llava.prompt import parse_prompt
+from extensions.llava.prompt.parse import parse_prompt
 from testbed.photos import turned_jpeg
 from testbed.tiny import PATCH_ID, bytes_url, data_url, img_tag, llama_config, picture, quiet_engine
 from testbed.tiny_family import IMAGE_ID
@@ -171,7 +171,7 @@ def test_history_trimming_keeps_whole_pictures_of_different_sizes(next_converted
 
 def test_a_reply_ends_at_the_context_length():
     from transformers import LlamaForCausalLM
-    from extensions.llava.context_limit import EndAtContextLength, reply_limit
+    from extensions.llava.tokens.context_limit import EndAtContextLength, reply_limit
     torch.manual_seed(0)
     llm = LlamaForCausalLM(llama_config(300)).eval()
     prompt = torch.randint(3, 300, (1, 10))

@@ -24,9 +24,9 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from extensions.llava.engine import LlavaEngine  # noqa: E402
-from extensions.llava.prompt import parse_prompt  # noqa: E402
+from extensions.llava.prompt.parse import parse_prompt  # noqa: E402
 from extensions.llava.settings import Settings  # noqa: E402
-from extensions.llava.splice import TokenLayout, find_images, splice  # noqa: E402
+from extensions.llava.tokens.splice import TokenLayout, find_images, splice  # noqa: E402
 from testbed import tiny  # noqa: E402
 
 

@@ -111,7 +111,7 @@ def convert_peak(src: str, dst: str) -> tuple[float, float]:
     started = time.perf_counter()
     # VmHWM is the peak of this process's own memory (ru_maxrss would carry the parent's over the fork)
     done = subprocess.run([sys.executable, "-c", (
-        "import sys; from extensions.llava.convert import main; code = main(sys.argv[1:]); "
+        "import sys; from extensions.llava.converter.convert import main; code = main(sys.argv[1:]); "
         "print('peak-kb', next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM'))); "
         "sys.exit(code)"), src, dst],
         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -43,9 +43,9 @@ def turn_pictures(photo, sizes: Sequence[tuple[int, int]]) -> list:
 def race(turns: dict, photo, choice, settings, llm_width: int,
          reference_features: Callable[[list], list[torch.Tensor]], repeats: int) -> None:
     from extensions.llava.engine import LlavaEngine
-    from extensions.llava.images import PilImage
+    from extensions.llava.media.sources import PilImage
     from extensions.llava.families import family_of, slot_count, view_count
-    from extensions.llava.prompt import ImageRef
+    from extensions.llava.prompt.parse import ImageRef
 
     pipeline = choice.pipeline
     print(f"device {settings.clip_device}, {torch.get_num_threads()} threads; seconds per picture, median of {repeats}")
@@ -88,8 +88,8 @@ class Contest:
 
 def main(contest: Contest, argv=None) -> int:
     from PIL import Image
-    from extensions.llava.detect import Choice
-    from extensions.llava.pipelines import PIPELINES
+    from extensions.llava.families.recognise import Choice
+    from extensions.llava.families.pipelines import PIPELINES
     from extensions.llava.settings import Settings
     from testbed.photos import make_photo
 

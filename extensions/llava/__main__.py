@@ -2,7 +2,8 @@
 
 import sys
 
-from . import cli_ask, convert
+from . import cli_ask
+from .converter import convert
 
 COMMANDS = {"ask": cli_ask.main, "convert": convert.main}
 

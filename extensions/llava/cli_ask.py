@@ -17,8 +17,8 @@ import os
 import sys
 
 from .errors import LlavaError, first_line
-from .images import ImageError, InlineImage
-from .weights import quiet_transformers
+from .media.sources import ImageError, InlineImage
+from .vision.weights import quiet_transformers
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
 # The user's message: the pictures' tags, then the question. A model with a chat template (the demo
@@ -60,7 +60,7 @@ class Asker:
     def __init__(self, model_dir: str = DEMO_MODEL, pipeline: str = "auto", device: str = "cpu",
                  embed_all: bool = False, log=lambda message: None):
         from .engine import LlavaEngine
-        from .pipelines import get_pipeline
+        from .families.pipelines import get_pipeline
         from .settings import Settings
 
         if pipeline != "auto":

@@ -14,15 +14,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from .cache import FeatureCache
-from .counting import Encode, prompt_length, slot_counts, stand_in_ids, unseen_pictures
+from .stores import FeatureCache
+from .tokens.counting import Encode, prompt_length, slot_counts, stand_in_ids, unseen_pictures
 from .errors import LlavaError
-from .images import ImageSource
+from .media.sources import ImageSource
 from .loaded import LoadedModel, LoadedModels
-from .prefix_cache import PositionKey
-from .prompt import escape_special_tokens, parse_prompt
+from .reuse.prefixes import PositionKey
+from .prompt.parse import escape_special_tokens, parse_prompt
 from .settings import Settings
-from .splice import find_images, shift_spans, splice, truncation_cut, widen_image_slots
+from .tokens.splice import find_images, shift_spans, splice, truncation_cut, widen_image_slots
 from .vision.features import Counters, PictureFeatures
 
 logger = logging.getLogger("llava")

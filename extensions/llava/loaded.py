@@ -15,11 +15,11 @@ from typing import Callable
 
 import torch
 
-from .detect import Choice, choose_pipeline
+from .families.recognise import Choice, choose_pipeline
 from .errors import LlavaError
 from .families import Family, family_of
-from .pipelines import PIPELINES, PipelineError
-from .splice import TokenLayout
+from .families.pipelines import PIPELINES, PipelineError
+from .tokens.splice import TokenLayout
 
 # Image tokens a typed prompt may hold whatever the model: those of every named pipeline.
 NAMED_IMAGE_TOKENS = frozenset(token for pipeline in PIPELINES.values() for token in pipeline.special_tokens)

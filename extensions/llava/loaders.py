@@ -3,7 +3,7 @@ when pictures go to one that does not."""
 
 from __future__ import annotations
 
-from .prompt import parse_prompt
+from .prompt.parse import parse_prompt
 
 # Loaders whose generation passes the tokenizer hook's embeddings to the model. The webui's ExLlamav3_HF
 # calls the hook, but its forward reads only input_ids; the 2023 webui names no loader (None).

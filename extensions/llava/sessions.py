@@ -20,7 +20,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 
-from .prefix_cache import Handoffs, PrefixStore
+from .reuse.prefixes import Handoffs, PrefixStore
 
 
 @dataclass(eq=False)

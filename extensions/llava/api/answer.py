@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from ..messages import body_prompts
+from ..prompt.messages import body_prompts
 from ..sessions import Session
 
 

@@ -24,8 +24,8 @@ import asyncio
 import json
 from typing import Callable
 
-from ..images import ImageError, ImageSource, RefusedImage
-from ..messages import RequestProblem, body_prompts, pictures_in_body, reference_prompts
+from ..media.sources import ImageError, ImageSource, RefusedImage
+from ..prompt.messages import RequestProblem, body_prompts, pictures_in_body, reference_prompts
 from ..sessions import Sessions
 from .answer import AnswerCorrection
 from .asgi import body_message, error_body, errors_as_events, read_as_json, read_body, replay, send_json

@@ -9,7 +9,7 @@ import threading
 from typing import Callable
 
 from ..errors import LlavaError
-from ..messages import RequestProblem
+from ..prompt.messages import RequestProblem
 from .asgi import declares_json, error_body
 
 GENERATE_PATH = "/api/v1/generate"

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ..splice import TokenLayout
+from ..tokens.splice import TokenLayout
 
 
 class Family:

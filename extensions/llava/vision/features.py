@@ -10,12 +10,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..cache import FeatureCache
-from ..checkpoint_rules import check
-from ..detect import Choice
+from ..stores import FeatureCache
+from ..families.checkpoint_rules import check
+from ..families.recognise import Choice
 from ..memory import release_freed_memory
-from ..pipelines import PipelineError
-from ..prompt import ImageRef
+from ..families.pipelines import PipelineError
+from ..prompt.parse import ImageRef
 from ..settings import Settings
 from .parts import LOADER_FIX, Placement, Sources, VisionParts, load_vision_parts
 from .towers import VisionLoadError

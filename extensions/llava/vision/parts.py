@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..checkpoint_rules import Parts, check
+from ..families.checkpoint_rules import Parts, check
 from ..families import family_of
-from ..pipelines import Pipeline
-from ..weights import read_projector_tensors
+from ..families.pipelines import Pipeline
+from .weights import read_projector_tensors
 from .projector import normalise_projector_keys, projector_from_state, projector_shape, projector_type_of, split_image_newline
 from .towers import VisionLoadError, load_vision_tower, tower_geometry
 

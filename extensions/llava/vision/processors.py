@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from ..weights import WeightsError
+from .weights import WeightsError
 
 # A picture whose sides differ more than this is cut (crop) or shrunk (pad) first, so that
 # preprocessing never builds a huge intermediate image; ordinary pictures are untouched.

@@ -8,7 +8,7 @@ import re
 import torch
 from torch import nn
 
-from ..weights import IMAGE_NEWLINE_KEYS, PROJECTOR_PREFIXES, WeightsError, without_prefix
+from .weights import IMAGE_NEWLINE_KEYS, PROJECTOR_PREFIXES, WeightsError, without_prefix
 
 # llava-hf names its two projector layers linear_1/linear_2; the original numbers them in a Sequential.
 _HF_LAYER_INDEX = {"linear_1": "0", "linear_2": "2"}

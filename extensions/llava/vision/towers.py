@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import first_line
-from ..weights import (TOWER_PREFIXES, LazyTensor, WeightsError, quiet_transformers, read_tensors, resolve_file,
+from .weights import (TOWER_PREFIXES, LazyTensor, WeightsError, quiet_transformers, read_tensors, resolve_file,
                       without_prefix, write_safetensors)
 from .processors import load_image_processor
 from .tower_kinds import TOWER_KINDS, tower_kind_of

@@ -3,12 +3,12 @@ the core and keeps what a later hook needs in the generation's session."""
 
 from __future__ import annotations
 
-from ..attachments import attach_to_new_message, media_from_state
-from ..context_limit import EndAtContextLength, reply_limit
+from ..prompt.attachments import attach_to_new_message, media_from_state
+from ..tokens.context_limit import EndAtContextLength, reply_limit
 from ..engine import pictures_in
 from ..errors import LlavaError
 from ..loaders import unseen_pictures_warning
-from ..prompt import reference_pictures
+from ..prompt.parse import reference_pictures
 from ..settings import SettingsError
 from .extension import embed_all, engine, log, model_folder, session, warn, webui
 from .page import input_hijack

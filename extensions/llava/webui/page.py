@@ -5,8 +5,8 @@ picture goes into the message text through ``input_hijack``.
 No ``from __future__ import annotations`` here: gradio reads the handlers' ``gr.Request`` annotation
 at run time, and ``gr`` is imported inside ``ui``."""
 
-from ..attachments import read_upload
-from ..chat_2023 import inline_in_message
+from ..prompt.attachments import read_upload
+from ..prompt.chat_2023 import inline_in_message
 from ..errors import LlavaError
 from .extension import embed_all_setting, log, request_context, sessions, warn, webui
 

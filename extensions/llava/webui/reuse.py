@@ -5,7 +5,7 @@ once, starts from the cache the tokenizer hook left for its inputs_embeds; the s
 from __future__ import annotations
 
 from ..loaders import loader_sees_images
-from ..prefix_cache import default_megabytes, reusing_generate
+from ..reuse.prefixes import default_megabytes, reusing_generate
 from .extension import browser_session, log, sessions, settings
 
 
@@ -19,7 +19,7 @@ def offer(model, loader: str | None, prepared) -> None:
     if store.max_bytes <= 0 or prepared.positions is None or not loader_sees_images(loader, model):
         return
     try:
-        from ..kv_cache import RoomyCache
+        from ..reuse.kv_cache import RoomyCache
     except ImportError:  # a transformers without its Cache classes (the 2023 webui's): nothing is reused
         return
     store.bind(model)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from PIL import Image
 
 from .decode import SUPPORTED_FORMATS, Picture, normalise, open_picture, sniff_header, upright_size
-from .errors import LlavaError
+from ..errors import LlavaError
 
 MAX_ENCODED_CHARS = 64 * 1024 * 1024
 # base64 characters of a data URL read for its header before all of it: a photo's header with its

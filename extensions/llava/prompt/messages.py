@@ -6,9 +6,9 @@ Nothing is decoded here: a picture is a source (a span of the body's own text) u
 
 from __future__ import annotations
 
-from .errors import LlavaError
-from .images import ImageSource, InlineImage, RefusedImage
-from .prompt import MEDIA_PLACEHOLDER, parse_prompt, reference_pictures
+from ..errors import LlavaError
+from ..media.sources import ImageSource, InlineImage, RefusedImage
+from .parse import MEDIA_PLACEHOLDER, parse_prompt, reference_pictures
 
 
 class RequestProblem(LlavaError):

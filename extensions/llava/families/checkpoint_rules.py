@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import LlavaError
+from ..errors import LlavaError
 from .pipelines import Pipeline
 
 # Exact GELU, or none at all (a v0 linear projector written as llava-hf's two layers).

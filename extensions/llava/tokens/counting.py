@@ -12,10 +12,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .images import ImageError, ImageSource
-from .families import family_of
-from .pipelines import Pipeline
-from .prompt import MEDIA_PLACEHOLDER, ImageRef, ParsedPrompt, expand_prompt
+from ..media.sources import ImageError, ImageSource
+from ..families import family_of
+from ..families.pipelines import Pipeline
+from ..prompt.parse import MEDIA_PLACEHOLDER, ImageRef, ParsedPrompt, expand_prompt
 
 Encode = Callable[[str], torch.Tensor]
 

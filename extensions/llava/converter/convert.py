@@ -31,15 +31,15 @@ import torch
 
 from .checkpoint import (CAUSAL_LM, ConvertError, Source, choose, classify, load_tokenizer, parts_of, projector_io,
                          projector_state, read_projector, read_source)
-from .checkpoint_rules import check
-from .detect import METADATA_FILE
-from .errors import LlavaError
-from .pipelines import PIPELINES, Pipeline
-from .vision.processors import load_image_processor
-from .vision.projector import projector_type_of, split_image_newline
-from .vision.tower_kinds import TOWER_KINDS, tower_kind_of
-from .vision.towers import save_tower
-from .weights import IMAGE_NEWLINE_KEYS, LazyTensor, WeightsError, lazy_tensors, write_safetensors
+from ..families.checkpoint_rules import check
+from ..families.recognise import METADATA_FILE
+from ..errors import LlavaError
+from ..families.pipelines import PIPELINES, Pipeline
+from ..vision.processors import load_image_processor
+from ..vision.projector import projector_type_of, split_image_newline
+from ..vision.tower_kinds import TOWER_KINDS, tower_kind_of
+from ..vision.towers import save_tower
+from ..vision.weights import IMAGE_NEWLINE_KEYS, LazyTensor, WeightsError, lazy_tensors, write_safetensors
 
 PROJECTOR_FILE = "mm_projector.safetensors"
 VISION_FOLDER = "vision_tower"

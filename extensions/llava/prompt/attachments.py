@@ -12,8 +12,8 @@ import base64
 import os
 from dataclasses import dataclass, field
 
-from .decode import sniff_header
-from .images import ImageSource, InlineImage, PilImage
+from ..media.decode import sniff_header
+from ..media.sources import ImageSource, InlineImage, PilImage
 from .messages import message_pictures
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .errors import LlavaError
-from .vision.tower_kinds import TOWER_KINDS
+from ..errors import LlavaError
+from ..vision.tower_kinds import TOWER_KINDS
 
 
 # Fields that rows written by earlier converters carry and that the family now decides.

@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass
 
 from .checkpoint_rules import PROJECTOR_ACTIVATIONS
-from .families import family_claiming
+from . import family_claiming
 from .pipelines import CLIP_224, CLIP_336, DEFAULT_PIPELINE, PIPELINES, Pipeline, PipelineError, get_pipeline
-from .vision.tower_kinds import TOWER_KINDS, tower_kind_of
+from ..vision.tower_kinds import TOWER_KINDS, tower_kind_of
 
 METADATA_FILE = "llava.json"
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import html
 
-from .decode import open_picture
-from .images import data_url
-from .prompt import UI_IMAGE_MARKER, place_image
+from ..media.decode import open_picture
+from ..media.sources import data_url
+from .parse import UI_IMAGE_MARKER, place_image
 from .attachments import Upload, upload_data_url
 
 THUMBNAIL_SIDE = 300

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import BoundedStore
+from ..stores import BoundedStore
 
 # Below this many reusable positions a reuse is not worth its bookkeeping.
 MIN_REUSED_POSITIONS = 16

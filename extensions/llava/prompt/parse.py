@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .images import ImageSource, InlineImage, RefusedImage
+from ..media.sources import ImageSource, InlineImage, RefusedImage
 
 MEDIA_PLACEHOLDER = "<__media__>"
 # ``<img src="llava-ref:N">``: a picture of the current HTTP request body, kept beside the prompt

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import LlavaError
+from ..errors import LlavaError
 
 
 class LayoutError(LlavaError):

@@ -18,14 +18,14 @@ from types import SimpleNamespace
 
 import torch
 
-from .checkpoint_rules import Parts
-from .detect import detect_pipeline, pipeline_from_config
-from .errors import LlavaError, first_line
-from .pipelines import Pipeline, PipelineError, get_pipeline
-from .vision.tower_kinds import TOWER_KINDS, tower_kind_of
-from .vision.projector import normalise_projector_keys, projector_type_of
-from .weights import IMAGE_NEWLINE_KEYS, PROJECTOR_PREFIXES, TOWER_PREFIXES, WeightsError, read_projector_tensors
-from .weights import weight_files as checkpoint_files
+from ..families.checkpoint_rules import Parts
+from ..families.recognise import detect_pipeline, pipeline_from_config
+from ..errors import LlavaError, first_line
+from ..families.pipelines import Pipeline, PipelineError, get_pipeline
+from ..vision.tower_kinds import TOWER_KINDS, tower_kind_of
+from ..vision.projector import normalise_projector_keys, projector_type_of
+from ..vision.weights import IMAGE_NEWLINE_KEYS, PROJECTOR_PREFIXES, TOWER_PREFIXES, WeightsError, read_projector_tensors
+from ..vision.weights import weight_files as checkpoint_files
 
 ORIGINAL_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
 CAUSAL_LM = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}

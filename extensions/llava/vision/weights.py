@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .errors import LlavaError, first_line
+from ..errors import LlavaError, first_line
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
