@@ -5,7 +5,7 @@ per generated token."""
 import torch
 
 from extensions.llava.reuse.kv_cache import SPARE_POSITIONS, RoomyCache
-from extensions.llava.reuse.prefixes import cache_bytes
+from extensions.llava.reuse.prefixes import kv_bytes
 from testbed.tiny import make_llm
 
 
@@ -52,7 +52,7 @@ def test_storage_is_copied_only_when_full_and_counted_with_its_room():
     assert layer.keys.shape[-2] == positions
     width = model.config.hidden_size  # 4 heads of 16
     position_bytes = 2 * 2 * width * 4  # 2 layers, keys and values, float32
-    capacity, rest = divmod(cache_bytes(cache), position_bytes)  # the storage, room to spare included
+    capacity, rest = divmod(kv_bytes(cache), position_bytes)  # the storage, room to spare included
     assert rest == 0 and positions < capacity <= positions + SPARE_POSITIONS
 
 

@@ -178,12 +178,12 @@ def test_the_webuis_other_settings_keep_their_meaning(twins):
 def test_text_only_generations_are_left_alone(twins):
     twins.chat("Hello there", TURN)
     twins.chat("And again", TURN)
-    assert twins.saved == 0 and len(twins.reusing.extension.sessions.prefixes) == 0
+    assert twins.saved == 0 and len(twins.reusing.extension.prefix_reuse.store) == 0
 
 
 def test_the_cache_is_bounded_and_a_sessions_entries_go_with_it(host_factory, v0):
     host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=v0.webui_settings(prefix_cache_mb=1))
-    store = host.extension.sessions.prefixes
+    store = host.extension.prefix_reuse.store
     for i in range(6):  # six browser sessions, a chat each
         host.history = {"internal": [], "visible": [], "metadata": {}}
         host.chat(f"Picture {i}?", host.state(**TURN), attachments=[picture(seed=30 + i)], session=f"s{i}")
@@ -200,7 +200,7 @@ def test_the_cache_is_bounded_and_a_sessions_entries_go_with_it(host_factory, v0
 def test_a_prompt_larger_than_the_bound_is_said_and_not_kept(host_factory, v0):
     host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=v0.webui_settings(prefix_cache_mb=0.05))
     host.chat("What is this?", host.state(**TURN), attachments=[picture(seed=35)])
-    assert len(host.extension.sessions.prefixes) == 0
+    assert len(host.extension.prefix_reuse.store) == 0
     said = [re.search(r"this prompt's cache \(([\d.]+) MB\) is larger than llava-prefix_cache_mb allows", line)
             for line in host.logged]
     sizes = [float(found[1]) for found in said if found]
@@ -217,4 +217,4 @@ def test_loaders_that_drop_the_embeddings_keep_their_generate(host_factory, v0):
     host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=v0.webui_settings(), loader="ExLlamav3_HF")
     host.chat("What is this?", host.state(**TURN), attachments=[picture(seed=40)])
     host.chat("And now?", host.state(**TURN))
-    assert len(host.extension.sessions.prefixes) == 0 and host.last_prefill == len(host.last_prompt_ids[0])
+    assert len(host.extension.prefix_reuse.store) == 0 and host.last_prefill == len(host.last_prompt_ids[0])

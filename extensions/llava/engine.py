@@ -15,11 +15,11 @@ from typing import Callable, Sequence
 import torch
 
 from .stores import FeatureCache
-from .tokens.counting import Encode, prompt_length, slot_counts, stand_in_ids, unseen_pictures
+from .tokens.counting import Encode, prompt_length, slot_counts, stand_in_ids, unknown_pictures
 from .errors import LlavaError
 from .media.sources import ImageSource
 from .loaded import LoadedModel, LoadedModels
-from .reuse.prefixes import PositionKey
+from .reuse.positions import PositionKey, position_key
 from .prompt.parse import escape_special_tokens, parse_prompt
 from .settings import Settings
 from .tokens.splice import find_images, shift_spans, splice, truncation_cut, widen_image_slots
@@ -66,7 +66,7 @@ class LlavaEngine:
         """Tokens ``prompt`` takes, each image counted at its full length; None without images.
         ``media`` are the pictures of the ``<__media__>`` placeholders; without them every placeholder
         stands for a picture of unknown size."""
-        parsed = parse_prompt(prompt, unseen_pictures(prompt) if media is None else media, references)
+        parsed = parse_prompt(prompt, unknown_pictures(prompt) if media is None else media, references)
         if not parsed.images:
             return None
         return prompt_length(parsed, loaded.choice.pipeline, loaded.encode)
@@ -160,15 +160,6 @@ def _plain_encode(tokenizer) -> Encode:
     def encode(text: str, **options) -> torch.Tensor:
         return torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
     return encode
-
-
-def position_key(ids: torch.Tensor, spans, identities: list[tuple | None]) -> PositionKey:
-    """What stands at each position of ``ids``: the ids, and each picture's slots with the picture (by
-    its data's digest and its layout) or, where it was not embedded (``None``), the plain embedding."""
-    firsts = spans.slots[torch.cumsum(spans.counts, 0) - spans.counts].tolist() if len(spans.counts) else []
-    pictures = tuple((first, first + int(count), ("plain",) if identity is None else identity)
-                     for first, count, identity in zip(firsts, spans.counts.tolist(), identities))
-    return PositionKey(ids[0].detach().cpu(), pictures)
 
 
 def pictures_in(prompt: str, media: Sequence[ImageSource] | None = None, references: dict | None = None) -> bool:

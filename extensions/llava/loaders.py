@@ -24,7 +24,7 @@ def loader_sees_images(loader: str | None, model) -> bool:
     return hasattr(model, "get_input_embeddings")
 
 
-def unseen_pictures_warning(text: str, loader: str | None, model, attached: int = 0) -> str | None:
+def ignored_pictures_warning(text: str, loader: str | None, model, attached: int = 0) -> str | None:
     """What to tell the user when pictures are sent to a loader whose model will not see them; None
     when it sees them or the message holds none.
 

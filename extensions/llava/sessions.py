@@ -20,7 +20,6 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 
-from .reuse.prefixes import Handoffs, PrefixStore
 
 
 @dataclass(eq=False)
@@ -63,19 +62,18 @@ class Session:
 
 
 class Sessions:
-    """Every session's record, looked up one way (``current``); and what outlives a generation: the
-    language model's caches of earlier prompts (``prefixes``, owned by browser sessions or shared by API
-    requests) and the ones handed from the tokenizer hook to ``generate`` (``handoffs``)."""
+    """Every session's record, looked up one way (``current``), and who owns what a generation leaves for
+    later prompts (``owner``: its browser session, or the API's). ``on_forget(owner)`` is told when a
+    browser session is forgotten, so that what it owns can go too."""
 
     API = "api"  # the owner of what API requests leave
 
-    def __init__(self, limit: int = 256, prefix_bytes: int = 0):
+    def __init__(self, limit: int = 256, on_forget=lambda owner: (0, 0)):
         self.limit = limit
         self._browsers: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         self._request: contextvars.ContextVar[Session | None] = contextvars.ContextVar("llava_request", default=None)
-        self.prefixes = PrefixStore(prefix_bytes)
-        self.handoffs = Handoffs()
+        self.on_forget = on_forget
 
     def current(self, browser_session: str | None = None) -> Session:
         """The HTTP request's record while one is served, else the browser session's (None: a host
@@ -90,7 +88,7 @@ class Sessions:
                 session = self._browsers[key] = Session()
             self._browsers.move_to_end(key)
             while len(self._browsers) > self.limit:
-                self.prefixes.forget(self._browsers.popitem(last=False)[0])
+                self.on_forget(self._browsers.popitem(last=False)[0])
             return session
 
     def __contains__(self, browser_session: str | None) -> bool:
@@ -103,11 +101,11 @@ class Sessions:
         return self.API if self.serving_request() else browser_session
 
     def end(self, browser_session: str | None) -> tuple[int, int]:
-        """A browser session went (its page was closed): its record and its entries go (how many, their
-        bytes)."""
+        """A browser session went (its page was closed): its record goes, and what it owns (``on_forget``'s
+        answer: how many entries, their bytes)."""
         with self._lock:
             self._browsers.pop(browser_session, None)
-        return self.prefixes.forget(browser_session)
+        return self.on_forget(browser_session)
 
     def serving_request(self) -> bool:
         return self._request.get() is not None

@@ -6,8 +6,6 @@ pipelines in ``pipelines.py`` when it has released ones, and its tests.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 from ..errors import LlavaError
 from . import interleave, llava, llava_next, onevision
 from .base import Family
@@ -46,12 +44,3 @@ def max_slot_count(pipeline, among: int = 1) -> int:
     """The most slots a picture can take in a prompt of ``among`` items."""
     family = family_of(pipeline)
     return family.most_slots(pipeline, family.arrange(pipeline, among)[-1])
-
-
-def slot_counts(pipeline, headers: Sequence) -> list[int]:
-    """Each item's slots, the prompt holding exactly these items; None in ``headers`` stands for an item
-    not seen (counted at the most)."""
-    family = family_of(pipeline)
-    layouts = family.arrange(pipeline, len(headers))
-    return [family.most_slots(pipeline, layout) if header is None else family.slot_count(pipeline, header, layout)
-            for header, layout in zip(headers, layouts)]

@@ -60,7 +60,7 @@ class Family:
         return pipeline.feature_count
 
     def most_slots(self, pipeline, layout: str) -> int:
-        """The most slots any item can take in ``layout`` (what an item not yet seen is counted at)."""
+        """The most slots any item can take in ``layout`` (what an unknown item is counted at)."""
         return pipeline.feature_count
 
     def view_count(self, pipeline, header: Sequence[int], layout: str) -> int:

@@ -1,17 +1,7 @@
-"""Reusing an earlier generation's keys and values, so that a follow-up question costs only its new tokens.
-
-Each generation with pictures leaves an entry: the language model's cache (a transformers
-``DynamicCache``, see kv_cache.py) of its prompt and reply, with what stood at each cached position: the token ids and,
-at image slots, which picture's features in which layout, or the plain image-token embedding where a
-picture was not embedded. A later prompt reuses the longest prefix it shares with an entry of its own
-conversation, position for position (the same pictures at the same places, not just the same ids): the
-cache is cut back to that prefix and handed to ``generate``, which then feeds only the rest. transformers
-computes the uncached positions from ``inputs_embeds``, so new pictures in the new part land as they
-should.
-
-Entries belong to their owner (a browser session; API requests share one owner: an entry is only
-ever reused for the very same prefix, which the client sent itself). They are bounded in MB, least
-recently used first; a browser session's entries go when the session does.
+"""The store of earlier generations' caches: each entry is the language model's cache (a transformers
+``DynamicCache``, see kv_cache.py) of a prompt and its reply, with what stood at each cached position
+(``positions.PositionKey``) and who owns it. A later prompt of the same owner takes the entry that
+shares the longest prefix with it, cut back to that prefix. Bounded in bytes, least recently used first.
 """
 
 from __future__ import annotations
@@ -19,41 +9,15 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from ..stores import BoundedStore
+from .positions import PositionKey
 
 # Below this many reusable positions a reuse is not worth its bookkeeping.
 MIN_REUSED_POSITIONS = 16
-
-
-@dataclass(frozen=True)
-class PositionKey:
-    """What stood at each position of a prompt: its token ids, and the pictures whose slots it holds."""
-
-    ids: torch.Tensor  # [length]
-    # per picture: (first slot, one past the last, identity); identity is ("plain",) for a picture whose
-    # slots keep the image-token embedding, else (its data's digest, its layout)
-    pictures: tuple[tuple[int, int, tuple], ...] = ()
-
-    def common_length(self, other: "PositionKey") -> int:
-        """How many first positions the two share exactly."""
-        n = min(len(self.ids), len(other.ids))
-        differing = torch.nonzero(self.ids[:n] != other.ids[:n])
-        common = int(differing[0]) if len(differing) else n
-        theirs = {start: (end, identity) for start, end, identity in other.pictures}
-        for start, end, identity in self.pictures:
-            if start >= common:
-                break
-            if theirs.get(start) != (end, identity):
-                return start  # another picture (or the same one laid out otherwise) under the same ids
-        return common
-
-    def cut(self, length: int) -> "PositionKey":
-        return PositionKey(self.ids[:length], tuple(p for p in self.pictures if p[1] <= length))
 
 
 @dataclass(eq=False)
@@ -64,10 +28,10 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        return cache_bytes(self.cache)
+        return kv_bytes(self.cache)
 
 
-def cache_bytes(cache) -> int:
+def kv_bytes(cache) -> int:
     """The bytes a transformers cache holds in keys and values (with any room to spare its storage has)."""
     storages = {}
     for layer in getattr(cache, "layers", ()):
@@ -184,31 +148,6 @@ class PrefixStore:
         return len(self._entries)
 
 
-class Handoffs:
-    """Reuses waiting for the ``generate`` call they were made for, found by the inputs_embeds tensor that
-    the tokenizer hook returned (the webui hands that very tensor to ``generate``, maybe in another
-    thread). A few at most wait: one whose generation never came is dropped with its cache."""
-
-    LIMIT = 4
-
-    def __init__(self):
-        self._waiting: OrderedDict[int, tuple] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def leave(self, embeds: torch.Tensor, reuse: Reuse) -> None:
-        with self._lock:
-            self._waiting[id(embeds)] = (embeds, reuse)
-            while len(self._waiting) > self.LIMIT:
-                self._waiting.popitem(last=False)
-
-    def claim(self, embeds) -> Reuse | None:
-        if embeds is None:
-            return None
-        with self._lock:
-            waiting = self._waiting.pop(id(embeds), None)
-        return waiting[1] if waiting is not None and waiting[0] is embeds else None
-
-
 def default_megabytes(model) -> int:
     """The store's bound when the setting leaves it to the device: a tenth of the memory of the device the
     language model runs on (the machine's for the CPU), at most 8 GB. A 7B model's cache takes 0.5 MB a
@@ -221,65 +160,5 @@ def default_megabytes(model) -> int:
     return min(8192, total // 10 // 2**20)
 
 
-def can_reuse(generate_kwargs: dict) -> bool:
-    """Whether a ``generate`` call may start from a cache of ours: not with a cache of the webui's own
-    kind (its static cache), nor with decoding that reads the prompt again or keeps several sequences
-    (prompt lookup, beams, contrastive search), nor without a cache at all."""
-    return not (generate_kwargs.get("cache_implementation") or generate_kwargs.get("prompt_lookup_num_tokens")
-                or (generate_kwargs.get("num_beams") or 1) > 1 or generate_kwargs.get("penalty_alpha")
-                or generate_kwargs.get("use_cache") is False)
-
-
-class _LastSequence:
-    """A stopping criterion that never stops: it keeps the sequence generated so far."""
-
-    def __init__(self):
-        self.sequence = None
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.sequence = input_ids
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-def consistent(cache) -> bool:
-    """Whether every layer of ``cache`` holds the same positions (a generation stopped between two steps
-    leaves it so; one that failed inside a step may not)."""
-    lengths = {layer.keys.shape[-2] for layer in getattr(cache, "layers", ()) if getattr(layer, "keys", None) is not None}
-    return len(lengths) <= 1
-
-
 def megabytes(size: int) -> str:
     return f"{size / 2**20:.1f} MB" if size < 10 * 2**20 else f"{size / 2**20:.0f} MB"
-
-
-def reusing_generate(original, handoffs: Handoffs, store: PrefixStore, log=lambda message, level="info": None):
-    """``original`` (a model's ``generate``) starting from the cache the tokenizer hook left for its
-    inputs_embeds, and leaving what it computed in ``store`` for the next prompt. Another call (no cache
-    left for it: a text-only prompt, another extension's embeddings) runs ``original`` as it was."""
-    def generate(*args, **kwargs):
-        reuse = handoffs.claim(kwargs.get("inputs_embeds"))
-        if reuse is None or not can_reuse(kwargs):
-            if reuse is not None:
-                store.give_back(reuse)
-            return original(*args, **kwargs)
-        from transformers import StoppingCriteriaList
-        recorder = _LastSequence()
-        kwargs["past_key_values"] = reuse.cache
-        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), recorder])
-        output = None
-        try:
-            output = original(*args, **kwargs)
-            return output
-        finally:
-            sequence = getattr(output, "sequences", output)
-            sequence = sequence if isinstance(sequence, torch.Tensor) else recorder.sequence
-            if sequence is not None and consistent(reuse.cache):
-                size = store.put(reuse, sequence[0] if sequence.dim() == 2 else sequence)
-                log(f"llava: {reuse.reused} of {len(reuse.key.ids)} prompt positions came from an earlier prompt; "
-                    f"earlier prompts kept: {len(store)} ({megabytes(store.nbytes)} of at most {megabytes(store.max_bytes)})")
-                if size < 0:
-                    log(f"llava: this prompt's cache ({megabytes(-size)}) is larger than llava-prefix_cache_mb "
-                        "allows: the next turn computes it again", "warning")
-
-    generate.original, generate.handoffs = original, handoffs
-    return generate

@@ -21,21 +21,21 @@ Encode = Callable[[str], torch.Tensor]
 
 
 @dataclass(frozen=True, eq=False)
-class UnseenPicture(ImageSource):
+class UnknownPicture(ImageSource):
     """A picture that is only counted, never opened: a ``<__media__>`` placeholder whose picture is not known."""
 
     def digest(self) -> str:
         return ""
 
 
-def unseen_pictures(prompt: str) -> list[ImageSource]:
-    return [UnseenPicture()] * prompt.count(MEDIA_PLACEHOLDER)
+def unknown_pictures(prompt: str) -> list[ImageSource]:
+    return [UnknownPicture()] * prompt.count(MEDIA_PLACEHOLDER)
 
 
 def slot_counts(images: Sequence[ImageRef], pipeline: Pipeline) -> torch.Tensor:
     """Each picture's slot count, in the layout its family gives the prompt's pictures. A family that
     counts by size reads each picture's header: its size after its orientation, read without decoding a
-    pixel. An unseen picture counts at the most any picture takes; one whose header cannot be read at its
+    pixel. An unknown picture counts at the most any picture takes; one whose header cannot be read at its
     base view alone (it is refused if it is ever embedded)."""
     family = family_of(pipeline)
     layouts = family.arrange(pipeline, len(images))
@@ -46,7 +46,7 @@ def slot_counts(images: Sequence[ImageRef], pipeline: Pipeline) -> torch.Tensor:
 def _slots(family, pipeline: Pipeline, image: ImageRef, layout: str) -> int:
     if not family.counts_by_size:
         return family.slot_count(pipeline, None, layout)
-    if isinstance(image.source, UnseenPicture):
+    if isinstance(image.source, UnknownPicture):
         return family.most_slots(pipeline, layout)
     try:
         return family.slot_count(pipeline, image.source.header(), layout)

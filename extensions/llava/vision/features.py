@@ -39,7 +39,7 @@ class PictureFeatures:
     def __init__(self, settings: Settings, log: Callable[[str], None] | None = None):
         self.settings = settings
         self.log = log or logger.info
-        self.cache = FeatureCache(cache_bytes(settings))
+        self.cache = FeatureCache(feature_cache_bytes(settings))
         self.counters = Counters()
         self._vision: VisionParts | None = None
         self._vision_key: tuple | None = None
@@ -49,7 +49,7 @@ class PictureFeatures:
     def configure(self, settings: Settings) -> None:
         """New settings: the vision parts reload on the next picture if their sources or placement changed."""
         self.settings = settings
-        self.cache.resize(cache_bytes(settings))
+        self.cache.resize(feature_cache_bytes(settings))
 
     def features_for(self, images: Sequence[ImageRef], layouts: Sequence[str], choice: Choice, width: int,
                      notes: list[str] | None = None) -> list[torch.Tensor]:
@@ -134,5 +134,5 @@ class PictureFeatures:
             return self._vision, key
 
 
-def cache_bytes(settings: Settings) -> int:
+def feature_cache_bytes(settings: Settings) -> int:
     return int(settings.cache_size_mb * 2**20)

@@ -8,12 +8,14 @@ import os
 
 from ..engine import LlavaEngine
 from ..errors import LlavaError
+from ..reuse import PrefixReuse
 from ..sessions import Session, Sessions
 from ..settings import DEFAULTS, SettingsWatch
 
 params = {"display_name": "LLaVA", "is_tab": False, **DEFAULTS}
 settings = SettingsWatch(params)
-sessions = Sessions()
+prefix_reuse = PrefixReuse()
+sessions = Sessions(on_forget=prefix_reuse.forget)
 _engine: LlavaEngine | None = None
 _webui = None
 

@@ -7,7 +7,7 @@ from ..prompt.attachments import attach_to_new_message, media_from_state
 from ..tokens.context_limit import EndAtContextLength, reply_limit
 from ..engine import pictures_in
 from ..errors import LlavaError
-from ..loaders import unseen_pictures_warning
+from ..loaders import ignored_pictures_warning
 from ..prompt.parse import reference_pictures
 from ..settings import SettingsError
 from .extension import embed_all, engine, log, model_folder, session, warn, webui
@@ -56,7 +56,7 @@ def input_modifier(string, state=None, is_chat=False):  # the 2023 webui passes 
     attached = current.take("attached")
     if not is_chat and isinstance(string, str) and "data:" in string:
         string = reference_pictures(string, current.references)
-    warning = unseen_pictures_warning(string, getattr(shared.args, "loader", None), shared.model,
+    warning = ignored_pictures_warning(string, getattr(shared.args, "loader", None), shared.model,
                                       attached if is_chat else 0)
     if warning:
         warn(warning)
