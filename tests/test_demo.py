@@ -145,7 +145,7 @@ def test_cli_answers_about_the_example(capsys):
     (["--image", EXAMPLE, "--pipeline", "llava-v9", QUESTION], "unknown pipeline 'llava-v9'"),
     (["--image", EXAMPLE, "--model", os.path.join(ROOT, "tests"), QUESTION], "is not a model folder"),
     (["--image", EXAMPLE, "--model", os.path.join(ROOT, "no-such-model"), QUESTION], "no model folder at"),
-    (["--image", EXAMPLE, "--device", "cuda:99", QUESTION], "which this machine does not have"),
+    (["--image", EXAMPLE, "--device", "cuda:99", QUESTION], "--device is 'cuda:99', which is not a device this machine has"),
 ])
 def test_cli_errors_are_one_clear_line(args, message, capsys):
     assert main(args) == 1
