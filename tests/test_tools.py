@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from extensions.llava.cli_ask import DEMO_MODEL
 from testbed.real_host import ROOT, needs_webui
 
 pytestmark = pytest.mark.slow
@@ -50,7 +51,7 @@ def test_benchmark_vision_cpu_prints_both_figures():
 
 
 def test_train_demo_trains_and_scores_without_touching_the_bundled_demo():
-    demo = os.path.join(ROOT, "extensions", "llava", "demo", "model.safetensors")
+    demo = os.path.join(DEMO_MODEL, "model.safetensors")
     before = os.path.getmtime(demo)
     out = run("tools/train_demo.py", "--quick")
     assert "trained in" in out and out.count("held-out accuracy") == 3, out

@@ -1,6 +1,6 @@
 """Train the bundled demo model: a tiny LLaVA that names coloured shapes.
 
-    python tools/train_demo.py [--out extensions/llava/demo] [--steps 4000] [--batch-size 48] [--seed 1234]
+    python tools/train_demo.py [--out extensions/llava/models/demo] [--steps 4000] [--batch-size 48] [--seed 1234]
         [--threads 2] [--quick]
 
 Every picture is drawn here (a coloured shape on a varied background, at a random size,
@@ -377,7 +377,7 @@ def held_out_accuracy(folder: str, seed: int, per_combination: int,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(ROOT, "extensions", "llava", "demo"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "extensions", "llava", "models", "demo"))
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=48)
     parser.add_argument("--seed", type=int, default=1234)

@@ -5,7 +5,7 @@
 
 The same core as the extension: every picture becomes an ``<img>`` tag in the prompt, the
 engine splices the pictures' features at the image tokens, and the model answers greedily.
-With no ``--model`` the bundled demo (``extensions/llava/demo``) answers. Any failure is one
+With no ``--model`` the bundled demo (``extensions/llava/models/demo``) answers. Any failure is one
 line on stderr starting with ``error:`` and a non-zero exit code.
 """
 
@@ -21,7 +21,7 @@ from .images import ImageError, InlineImage
 from .settings import SettingsError, available_devices, resolve_device
 from .weights import quiet_transformers
 
-DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "demo")
 # The user's message: the pictures' tags, then the question. A model with a chat template (the demo
 # has one) gets it rendered by that template; others get their family's format below.
 ASK_MESSAGE = "{images}\n{question}"
