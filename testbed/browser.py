@@ -72,6 +72,20 @@ class Page:
         shown = [image.get_attribute("src") for image in self.driver.find_elements(By.CSS_SELECTOR, "#llava-preview img")]
         return shown[0] if shown else None
 
+    def preview_screenshot(self):
+        """The preview box as the window shows it once scrolled into view (a PIL image), and whether the
+        whole box then lies inside the window."""
+        import io
+
+        from PIL import Image
+        box = self.driver.find_element(By.ID, "llava-preview")
+        self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+        time.sleep(0.3)
+        inside = self.driver.execute_script(
+            "const r = arguments[0].getBoundingClientRect(); return r.top >= 0 && r.left >= 0 && "
+            "r.bottom <= window.innerHeight && r.right <= window.innerWidth;", box)
+        return Image.open(io.BytesIO(box.screenshot_as_png)), inside
+
     def clear_field(self) -> None:
         self.driver.find_element(By.CSS_SELECTOR, "#llava-picture button[aria-label='Clear']").click()
         self.wait_for(lambda: not self.field_files(), "an empty LLaVA field")
