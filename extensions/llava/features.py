@@ -15,7 +15,7 @@ from .checkpoint_rules import check
 from .detect import Choice
 from .memory import release_freed_memory
 from .pipelines import PipelineError
-from .preprocess import tiled
+from .preprocess import as_preprocessed, tiled
 from .prompt import ImageRef
 from .settings import Settings
 from .towers import VisionLoadError
@@ -124,14 +124,15 @@ class PictureFeatures:
         (the features cache keys on it: a reconfigure during this call cannot mix the two)."""
         s = self.settings
         placement = Placement(s.clip_device, s.clip_dtype, s.projector_device, s.projector_dtype)
+        pipeline = as_preprocessed(choice.pipeline, s.preprocess)
         with self._load_lock:
             sources = self._sources(choice)
-            key = (choice.pipeline, sources, str(placement))
+            key = (pipeline, sources, str(placement))
             if self._vision_key != key:
                 self._vision = None
                 if "cpu" in (s.clip_device.type, s.projector_device.type) and 16 in (s.clip_bits, s.projector_bits):
                     self.log("llava: 16 bits on the CPU means bfloat16 (float16 matmuls are slow or unsupported there)")
-                self._vision = load_vision_parts(choice.pipeline, sources, placement, log=self.log)
+                self._vision = load_vision_parts(pipeline, sources, placement, log=self.log)
                 self._vision_key = key
                 self.counters.loads += 1
             return self._vision, key

@@ -27,6 +27,7 @@ import functools
 import json
 import math
 import os
+from dataclasses import replace
 
 import torch
 
@@ -120,6 +121,15 @@ def limit_aspect_ratio(image):
         top = (height - keep) // 2
         return image.crop((0, top, width, top + keep))
     return image
+
+
+def as_preprocessed(pipeline: Pipeline, preprocess: str) -> Pipeline:
+    """The pipeline as the ``preprocess`` setting has it: ``as_processor`` leaves out the padding to a square
+    (LLaVA v1.5's training) and follows the tower's image processor (resize, centre crop), as transformers'
+    ``LlavaProcessor`` and vLLM do with a llava-hf checkpoint. The other ways are the processors' own."""
+    if preprocess == "as_processor" and pipeline.preprocess == "pad":
+        return replace(pipeline, preprocess="crop")
+    return pipeline
 
 
 def one_view_each(images, processor, pipeline: Pipeline) -> torch.Tensor:
