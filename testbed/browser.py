@@ -2,6 +2,8 @@
 ``prepare.sh DIR --browser`` installs Chromium, chromedriver and selenium)."""
 
 import os
+import shutil
+import tempfile
 import time
 
 from selenium import webdriver
@@ -23,7 +25,11 @@ class Page:
         if os.path.exists("/usr/bin/chromium"):
             options.binary_location = "/usr/bin/chromium"
         self.server = server
-        self.driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
+        # Chromium's profile and its own temporary folders go in a folder of this page, removed on close
+        self.scratch = tempfile.mkdtemp(prefix="llava-browser-")
+        options.add_argument(f"--user-data-dir={os.path.join(self.scratch, 'profile')}")
+        service = webdriver.ChromeService(CHROMEDRIVER, env={**os.environ, "TMPDIR": self.scratch})
+        self.driver = webdriver.Chrome(service=service, options=options)
         self.driver.get(server.base)
         self.wait_for(lambda: self.driver.find_elements(By.CSS_SELECTOR, "#llava-picture input[type=file]"),
                       "the LLaVA field")
@@ -146,3 +152,4 @@ class Page:
 
     def close(self) -> None:
         self.driver.quit()
+        shutil.rmtree(self.scratch, ignore_errors=True)

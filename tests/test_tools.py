@@ -3,23 +3,38 @@ fails here, not in a reader's hands. Each runs as a reader runs it, in a process
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 from extensions.llava.cli_ask import DEMO_MODEL
 from testbed.real_host import ROOT, needs_webui
+from testbed.tool_output import QUICK_NOTE
 
 pytestmark = pytest.mark.slow
 
 
 def run(*command: str, timeout: float = 600, errors: bool = False):
-    """The command's output (and what it wrote to stderr, with ``errors``); it must succeed."""
-    done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    """The command's output (and what it wrote to stderr, with ``errors``); it must succeed and leave
+    nothing in its temporary folder (a fresh TMPDIR of its own)."""
+    with tempfile.TemporaryDirectory(prefix="llava-tool-tmp-") as temporary:
+        done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": temporary})
+        assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        assert os.listdir(temporary) == [], f"{command} left {os.listdir(temporary)} in the temporary folder"
+    if "--quick" in command:  # says what its figures are, and no library talks between them
+        assert done.stdout.splitlines()[0] == QUICK_NOTE and "target" not in done.stdout, done.stdout
+        assert done.stderr == "", done.stderr
     return (done.stdout, done.stderr) if errors else done.stdout
+
+
+def test_every_tool_is_run_here_in_its_quick_mode():
+    with open(__file__, encoding="utf-8") as f:
+        run_here = set(re.findall(r'run\("tools/(\w+\.py)", "--quick"', f.read()))
+    assert run_here == {name for name in os.listdir(os.path.join(ROOT, "tools")) if name.endswith(".py")}
 
 
 def test_benchmark_prints_its_five_figures():
@@ -55,6 +70,7 @@ def test_train_demo_trains_and_scores_without_touching_the_bundled_demo():
     before = os.path.getmtime(demo)
     out = run("tools/train_demo.py", "--quick")
     assert "trained in" in out and out.count("held-out accuracy") == 3, out
+    assert out.count("(after 4 steps: not meaningful)") == 3, out
     assert os.path.getmtime(demo) == before
 
 

@@ -46,6 +46,7 @@ from extensions.llava.cli_ask import ASK_MESSAGE  # noqa: E402
 from extensions.llava.pipelines import get_pipeline  # noqa: E402
 from extensions.llava.projector import build_projector  # noqa: E402
 from extensions.llava.preprocess import load_image_processor, one_view_each  # noqa: E402
+from testbed import tool_output  # noqa: E402
 
 PIPELINE = get_pipeline("llava-demo")
 COLOURS = {"red": (215, 35, 35), "green": (35, 165, 50), "blue": (40, 70, 215), "yellow": (235, 210, 30)}
@@ -386,11 +387,18 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a few steps into a temporary folder, a few pictures scored: checks the script")
     args = parser.parse_args(argv)
-    scored_per_combination, scored_combinations = 25, None
+    tool_output.start(args.quick)
+    scored = (25, None)  # pictures scored per combination, combinations scored (None: all)
     if args.quick:
-        args.steps, args.batch_size, args.no_example, scored_per_combination, scored_combinations = 4, 4, True, 1, 1
+        args.steps, args.batch_size, args.no_example, scored = 4, 4, True, (1, 1)
         if "--out" not in (argv if argv is not None else sys.argv):
-            args.out = os.path.join(tempfile.mkdtemp(prefix="llava-demo-"), "demo")
+            with tempfile.TemporaryDirectory(prefix="llava-demo-") as folder:  # gone after the run
+                args.out = os.path.join(folder, "demo")
+                return train_and_score(args, *scored)
+    return train_and_score(args, *scored)
+
+
+def train_and_score(args, scored_per_combination: int, scored_combinations) -> int:
     torch.set_num_threads(args.threads)
     staging = args.out.rstrip("/") + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -413,11 +421,11 @@ def main(argv=None) -> int:
     scores = held_out_accuracy(args.out, seed=args.seed + 1, per_combination=scored_per_combination,
                                combinations=scored_combinations)
     for origin, (accuracy, mistakes) in scores.items():
-        print(f"held-out accuracy, pictures placed as by the {origin}: {accuracy:.1%}")
+        print(f"held-out accuracy, pictures placed as by the {origin}: {accuracy:.1%}"
+              + (f" (after {args.steps} steps: not meaningful)" if args.quick else ""))
         for mistake in mistakes[:5]:
             print("  wrong:", mistake)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
