@@ -106,3 +106,28 @@ def test_benchmark_followups_prefills_only_the_new_part_with_reuse_on():
     assert prompts_off == prompts_on == prefilled_off and len(prompts_on) == 2, out
     # the follow-up starts from the whole first prompt, pictures included (the reply may not come back alike)
     assert prefilled_on[0] == prompts_on[0] and prefilled_on[1] <= prompts_on[1] - prompts_on[0], out
+
+
+def quick_start_commands() -> list[str]:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    block = readme.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_the_quick_start_as_the_readme_gives_it(tmp_path):
+    """Every line of the quick start: the virtual environment is made and entered, torch's CPU build is the
+    version requirements-dev.txt pins, the demo answers, the tests run (this suite)."""
+    import shlex
+    with open(os.path.join(ROOT, "requirements-dev.txt")) as f:
+        torch_pin = next(line.strip() for line in f if line.startswith("torch=="))
+    expected = ["python3 -m venv .venv", ". .venv/bin/activate",
+                f"pip install {torch_pin} --index-url https://download.pytorch.org/whl/cpu",
+                "pip install -r requirements-dev.txt"]
+    commands = quick_start_commands()
+    assert commands[:4] == expected and commands[-1] == "python -m pytest -q tests", commands
+    made = subprocess.run(shlex.split(commands[0]), cwd=tmp_path, timeout=300)  # ensurepip needs no network
+    assert made.returncode == 0 and os.path.isfile(tmp_path / ".venv" / "bin" / "activate")
+    [ask] = commands[4:-1]
+    answer = run(*shlex.split(ask)[1:])  # with this suite's Python, as the activated environment's
+    assert answer.strip() == "A red circle.", answer
