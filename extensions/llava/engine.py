@@ -16,7 +16,7 @@ import torch
 from .cache import FeatureCache
 from .counting import Encode, prompt_length, slot_counts, stand_in_ids, unseen_pictures
 from .detect import Choice, choose_pipeline
-from .errors import LlavaError
+from .errors import CONVERT_COMMAND, LlavaError
 from .features import Counters, PictureFeatures
 from .images import ImageSource
 from .pipelines import PIPELINES, Pipeline, PipelineError
@@ -87,7 +87,7 @@ class LlavaEngine:
         if missing:
             raise PipelineError(f"the loaded tokenizer has no {', '.join(missing)} token(s), which pipeline "
                                 f"{pipeline.name} needs: wrong model or wrong pipeline (set llava-pipeline, or "
-                                "convert the checkpoint with `python -m extensions.llava convert`)")
+                                f"convert the checkpoint with {CONVERT_COMMAND})")
         ids = {t: vocab[t] for t in pipeline.special_tokens}
         return TokenLayout(image_id=ids[pipeline.image_token],
                            start_id=ids.get(pipeline.start_token) if pipeline.start_token else None,

@@ -13,6 +13,7 @@ import torch
 from .cache import FeatureCache
 from .checkpoint_rules import check
 from .detect import Choice
+from .errors import CONVERT_COMMAND
 from .memory import release_freed_memory
 from .pipelines import PipelineError
 from .preprocess import as_preprocessed, tiled
@@ -116,7 +117,7 @@ class PictureFeatures:
         if not filename and not choice.projector_repo and not s.projector_repo:
             self.log(f"llava: no projector file is known for {pipeline.name}; reading it out of the full "
                      f"checkpoint {projector_repo} (a large download unless cached). Converting the model "
-                     "with `python -m extensions.llava convert` avoids this")
+                     f"with {CONVERT_COMMAND} avoids this")
         return Sources(s.clip_repo or choice.vision_source or pipeline.vision_repo, projector_repo, filename)
 
     def _vision_and_key(self, choice: Choice) -> tuple[VisionParts, tuple]:
