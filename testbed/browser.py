@@ -2,6 +2,8 @@
 ``prepare.sh DIR --browser`` installs Chromium, chromedriver and selenium)."""
 
 import os
+import shutil
+import tempfile
 import time
 
 from selenium import webdriver
@@ -23,7 +25,11 @@ class Page:
         if os.path.exists("/usr/bin/chromium"):
             options.binary_location = "/usr/bin/chromium"
         self.server = server
-        self.driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
+        # Chromium's profile and its own temporary folders go in a folder of this page, removed on close
+        self.scratch = tempfile.mkdtemp(prefix="llava-browser-")
+        options.add_argument(f"--user-data-dir={os.path.join(self.scratch, 'profile')}")
+        service = webdriver.ChromeService(CHROMEDRIVER, env={**os.environ, "TMPDIR": self.scratch})
+        self.driver = webdriver.Chrome(service=service, options=options)
         self.driver.get(server.base)
         self.wait_for(lambda: self.driver.find_elements(By.CSS_SELECTOR, "#llava-picture input[type=file]"),
                       "the LLaVA field")
@@ -71,6 +77,20 @@ class Page:
         """Where the picture shown under the LLaVA field comes from; None when none is shown."""
         shown = [image.get_attribute("src") for image in self.driver.find_elements(By.CSS_SELECTOR, "#llava-preview img")]
         return shown[0] if shown else None
+
+    def preview_screenshot(self):
+        """The preview box as the window shows it once scrolled into view (a PIL image), and whether the
+        whole box then lies inside the window."""
+        import io
+
+        from PIL import Image
+        box = self.driver.find_element(By.ID, "llava-preview")
+        self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+        time.sleep(0.3)
+        inside = self.driver.execute_script(
+            "const r = arguments[0].getBoundingClientRect(); return r.top >= 0 && r.left >= 0 && "
+            "r.bottom <= window.innerHeight && r.right <= window.innerWidth;", box)
+        return Image.open(io.BytesIO(box.screenshot_as_png)), inside
 
     def clear_field(self) -> None:
         self.driver.find_element(By.CSS_SELECTOR, "#llava-picture button[aria-label='Clear']").click()
@@ -132,3 +152,4 @@ class Page:
 
     def close(self) -> None:
         self.driver.quit()
+        shutil.rmtree(self.scratch, ignore_errors=True)

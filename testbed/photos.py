@@ -72,3 +72,32 @@ def shape_picture(path: str, colour: tuple, shape: str) -> str:
         pen.polygon([(64, 28), (100, 96), (28, 96)], fill=colour)
     canvas.save(path)
     return path
+
+
+CORNER_COLOURS = {"top left": (230, 30, 30), "top right": (30, 200, 40), "bottom left": (40, 60, 230),
+                  "bottom right": (240, 220, 20)}
+
+
+def corner_picture(path: str, size: tuple) -> str:
+    """A PNG of ``size``: grey, with a square of its own colour in each corner (an eighth of the shorter
+    side), so that a screenshot shows whether the whole picture is drawn and in what proportions."""
+    width, height = size
+    side = min(size) // 8
+    canvas = Image.new("RGB", size, (128, 128, 128))
+    draw = ImageDraw.Draw(canvas)
+    for (name, colour), (left, top) in zip(CORNER_COLOURS.items(),
+                                           ((0, 0), (width - side, 0), (0, height - side), (width - side, height - side))):
+        draw.rectangle((left, top, left + side - 1, top + side - 1), fill=colour)
+    canvas.save(path, format="PNG")
+    return path
+
+
+def drawn_corners(screenshot: Image.Image, tolerance: int = 40) -> dict:
+    """Where each corner colour of ``corner_picture`` shows in ``screenshot``: its bounding box
+    (left, top, right, bottom), or None where it does not show."""
+    pixels = np.asarray(screenshot.convert("RGB")).astype(np.int32)
+    found = {}
+    for name, colour in CORNER_COLOURS.items():
+        rows, columns = np.nonzero(np.abs(pixels - np.array(colour)).max(axis=-1) <= tolerance)
+        found[name] = (columns.min(), rows.min(), columns.max() + 1, rows.max() + 1) if len(rows) else None
+    return found

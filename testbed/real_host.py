@@ -100,6 +100,20 @@ def install_link(target: str, link: str) -> None:
     os.symlink(target, link)
 
 
+def webui_tree_with_extension(work_dir: str) -> str:
+    """A webui root as a user has it after installing the extension: the checkout's files linked in, a
+    ``user_data`` of its own holding a copy of the extension in ``user_data/extensions/llava`` (the checkout
+    is left untouched). Returns the root."""
+    root = os.path.join(work_dir, "webui")
+    os.makedirs(os.path.join(root, "user_data", "extensions"))
+    for name in os.listdir(WEBUI):
+        if name != "user_data":
+            os.symlink(os.path.join(WEBUI, name), os.path.join(root, name))
+    shutil.copytree(EXTENSION, os.path.join(root, "user_data", "extensions", "llava"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
 def current_webui_arguments(work_dir: str, ui: bool, api: bool, probe_encode: bool):
     """Arguments for today's webui (its own user_data copied into ``work_dir``) and its UI and API ports."""
     user_data = os.path.join(work_dir, "user_data")

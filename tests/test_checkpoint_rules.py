@@ -125,7 +125,7 @@ def test_tokenizer_without_image_tokens_is_one_clear_error(request, name, tokens
     message = first_picture_error(model, tokenizer=make_tokenizer(image_tokens=()))
     assert message == f"the loaded tokenizer has no {tokens} token(s), which pipeline {model.pipeline} needs: wrong " \
                       "model or wrong pipeline (set llava-pipeline, or convert the checkpoint with " \
-                      "`python -m extensions.llava convert`)"
+                      "`python user_data/extensions/llava convert SRC DST` from the webui's root)"
 
 
 def test_mismatch_feature_count(v15, v0):

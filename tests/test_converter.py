@@ -67,7 +67,7 @@ def test_llava_hf_round_trip(v15, v15_reference, tmp_path, style, capsys):
     dst = str(tmp_path / "converted")
     assert converter.main([src, dst]) == 0
     out = capsys.readouterr().out
-    assert "pipeline: llava-1.5-7b-hf (from its config)" in out and "mm_projector.safetensors" in out and "vision_tower/" in out
+    assert "pipeline: read from the checkpoint's config (family v1.5)" in out and "llava-1.5-7b-hf (" not in out and "mm_projector.safetensors" in out and "vision_tower/" in out
     metadata = json.load(open(os.path.join(dst, "llava.json")))
     assert described_as(converted_pipeline(dst), "llava-v1.5-7b") and metadata["vision_tower"] == "vision_tower"
     assert metadata["projector"] == "mm_projector.safetensors" and metadata["added_tokens"] == []

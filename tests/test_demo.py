@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -145,7 +146,7 @@ def test_cli_answers_about_the_example(capsys):
     (["--image", EXAMPLE, "--pipeline", "llava-v9", QUESTION], "unknown pipeline 'llava-v9'"),
     (["--image", EXAMPLE, "--model", os.path.join(ROOT, "tests"), QUESTION], "is not a model folder"),
     (["--image", EXAMPLE, "--model", os.path.join(ROOT, "no-such-model"), QUESTION], "no model folder at"),
-    (["--image", EXAMPLE, "--device", "cuda:99", QUESTION], "which this machine does not have"),
+    (["--image", EXAMPLE, "--device", "cuda:99", QUESTION], "--device is 'cuda:99', which is not a device this machine has"),
 ])
 def test_cli_errors_are_one_clear_line(args, message, capsys):
     assert main(args) == 1
@@ -156,9 +157,14 @@ def test_cli_errors_are_one_clear_line(args, message, capsys):
 
 
 def run_module(*args):
-    return subprocess.run([sys.executable, "-m", "extensions.llava", "ask", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    """``ask`` as a reader runs it, with a fresh TMPDIR of its own: it must leave nothing there."""
+    with tempfile.TemporaryDirectory(prefix="llava-ask-tmp-") as temporary:
+        done = subprocess.run([sys.executable, "-m", "extensions.llava", "ask", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                                   "TMPDIR": temporary})
+        assert os.listdir(temporary) == []
+    return done
 
 
 @pytest.mark.slow
@@ -187,12 +193,17 @@ def test_training_is_seeded():
             assert torch.equal(a, b), name
 
 
-def test_demo_in_the_webui(asker, host_factory):
-    """The webui's Transformers loader gives the extension the demo as a plain causal LM from its folder."""
+def test_demo_in_the_webui(asker, host_factory, tmp_path, monkeypatch):
+    """The webui's Transformers loader gives the extension the demo as a plain causal LM from its folder;
+    the fake webui's uploads go when it closes, leaving nothing in the temporary folder."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     host = host_factory(**in_the_webui(asker, **{"llava-pipeline": "auto"}))
     picture = f'<img src="{file_url(EXAMPLE)}">'
     reply = host.generate(f"USER: {picture}\n{QUESTION}\nASSISTANT:", host.state(max_new_tokens=20))
     assert "red" in reply and "circle" in reply
+    assert os.listdir(tmp_path) != []  # its upload folder
+    host.close()
+    assert os.listdir(tmp_path) == []
 
 
 def test_ask_answers_about_a_large_photo(next_converted, tmp_path):

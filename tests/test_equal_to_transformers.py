@@ -90,3 +90,20 @@ def test_two_pictures(next_converted, next_reference, embed_all):
     assert int((prepared.input_ids == IMAGE_ID).sum()) == sum(reference_slot_count(*image.size) for image in images)
     # all new pictures' tiles go through the tower together
     assert engine.counters.vision_batches == 1 and engine.counters.vision_forwards == (2 if embed_all else 1)
+
+
+@pytest.mark.parametrize("preprocess,padded", [("as_trained", True), ("as_processor", False)])
+def test_v15_preprocess_setting(v15, v15_reference, preprocess, padded):
+    """``llava-preprocess``: as trained, a wide picture is padded to a square (transformers'
+    LlavaImageProcessor with do_pad); as the checkpoint's processor says, it is resized and centre-cropped
+    by its CLIPImageProcessor, as transformers' LlavaProcessor and vLLM feed a llava-hf v1.5."""
+    images = [picture(90, 40, seed=21)]
+    prompt = "USER: " + img_tag(images[0]) + "\nWhat is shown? ASSISTANT:"
+    prepared, logits = ours(v15.engine(preprocess=preprocess), prompt, v15.llm, v15.tokenizer)
+    ids = prepared.input_ids
+    assert int((ids == IMAGE_ID).sum()) == 576  # the same slots either way
+    ref_embeds, ref_logits = reference_run(v15_reference, ids, reference_pixels(v15.clip_dir, images, pad=padded))
+    assert_matches(f"v1.5 {preprocess}", prepared.inputs_embeds, ref_embeds, logits, ref_logits)
+    other_embeds, other_logits = reference_run(v15_reference, ids,
+                                               reference_pixels(v15.clip_dir, images, pad=not padded))
+    assert (other_logits - logits).abs().max().item() > 1e-3  # the two ways differ on this picture

@@ -13,13 +13,14 @@ The current webui runs API-only (``--nowebui``); the 2023 one starts its UI and 
 seed API from its own ``api`` extension on port 5000.
 """
 
+import json
 import os
 
 import pytest
 
 from extensions.llava.cli_ask import DEMO_MODEL
 from testbed import tiny
-from testbed.real_host import ROOT, WEBUI, is_current, needs_webui, post, running_webui
+from testbed.real_host import EXTENSION, ROOT, WEBUI, is_current, needs_webui, post, request, running_webui
 from testbed.real_models import picture_url, v0_prompt_tokens, write_model
 
 pytestmark = [needs_webui, pytest.mark.slow]
@@ -39,7 +40,8 @@ def server(tmp_path_factory):
 def demo_server(tmp_path_factory):
     if not is_current(WEBUI):
         pytest.skip("the 2023 webui loads every LLaMA with a sentencepiece tokenizer, which the demo does not have")
-    models, model = os.path.split(DEMO_MODEL)
+    # the README's way: --model-dir the extension's models folder, --model demo
+    models, model = os.path.join(EXTENSION, "models"), "demo"
     with running_webui(models, model, str(tmp_path_factory.mktemp("demo"))) as running:
         yield running
 
@@ -96,6 +98,12 @@ def test_bad_picture_is_a_400_and_the_server_keeps_serving(server):
         assert "image 1 in the prompt: the data is not a picture" in answer["error"]["message"]
     status, _ = post(server["base"] + "/v1/completions", {"prompt": "still there?", "max_tokens": 2})
     assert status == 200
+
+
+def test_the_demo_folder_lists_only_the_demo(demo_server):
+    status, _, raw = request(demo_server["base"] + "/v1/internal/model/list")
+    assert status == 200 and json.loads(raw)["model_names"] == ["demo"], raw
+    assert os.path.samefile(os.path.join(EXTENSION, "models", "demo"), DEMO_MODEL)
 
 
 def test_the_demo_answers_in_a_chat(demo_server):

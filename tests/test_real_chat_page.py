@@ -8,11 +8,12 @@ screenshot in ``test-artifacts/`` (see conftest.py).
 """
 
 import os
+import time
 
 import pytest
 
 from extensions.llava.cli_ask import DEMO_MODEL
-from testbed.photos import shape_picture
+from testbed.photos import corner_picture, drawn_corners, shape_picture
 from testbed.real_host import ROOT, WEBUI, is_current, needs_webui, running_webui
 
 pytest.importorskip("selenium.webdriver", reason="selenium is not installed (prepare.sh --browser)")
@@ -75,6 +76,25 @@ def test_the_llava_field_goes_with_the_message_and_a_follow_up_is_about_it(serve
     assert page.send("What colour is the shape?") == "Red."
     assert not shows_picture(page.last_user_message())
     assert server.count(EMBEDDED_ONE) == seen + 2
+
+
+@pytest.mark.parametrize("size", [(640, 480), (224, 224), (300, 900)])
+def test_the_preview_shows_the_whole_picture_at_a_readable_size(server, open_page, tmp_path, size):
+    page = open_page(server).in_new_chat()
+    page.pick(corner_picture(str(tmp_path / f"corners-{size[0]}x{size[1]}.png"), size))
+    page.wait_for(page.preview, "the picked picture under the field")
+    time.sleep(0.5)  # the picture loads after its element appears
+    shot, inside = page.preview_screenshot()
+    corners = drawn_corners(shot)
+    assert inside, "the preview box does not fit in the window"
+    assert all(corners.values()), corners  # all four corners of the picture are drawn
+    left, top = corners["top left"][:2]
+    right, bottom = corners["bottom right"][2:]
+    assert corners["top right"][2] == right and corners["bottom left"][3] == bottom, corners
+    drawn_width, drawn_height = right - left, bottom - top
+    assert abs(drawn_width / drawn_height - size[0] / size[1]) < 0.03, corners  # its own proportions
+    assert max(drawn_width, drawn_height) >= 280, corners  # large enough to read, whatever the picture's size
+    page.clear_field()
 
 
 def test_the_attach_button(server, open_page, pictures):

@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("clip_bits", 8, "16 or 32"), ("projector_bits", "x", "16 or 32"),
     ("clip_device", "tpu:7", "allowed on this machine: cpu"), ("projector_device", "cuda:99", "cpu"),
     ("add_all_images_to_prompt", "maybe", "true or false"), ("cache_size_mb", -1, "0 or more"),
+    ("preprocess", "crop", "as_trained, as_processor"),
 ])
 def test_bad_settings_name_the_setting(key, value, allowed):
     with pytest.raises(SettingsError) as error:

@@ -3,22 +3,38 @@ fails here, not in a reader's hands. Each runs as a reader runs it, in a process
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
+from extensions.llava.cli_ask import DEMO_MODEL
 from testbed.real_host import ROOT, needs_webui
+from testbed.tool_output import QUICK_NOTE
 
 pytestmark = pytest.mark.slow
 
 
 def run(*command: str, timeout: float = 600, errors: bool = False):
-    """The command's output (and what it wrote to stderr, with ``errors``); it must succeed."""
-    done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    """The command's output (and what it wrote to stderr, with ``errors``); it must succeed and leave
+    nothing in its temporary folder (a fresh TMPDIR of its own)."""
+    with tempfile.TemporaryDirectory(prefix="llava-tool-tmp-") as temporary:
+        done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": temporary})
+        assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        assert os.listdir(temporary) == [], f"{command} left {os.listdir(temporary)} in the temporary folder"
+    if "--quick" in command:  # says what its figures are, and no library talks between them
+        assert done.stdout.splitlines()[0] == QUICK_NOTE and "target" not in done.stdout, done.stdout
+        assert done.stderr == "", done.stderr
     return (done.stdout, done.stderr) if errors else done.stdout
+
+
+def test_every_tool_is_run_here_in_its_quick_mode():
+    with open(__file__, encoding="utf-8") as f:
+        run_here = set(re.findall(r'run\("tools/(\w+\.py)", "--quick"', f.read()))
+    assert run_here == {name for name in os.listdir(os.path.join(ROOT, "tools")) if name.endswith(".py")}
 
 
 def test_benchmark_prints_its_five_figures():
@@ -50,10 +66,11 @@ def test_benchmark_vision_cpu_prints_both_figures():
 
 
 def test_train_demo_trains_and_scores_without_touching_the_bundled_demo():
-    demo = os.path.join(ROOT, "extensions", "llava", "demo", "model.safetensors")
+    demo = os.path.join(DEMO_MODEL, "model.safetensors")
     before = os.path.getmtime(demo)
     out = run("tools/train_demo.py", "--quick")
     assert "trained in" in out and out.count("held-out accuracy") == 3, out
+    assert out.count("(after 4 steps: not meaningful)") == 3, out
     assert os.path.getmtime(demo) == before
 
 
@@ -89,3 +106,28 @@ def test_benchmark_followups_prefills_only_the_new_part_with_reuse_on():
     assert prompts_off == prompts_on == prefilled_off and len(prompts_on) == 2, out
     # the follow-up starts from the whole first prompt, pictures included (the reply may not come back alike)
     assert prefilled_on[0] == prompts_on[0] and prefilled_on[1] <= prompts_on[1] - prompts_on[0], out
+
+
+def quick_start_commands() -> list[str]:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    block = readme.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_the_quick_start_as_the_readme_gives_it(tmp_path):
+    """Every line of the quick start: the virtual environment is made and entered, torch's CPU build is the
+    version requirements-dev.txt pins, the demo answers, the tests run (this suite)."""
+    import shlex
+    with open(os.path.join(ROOT, "requirements-dev.txt")) as f:
+        torch_pin = next(line.strip() for line in f if line.startswith("torch=="))
+    expected = ["python3 -m venv .venv", ". .venv/bin/activate",
+                f"pip install {torch_pin} --index-url https://download.pytorch.org/whl/cpu",
+                "pip install -r requirements-dev.txt"]
+    commands = quick_start_commands()
+    assert commands[:4] == expected and commands[-1] == "python -m pytest -q tests", commands
+    made = subprocess.run(shlex.split(commands[0]), cwd=tmp_path, timeout=300)  # ensurepip needs no network
+    assert made.returncode == 0 and os.path.isfile(tmp_path / ".venv" / "bin" / "activate")
+    [ask] = commands[4:-1]
+    answer = run(*shlex.split(ask)[1:])  # with this suite's Python, as the activated environment's
+    assert answer.strip() == "A red circle.", answer

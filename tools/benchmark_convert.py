@@ -25,6 +25,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from testbed import tool_output  # noqa: E402
+
 REAL = dict(hidden=4096, mlp=14336, vocab=32064, heads=32, kv_heads=8, tower=1024, tower_mlp=4096, tower_layers=24,
             shard_bytes=1 << 30)
 QUICK = dict(hidden=256, mlp=512, vocab=32064, heads=4, kv_heads=2, tower=64, tower_mlp=128, tower_layers=2,
@@ -126,6 +128,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 12])
     parser.add_argument("--quick", action="store_true", help="narrow widths, small shards: checks the script")
     args = parser.parse_args(argv)
+    tool_output.start(args.quick)
     size = QUICK if args.quick else REAL
     tower_bytes = sum(2 * torch.Size(shape).numel() for shape in tower_shapes(size).values())
     print(f"shards of {size['shard_bytes'] / 2**30:.3f} GiB; the tower holds {tower_bytes / 2**30:.2f} GiB")

@@ -33,6 +33,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from testbed import tool_output  # noqa: E402
+
 from testbed.real_host import WEBUI, post  # noqa: E402
 from testbed.real_models import convert_into, serving  # noqa: E402
 
@@ -138,6 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a small v1.5, 2 turns, once: checks the script")
     args = parser.parse_args(argv)
+    tool_output.start(args.quick)
     args.turns = 2 if args.quick else len(QUESTIONS)
     if args.quick:
         args.runs = 1

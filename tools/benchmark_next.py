@@ -48,7 +48,7 @@ def build_reference(folder: str, quick: bool = False):
 
 def save_parts(reference, folder: str):
     """The reference's tower and projector as the extension loads them (a CLIP folder, a projector file)."""
-    from tools.vision_race import save_projector
+    from testbed.vision_race import save_projector
     from testbed.tiny_next import save_tower
     tower_dir = save_tower(os.path.join(folder, "clip"), SimpleModel(reference))
     save_projector(reference, folder)
@@ -80,7 +80,7 @@ def image_processor():
 
 
 def main(argv=None) -> int:
-    from tools.vision_race import Contest, main as race_main
+    from testbed.vision_race import Contest, main as race_main
     return race_main(Contest(__doc__, TURNS, "llava-v1.6-vicuna-7b", build, image_processor,
                              reference_features), argv)
 

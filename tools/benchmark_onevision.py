@@ -49,7 +49,7 @@ def build_reference(quick: bool):
 
 def save_parts(reference, folder: str) -> str:
     """The reference's tower (a SigLIP folder) and projector with its newline, as the extension loads them."""
-    from tools.vision_race import save_projector
+    from testbed.vision_race import save_projector
     from transformers import SiglipImageProcessorPil, SiglipVisionModel
     from testbed.tiny_onevision import SIGLIP_MEAN, SIGLIP_STD
     tower_dir = os.path.join(folder, "siglip")
@@ -79,7 +79,7 @@ def image_processor():
 
 
 def main(argv=None) -> int:
-    from tools.vision_race import Contest, main as race_main
+    from testbed.vision_race import Contest, main as race_main
     return race_main(Contest(__doc__, TURNS, "llava-onevision-qwen2-0.5b-ov", build, image_processor,
                              reference_features, repeats=1), argv)
 

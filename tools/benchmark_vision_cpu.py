@@ -22,6 +22,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from testbed import tool_output  # noqa: E402
+
 
 def quantized(tower):
     return torch.ao.quantization.quantize_dynamic(tower, {torch.nn.Linear}, dtype=torch.qint8)
@@ -80,6 +82,7 @@ def demo_accuracy(bits: int, per_combination: int = 10, combinations: int | None
 def main(argv=None):
     quick = "--quick" in (sys.argv[1:] if argv is None else argv)
     repeats, per_combination, combinations = (1, 1, 2) if quick else (5, 10, None)
+    tool_output.start(quick)
     torch.set_num_threads(os.cpu_count() or 1)
     tower = vit_l14(quick)
     pixels = torch.randn(1, 3, 224, 224)

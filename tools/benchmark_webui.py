@@ -24,6 +24,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from testbed import tool_output  # noqa: E402
+
 from extensions.llava.cli_ask import DEMO_MODEL  # noqa: E402
 from testbed.photos import make_photo  # noqa: E402
 from testbed.real_host import WEBUI, post, running_webui  # noqa: E402
@@ -101,9 +103,14 @@ def saved_history_size(server, marker: str) -> int:
 def main(argv=None):
     quick = "--quick" in (sys.argv[1:] if argv is None else argv)
     repeats, turns = (1, 2) if quick else (3, 10)
+    tool_output.start(quick)
     if not WEBUI:
         sys.exit("set LLAVA_WEBUI_PATH and LLAVA_WEBUI_PYTHON (the hosts' prepare.sh prints both)")
-    folder = tempfile.mkdtemp(prefix="llava-photos-")
+    with tempfile.TemporaryDirectory(prefix="llava-photos-") as folder:
+        measure(folder, repeats, turns)
+
+
+def measure(folder: str, repeats: int, turns: int) -> None:
     models, model = os.path.split(DEMO_MODEL)
     sample = make_photo(os.path.join(folder, "sample.jpg"), seed=1)
     print(f"photo: 4000x3000 JPEG, {os.path.getsize(sample) / 1e6:.1f} MB, "

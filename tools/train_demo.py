@@ -1,6 +1,6 @@
 """Train the bundled demo model: a tiny LLaVA that names coloured shapes.
 
-    python tools/train_demo.py [--out extensions/llava/demo] [--steps 4000] [--batch-size 48] [--seed 1234]
+    python tools/train_demo.py [--out extensions/llava/models/demo] [--steps 4000] [--batch-size 48] [--seed 1234]
         [--threads 2] [--quick]
 
 Every picture is drawn here (a coloured shape on a varied background, at a random size,
@@ -46,6 +46,7 @@ from extensions.llava.cli_ask import ASK_MESSAGE  # noqa: E402
 from extensions.llava.families.pipelines import get_pipeline  # noqa: E402
 from extensions.llava.vision.projector import build_projector  # noqa: E402
 from extensions.llava.vision.processors import fixed_views, load_image_processor  # noqa: E402
+from testbed import tool_output  # noqa: E402
 
 PIPELINE = get_pipeline("llava-demo")
 COLOURS = {"red": (215, 35, 35), "green": (35, 165, 50), "blue": (40, 70, 215), "yellow": (235, 210, 30)}
@@ -377,7 +378,7 @@ def held_out_accuracy(folder: str, seed: int, per_combination: int,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(ROOT, "extensions", "llava", "demo"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "extensions", "llava", "models", "demo"))
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=48)
     parser.add_argument("--seed", type=int, default=1234)
@@ -386,11 +387,18 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a few steps into a temporary folder, a few pictures scored: checks the script")
     args = parser.parse_args(argv)
-    scored_per_combination, scored_combinations = 25, None
+    tool_output.start(args.quick)
+    scored = (25, None)  # pictures scored per combination, combinations scored (None: all)
     if args.quick:
-        args.steps, args.batch_size, args.no_example, scored_per_combination, scored_combinations = 4, 4, True, 1, 1
+        args.steps, args.batch_size, args.no_example, scored = 4, 4, True, (1, 1)
         if "--out" not in (argv if argv is not None else sys.argv):
-            args.out = os.path.join(tempfile.mkdtemp(prefix="llava-demo-"), "demo")
+            with tempfile.TemporaryDirectory(prefix="llava-demo-") as folder:  # gone after the run
+                args.out = os.path.join(folder, "demo")
+                return train_and_score(args, *scored)
+    return train_and_score(args, *scored)
+
+
+def train_and_score(args, scored_per_combination: int, scored_combinations) -> int:
     torch.set_num_threads(args.threads)
     staging = args.out.rstrip("/") + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -413,11 +421,11 @@ def main(argv=None) -> int:
     scores = held_out_accuracy(args.out, seed=args.seed + 1, per_combination=scored_per_combination,
                                combinations=scored_combinations)
     for origin, (accuracy, mistakes) in scores.items():
-        print(f"held-out accuracy, pictures placed as by the {origin}: {accuracy:.1%}")
+        print(f"held-out accuracy, pictures placed as by the {origin}: {accuracy:.1%}"
+              + (f" (after {args.steps} steps: not meaningful)" if args.quick else ""))
         for mistake in mistakes[:5]:
             print("  wrong:", mistake)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

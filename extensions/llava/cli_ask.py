@@ -5,7 +5,7 @@
 
 The same core as the extension: every picture becomes an ``<img>`` tag in the prompt, the
 engine splices the pictures' features at the image tokens, and the model answers greedily.
-With no ``--model`` the bundled demo (``extensions/llava/demo``) answers. Any failure is one
+With no ``--model`` the bundled demo (``extensions/llava/models/demo``) answers. Any failure is one
 line on stderr starting with ``error:`` and a non-zero exit code.
 """
 
@@ -18,9 +18,10 @@ import sys
 
 from .errors import LlavaError, first_line
 from .media.sources import ImageError, InlineImage
+from .settings import SettingsError, available_devices, resolve_device
 from .vision.weights import quiet_transformers
 
-DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "demo")
 # The user's message: the pictures' tags, then the question. A model with a chat template (the demo
 # has one) gets it rendered by that template; others get their family's format below.
 ASK_MESSAGE = "{images}\n{question}"
@@ -142,29 +143,40 @@ def positive_int(text: str) -> int:
     return value
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m extensions.llava ask",
+def checked_device(text: str) -> str:
+    """``--device``'s value, checked against the devices this machine has (the error names the flag)."""
+    try:
+        return str(resolve_device("clip_device", text))
+    except SettingsError:
+        raise LlavaError(f"--device is {text!r}, which is not a device this machine has; allowed here: "
+                         f"{', '.join(available_devices())}") from None
+
+
+def parser(prog: str = "python -m extensions.llava ask") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Answer a question about one or more pictures with a LLaVA model.")
-    p.add_argument("question")
+    p.add_argument("question", help="what to ask about the pictures, in quotes")
     p.add_argument("--image", action="append", required=True, metavar="PATH",
-                   help="a picture file (PNG, JPEG, ...); repeat for several")
+                   help="a picture file (PNG, JPEG, GIF, WebP, BMP or TIFF); repeat for several")
     p.add_argument("--model", default=DEMO_MODEL, metavar="FOLDER",
-                   help="a model folder, for example a converted checkpoint (default: the bundled demo)")
+                   help="a model folder, for example a converted checkpoint (the default: the bundled demo)")
     p.add_argument("--pipeline", default="auto", metavar="NAME",
                    help="auto (from the folder's llava.json or the model) or a pipeline name")
-    p.add_argument("--device", default="cpu", help="cpu, cuda:0, ... (default: cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda:0, ...")
     p.add_argument("--embed-all", action="store_true",
-                   help="give every picture its features (default: only the last one, as the extension does)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N")
+                   help="give every picture its features, not only the last one (as the extension's "
+                        "\"embed all\" checkbox)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
+                   help="the longest answer, in tokens")
     return p
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+def main(argv=None, prog: str = "python -m extensions.llava ask") -> int:
+    args = parser(prog).parse_args(argv)
     try:
         with quiet_transformers():  # no progress bars or advice: stderr carries only errors
             tags = [picture_tag(path, position) for position, path in enumerate(args.image, 1)]
-            asker = Asker(args.model, args.pipeline, args.device, args.embed_all)
+            asker = Asker(args.model, args.pipeline, checked_device(args.device), args.embed_all)
             print(asker.ask_tags(tags, args.question, args.max_new_tokens))
     except LlavaError as error:
         print(f"error: {error}", file=sys.stderr)

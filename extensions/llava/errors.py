@@ -1,6 +1,10 @@
 """The one base class of every error the extension reports to a user or a client."""
 
 
+# How a webui user runs the converter (the extension in user_data/extensions/llava, from the webui's root)
+CONVERT_COMMAND = "`python user_data/extensions/llava convert SRC DST` from the webui's root"
+
+
 class LlavaError(ValueError):
     """Something the user can fix: the message says what and how, in plain words."""
 

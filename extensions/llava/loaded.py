@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from .families.recognise import Choice, choose_pipeline
-from .errors import LlavaError
+from .errors import CONVERT_COMMAND, LlavaError
 from .families import Family, family_of
 from .families.pipelines import PIPELINES, PipelineError
 from .tokens.splice import TokenLayout
@@ -87,7 +87,7 @@ class LoadedModel:
             if missing:
                 raise PipelineError(f"the loaded tokenizer has no {', '.join(missing)} token(s), which pipeline "
                                     f"{pipeline.name} needs: wrong model or wrong pipeline (set llava-pipeline, or "
-                                    "convert the checkpoint with `python -m extensions.llava convert`)")
+                                    f"convert the checkpoint with {CONVERT_COMMAND})")
             self._layout = self.family.token_layout(pipeline, self.vocab)
         return self._layout
 

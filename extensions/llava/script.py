@@ -20,7 +20,7 @@ if not __package__:
 from .webui.extension import bind_webui, params  # noqa: E402  (the webui writes the llava-* settings into params)
 from .webui.hooks import (chat_input_modifier, custom_tokenized_length, history_modifier,  # noqa: E402,F401
                           input_modifier, logits_processor_modifier, setup, state_modifier, tokenizer_modifier)
-from .webui.page import input_hijack, ui  # noqa: E402,F401
+from .webui.page import custom_css, input_hijack, ui  # noqa: E402,F401
 
 
 class Webui:

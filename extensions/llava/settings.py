@@ -28,6 +28,7 @@ DEFAULTS = {
     "projector_filename": None,
     "add_all_images_to_prompt": False,
     "cache_size_mb": 256,
+    "preprocess": "as_trained",
     "prefix_cache_mb": None,
 }
 
@@ -129,6 +130,18 @@ def _prefix_cache_size(name: str, value) -> float | None:
     return size
 
 
+PREPROCESS_CHOICES = ("as_trained", "as_processor")
+
+
+def _preprocess(name: str, value) -> str:
+    """``as_trained``: the picture as the family was trained (LLaVA v1.5 padded to a square);
+    ``as_processor``: exactly as the checkpoint's image processor says (what vLLM does)."""
+    choice = (_optional_text(name, value) or "as_trained").lower()
+    if choice not in PREPROCESS_CHOICES:
+        raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}; allowed values: {', '.join(PREPROCESS_CHOICES)}")
+    return choice
+
+
 def _pipeline(name: str, value) -> str:
     return _optional_text(name, value) or "auto"
 
@@ -140,7 +153,7 @@ CHECKS = {"pipeline": ("pipeline", _pipeline), "clip_bits": ("clip_bits", _bits)
           "projector_repo": ("projector_repo", _optional_text),
           "projector_filename": ("projector_filename", _optional_text),
           "add_all_images_to_prompt": ("embed_all", _flag), "cache_size_mb": ("cache_size_mb", _cache_size),
-          "prefix_cache_mb": ("prefix_cache_mb", _prefix_cache_size)}
+          "prefix_cache_mb": ("prefix_cache_mb", _prefix_cache_size), "preprocess": ("preprocess", _preprocess)}
 
 
 @dataclass(frozen=True)
@@ -158,6 +171,7 @@ class Settings:
     embed_all: bool
     cache_size_mb: float
     prefix_cache_mb: float | None  # None: chosen by the device the language model runs on
+    preprocess: str  # as_trained or as_processor
 
     @property
     def clip_dtype(self) -> torch.dtype:

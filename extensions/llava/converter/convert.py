@@ -261,7 +261,7 @@ def _report(source: Source, pipeline: Pipeline, projector: dict, vocabulary: _Vo
     vocab = f"vocabulary {vocabulary.old_size}" + (f" → {vocabulary.new_size}" if vocabulary.new_size != vocabulary.old_size
                                                   else "")
     lines = [f"converted {source.kind} checkpoint '{source.folder}' → '{dst}'",
-             f"  pipeline: {pipeline.name}",
+             f"  pipeline: {_pipeline_label(pipeline)}",
              f"  language model: {CAUSAL_LM[source.llm_type]}, {len(shards.names)} tensors in {len(shards.parts)} "
              f"shard(s), {vocab}",
              f"  projector: {projector_type_of(projector)} {projector_in}→{projector_out} in {PROJECTOR_FILE}",
@@ -275,6 +275,14 @@ def _report(source: Source, pipeline: Pipeline, projector: dict, vocabulary: _Vo
     lines.append(f"  wrote: {', '.join(written)}")
     for line in lines:
         log(line)
+
+
+def _pipeline_label(pipeline: Pipeline) -> str:
+    """A named pipeline by its name; one read from the checkpoint's config says so (its name is only the
+    folder's, not one that ``--pipeline`` or ``llava-pipeline`` takes)."""
+    if PIPELINES.get(pipeline.name) == pipeline:
+        return pipeline.name
+    return f"read from the checkpoint's config (family {pipeline.family})"
 
 
 def _with_rows(tensor: torch.Tensor, vocabulary: _Vocabulary) -> torch.Tensor:
@@ -314,15 +322,15 @@ def _write_vision_tower(source: Source, state: dict, folder: str) -> None:
     save_tower(folder, source.vision, state, processor, f"the llava-hf checkpoint '{source.folder}'")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m extensions.llava convert",
+def main(argv=None, prog: str = "python -m extensions.llava convert") -> int:
+    parser = argparse.ArgumentParser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      description="Turn an original or llava-hf LLaVA checkpoint into a folder the "
                                                  "webui's Transformers loader loads, with the projector, the vision "
                                                  "tower (or its repo id) and a llava.json that picks the pipeline.")
     parser.add_argument("src", help="the checkpoint folder (original LLaVA or llava-hf)")
-    parser.add_argument("dst", help="a new folder (it must not exist or be empty), e.g. models/NAME")
-    parser.add_argument("--pipeline", default="auto",
-                        help=f"auto (default: detected from the checkpoint) or one of: {', '.join(PIPELINES)}")
+    parser.add_argument("dst", help="a new folder (it must not exist or be empty), e.g. user_data/models/NAME")
+    parser.add_argument("--pipeline", default="auto", metavar="NAME",
+                        help=f"auto (read from the checkpoint's config) or one of: {', '.join(PIPELINES)}")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         convert(args.src, args.dst, args.pipeline)

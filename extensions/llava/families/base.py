@@ -42,6 +42,12 @@ class Family:
         """How the family's pictures are prepared when the config does not say."""
         return "crop"
 
+    def as_set(self, pipeline, preprocess: str):
+        """The pipeline as the ``llava-preprocess`` setting has it: ``as_trained`` (the default) or
+        ``as_processor`` (exactly as the checkpoint's image processor says, as transformers' processor and
+        vLLM prepare a picture). Families whose training and processor agree keep the pipeline."""
+        return pipeline
+
     # ------------------------------------------------------------ tokens and positions
 
     def token_layout(self, pipeline, vocab: dict) -> TokenLayout:

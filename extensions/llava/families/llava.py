@@ -4,6 +4,8 @@ slots per picture, however many a prompt holds."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..vision.processors import fixed_views
 from .base import Family
 
@@ -21,6 +23,11 @@ class Llava(Family):
     def default_preprocess(self, row: dict) -> str:
         # v1.5 was trained on pictures padded to a square, v0 on centre crops
         return "pad" if self.release_of(row) == "v1.5" else "crop"
+
+    def as_set(self, pipeline, preprocess: str):
+        # v1.5 was trained on padded squares; its llava-hf processor resizes and centre-crops instead
+        return replace(pipeline, preprocess="crop") if preprocess == "as_processor" and pipeline.preprocess == "pad" \
+            else pipeline
 
     def views(self, pipeline, processor, pictures, layout):
         return fixed_views(pictures, processor, pad=pipeline.preprocess == "pad"), [1] * len(pictures)

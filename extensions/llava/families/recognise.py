@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from .checkpoint_rules import PROJECTOR_ACTIVATIONS
+from ..errors import CONVERT_COMMAND
 from . import family_claiming
 from .pipelines import CLIP_224, CLIP_336, DEFAULT_PIPELINE, PIPELINES, Pipeline, PipelineError, get_pipeline
 from ..vision.tower_kinds import TOWER_KINDS, tower_kind_of
@@ -271,4 +272,4 @@ def detect_pipeline(config, vocab, model_path: str | None) -> str:
         raise PipelineError(unsure.format(why=" (its tokenizer has <image>, used by llava-llama-2, v1.5 and bakllava)"))
     raise PipelineError("the loaded model's tokenizer has no image tokens (<im_patch> or <image>): it is not a "
                         "LLaVA model the extension can feed. Load a LLaVA checkpoint (convert an original or "
-                        "llava-hf one with `python -m extensions.llava convert SRC DST`), or set llava-pipeline")
+                        f"llava-hf one with {CONVERT_COMMAND}), or set llava-pipeline")

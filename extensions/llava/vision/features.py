@@ -10,6 +10,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..errors import CONVERT_COMMAND
+from ..families import family_of
 from ..stores import FeatureCache
 from ..families.checkpoint_rules import check
 from ..families.recognise import Choice
@@ -113,7 +115,7 @@ class PictureFeatures:
         if not filename and not choice.projector_repo and not s.projector_repo:
             self.log(f"llava: no projector file is known for {pipeline.name}; reading it out of the full "
                      f"checkpoint {projector_repo} (a large download unless cached). Converting the model "
-                     "with `python -m extensions.llava convert` avoids this")
+                     f"with {CONVERT_COMMAND} avoids this")
         return Sources(s.clip_repo or choice.vision_source or pipeline.vision_repo, projector_repo, filename)
 
     def _vision_and_key(self, choice: Choice) -> tuple[VisionParts, tuple]:
@@ -121,14 +123,15 @@ class PictureFeatures:
         (the features cache keys on it: a reconfigure during this call cannot mix the two)."""
         s = self.settings
         placement = Placement(s.clip_device, s.clip_dtype, s.projector_device, s.projector_dtype)
+        pipeline = family_of(choice.pipeline).as_set(choice.pipeline, s.preprocess)
         with self._load_lock:
             sources = self._sources(choice)
-            key = (choice.pipeline, sources, str(placement))
+            key = (pipeline, sources, str(placement))
             if self._vision_key != key:
                 self._vision = None
                 if "cpu" in (s.clip_device.type, s.projector_device.type) and 16 in (s.clip_bits, s.projector_bits):
                     self.log("llava: 16 bits on the CPU means bfloat16 (float16 matmuls are slow or unsupported there)")
-                self._vision = load_vision_parts(choice.pipeline, sources, placement, log=self.log)
+                self._vision = load_vision_parts(pipeline, sources, placement, log=self.log)
                 self._vision_key = key
                 self.counters.loads += 1
             return self._vision, key

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import CONVERT_COMMAND
 from ..families.checkpoint_rules import Parts, check
 from ..families import family_of
 from ..families.pipelines import Pipeline
@@ -25,7 +26,7 @@ MAX_VIEWS_PER_BATCH = 32  # 32 fixed-size pictures, or 6 LLaVA-1.6 ones of up to
 # What to do when the loaded parts do not fit each other or the pipeline.
 LOADER_FIX = ("wrong model or wrong pipeline: set llava-pipeline to this model's pipeline, or set llava-clip_repo "
               "and llava-projector_repo to its own tower and projector, or convert the checkpoint with "
-              "`python -m extensions.llava convert`")
+              f"{CONVERT_COMMAND}")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,16 @@ from .extension import embed_all_setting, log, request_context, sessions, warn, 
 # The 2023 webui takes the next message's picture through input_hijack; the current one calls
 # history_modifier then chat_input_modifier. Each host uses one of the two, never both.
 input_hijack = {"state": False, "value": ["", ""]}
+PREVIEW_HEIGHT = 320  # px: the picked picture scaled into this box whole, at a size a person can read
+# gradio's image box draws its picture at the box's full width and cuts what overflows its height:
+# the picture is fitted into the box instead, whole and with its own proportions.
+PREVIEW_CSS = ("#llava-preview button, #llava-preview .image-container { width: 100%; height: 100%; } "
+               "#llava-preview img { width: 100%; height: 100%; object-fit: contain; }")
+
+
+def custom_css() -> str:
+    """Styles the webui adds to its page (the extension contract's ``custom_css``)."""
+    return PREVIEW_CSS
 
 
 def ui():
@@ -57,7 +67,7 @@ def _preview(gr):
     """The picked file itself, drawn by the browser: nothing is decoded or re-encoded for it here. The
     2023 webui's gradio has no such image box; it shows the file's name only."""
     try:
-        return gr.Image(interactive=False, show_label=False, show_download_button=False, height=160,
+        return gr.Image(interactive=False, show_label=False, show_download_button=False, height=PREVIEW_HEIGHT,
                         elem_id="llava-preview")
     except TypeError:
         return None

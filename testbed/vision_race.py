@@ -91,6 +91,7 @@ def main(contest: Contest, argv=None) -> int:
     from extensions.llava.families.recognise import Choice
     from extensions.llava.families.pipelines import PIPELINES
     from extensions.llava.settings import Settings
+    from testbed import tool_output
     from testbed.photos import make_photo
 
     parser = argparse.ArgumentParser(description=contest.doc.splitlines()[0])
@@ -98,6 +99,7 @@ def main(contest: Contest, argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="a narrow tower, one run: checks the script")
     args = parser.parse_args(argv)
+    tool_output.start(args.quick)
     if args.quick:
         args.repeats = 1
     torch.set_grad_enabled(False)
