@@ -288,3 +288,33 @@ def test_the_anthropic_route_has_the_same_checks_errors_and_usage(keyed):
     status, _, raw = request(keyed.base + "/v1/messages", anthropic(cut, stream=True), ANTHROPIC_KEY)
     events = raw.decode()
     assert status == 200 and "event: error" in events and "damaged or cut short" in events, events
+
+
+# ---------------------------------------------------------------- doors of the 2026-05-03 attack
+
+
+def post_headers(server, path: str, body: dict, header_pairs: list[tuple[str, str]]) -> tuple[int, dict]:
+    """A JSON POST with the headers exactly as listed, a name given twice sent twice."""
+    host, port = server.base.rsplit("//", 1)[1].split(":")
+    raw = json.dumps(body).encode()
+    connection = http.client.HTTPConnection(host, int(port), timeout=300)
+    try:
+        connection.putrequest("POST", path)
+        for name, value in [("Content-Type", "application/json"), ("Content-Length", str(len(raw))), *header_pairs]:
+            connection.putheader(name, value)
+        connection.endheaders(raw)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_a_second_key_header_does_not_make_the_check_stand_aside(keyed):
+    web = {"prompt": "<__media__> what?", "max_tokens": 2, **chat("http://127.0.0.1:9/a.png")}
+    twice = [("Authorization", f"Bearer {KEY}"), ("Authorization", "Bearer bogus")]
+    status, answer = post_headers(keyed, "/v1/completions", web, twice)
+    assert status == 400 and "never fetches" in answer["error"]["message"], answer
+    eps = image_block(bytes_url(eps_stub(), "image/png"))
+    status, answer = post_headers(keyed, "/v1/messages", anthropic(eps), [("x-api-key", KEY), ("x-api-key", "bogus")])
+    assert status == 400 and "not a picture in a supported format" in answer["error"]["message"], answer
+    assert "Failed to fetch external image" not in keyed.log_text()

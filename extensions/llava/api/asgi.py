@@ -8,9 +8,15 @@ import json
 from typing import Awaitable, Callable
 
 
+def first_header(scope, name: bytes) -> str | None:
+    """The first header called ``name`` (lower case), as starlette's ``Headers.get`` reads it; None when
+    there is none."""
+    return next((value.decode("latin-1") for key, value in scope.get("headers", []) if key.lower() == name), None)
+
+
 def content_type(scope) -> str:
     """The request's first Content-Type header, as the webui's server reads it; "" when there is none."""
-    return next((value.decode("latin-1") for name, value in scope.get("headers", []) if name == b"content-type"), "")
+    return first_header(scope, b"content-type") or ""
 
 
 def is_json_type(value: str) -> bool:

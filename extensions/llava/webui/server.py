@@ -4,6 +4,7 @@ and the 2023 route ``/api/v1/generate`` behind the webui's own key check."""
 
 from __future__ import annotations
 
+from ..api.asgi import first_header
 from ..api.check import MESSAGES_PATH, PictureRequestMiddleware
 from ..api.generate_route import add_generate_route
 from ..errors import LlavaError
@@ -30,12 +31,10 @@ def serve_api() -> None:
 
 def _authorized(scope) -> bool:
     """The webui's own key check of the route: ``x-api-key`` on its Anthropic-style route, else
-    ``Authorization: Bearer``."""
+    ``Authorization: Bearer``. The header is read as the webui's FastAPI reads it: the first of its name."""
     api_script = webui().api_script
-    headers = dict(scope.get("headers", []))
     anthropic = scope.get("path") == MESSAGES_PATH and hasattr(api_script, "verify_anthropic_key")
-    header = headers.get(b"x-api-key" if anthropic else b"authorization")
-    value = header.decode("latin-1") if header is not None else None
+    value = first_header(scope, b"x-api-key" if anthropic else b"authorization")
     try:
         if anthropic:
             api_script.verify_anthropic_key(x_api_key=value)
