@@ -318,3 +318,10 @@ def test_a_second_key_header_does_not_make_the_check_stand_aside(keyed):
     status, answer = post_headers(keyed, "/v1/messages", anthropic(eps), [("x-api-key", KEY), ("x-api-key", "bogus")])
     assert status == 400 and "not a picture in a supported format" in answer["error"]["message"], answer
     assert "Failed to fetch external image" not in keyed.log_text()
+
+
+def test_the_2023_route_answers_a_deeply_nested_body_with_a_400(keyed):
+    deep = b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    status, raw = raw_post(keyed, "/api/v1/generate", deep, {**AUTH, "Content-Type": "application/json"})
+    assert status == 400 and json.loads(raw)["error"]["message"] == "the request body is not valid JSON", raw
+
