@@ -325,3 +325,31 @@ def test_the_2023_route_answers_a_deeply_nested_body_with_a_400(keyed):
     status, raw = raw_post(keyed, "/api/v1/generate", deep, {**AUTH, "Content-Type": "application/json"})
     assert status == 400 and json.loads(raw)["error"]["message"] == "the request body is not valid JSON", raw
 
+
+BAD_SETTINGS = "llava-cache_size_mb: .nan\nllava-prefix_cache_mb: .inf\nllava-projector_filename: ../../../../etc/passwd\n"
+
+
+@pytest.fixture(scope="module")
+def badly_set(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    write_model(os.path.join(models, "tiny-llava"), current=True)
+    work = tmp_path_factory.mktemp("badly-set-server")
+    settings = work / "settings.yaml"
+    settings.write_text(BAD_SETTINGS)
+    with running_webui(str(models), "tiny-llava", str(work), extra_args=("--api-key", KEY, "--settings", str(settings))) \
+            as server:
+        yield server
+
+
+def test_bad_settings_are_named_at_start_up_and_switch_no_check_off(badly_set):
+    log = badly_set.log_text()
+    assert all(f"llava-{name} is" in log for name in ("cache_size_mb", "prefix_cache_mb", "projector_filename")), log
+    eps = bytes_url(eps_stub(), "image/png")
+    status, _, answer = call(badly_set, "/v1/chat/completions", chat(eps))
+    assert status == 400 and "not a picture in a supported format" in answer["error"]["message"], answer
+    status, _, answer = call(badly_set, "/api/v1/generate", {"prompt": f'x <img src="{picture_url(31)}">',
+                                                             "max_new_tokens": 2})
+    assert status == 400 and "llava-prefix_cache_mb is inf" in answer["error"]["message"], answer
+    status, _, answer = call(badly_set, "/v1/chat/completions", chat(picture_url(32)))
+    assert status == 400 and "llava-cache_size_mb is nan" in answer["error"]["message"], answer
+    assert call(badly_set, "/api/v1/generate", {"prompt": "hi", "max_new_tokens": 2})[0] == 200

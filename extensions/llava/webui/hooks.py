@@ -17,11 +17,14 @@ from .server import serve_api
 
 
 def setup():
-    """Validate the settings and serve the extension's API parts; nothing heavy loads here."""
+    """Validate the settings and serve the extension's API parts; nothing heavy loads here. The request
+    check and the 2023 route are served whatever the settings say: a bad setting never switches a check off."""
     try:
         engine()
     except LlavaError as error:
         log(f"llava: {error}", "error")
+    except Exception as error:  # a setting no check foresaw: said, and the API parts still served
+        log(f"llava: the settings could not be applied: {type(error).__name__}: {error}", "error")
     serve_api()
 
 
