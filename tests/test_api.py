@@ -358,3 +358,15 @@ def test_the_anthropic_route_takes_its_own_key_and_the_same_checks(served, no_de
     assert response.status_code == 200, response.text
     assert int((served.host.last_prompt_ids == PATCH_ID).sum()) == 256
     assert response.json()["usage"]["input_tokens"] == served.host.last_prompt_ids.shape[1]
+
+
+def test_the_items_of_one_request_are_bounded_by_a_setting(v0, host_factory, no_decoding):
+    host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=v0.webui_settings(max_items=2), api=True)
+    tiny_url = data_url(picture(2, 2))
+    response = host.api.client().post("/v1/chat/completions", json=chat_body(*[tiny_url] * 3), headers=AUTH)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == \
+        "the request holds 3 pictures; one request may hold 2 (the setting llava-max_items)"
+    assert no_decoding == [] and host.api.calls.prompts == []
+    assert host.api.client().post("/v1/chat/completions", json={**chat_body(*[tiny_url] * 2), "max_tokens": 1},
+                                  headers=AUTH).status_code == 200

@@ -353,3 +353,15 @@ def test_bad_settings_are_named_at_start_up_and_switch_no_check_off(badly_set):
     status, _, answer = call(badly_set, "/v1/chat/completions", chat(picture_url(32)))
     assert status == 400 and "llava-cache_size_mb is nan" in answer["error"]["message"], answer
     assert call(badly_set, "/api/v1/generate", {"prompt": "hi", "max_new_tokens": 2})[0] == 200
+
+
+def test_the_items_of_one_request_are_bounded(keyed):
+    tiny_url = tiny.data_url(tiny.picture(2, 2))
+    started = time.time()
+    for path, body in [("/v1/chat/completions", chat(*[tiny_url] * 2500)),
+                       ("/v1/completions", {"prompt": f'<img src="{tiny_url}"> ' * 129})]:
+        status, _, answer = call(keyed, path, body)
+        assert status == 400 and answer["error"]["message"] == (
+            f"the request holds {2500 if 'chat' in path else 129:,} pictures; one request may hold 128 "
+            "(the setting llava-max_items)"), answer
+    assert time.time() - started < 5

@@ -107,3 +107,10 @@ def test_a_tower_or_projector_that_does_not_load_names_its_setting(v0, host_fact
     with pytest.raises(LlavaError) as error:
         host.generate("x " + img_tag(picture()))
     assert f"llava-{setting} is '{tmp_path}'" in str(error.value)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "many", float("nan")])
+def test_the_item_limit_is_a_whole_number(value):
+    with pytest.raises(SettingsError) as error:
+        Settings.from_params({"max_items": value})
+    assert "llava-max_items" in str(error.value) and "1 or more" in str(error.value)

@@ -31,6 +31,7 @@ DEFAULTS = {
     "add_all_images_to_prompt": False,
     "cache_size_mb": 256,
     "prefix_cache_mb": None,
+    "max_items": 128,
 }
 
 ALLOWED_BITS = (16, 32)
@@ -137,6 +138,13 @@ def _prefix_cache_size(name: str, value) -> float | None:
     return size
 
 
+def _item_count(name: str, value) -> int:
+    count = _number(int, value) if not isinstance(value, float) or value.is_integer() else None
+    if count is None or count < 1:
+        raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}; expected a whole number, 1 or more")
+    return count
+
+
 def _pipeline(name: str, value) -> str:
     from .pipelines import PIPELINES
     pipeline = _optional_text(name, value) or "auto"
@@ -171,7 +179,7 @@ CHECKS = {"pipeline": ("pipeline", _pipeline), "clip_bits": ("clip_bits", _bits)
           "projector_repo": ("projector_repo", _repo),
           "projector_filename": ("projector_filename", _file_name),
           "add_all_images_to_prompt": ("embed_all", _flag), "cache_size_mb": ("cache_size_mb", _cache_size),
-          "prefix_cache_mb": ("prefix_cache_mb", _prefix_cache_size)}
+          "prefix_cache_mb": ("prefix_cache_mb", _prefix_cache_size), "max_items": ("max_items", _item_count)}
 
 
 @dataclass(frozen=True)
@@ -189,6 +197,7 @@ class Settings:
     embed_all: bool
     cache_size_mb: float
     prefix_cache_mb: float | None  # None: chosen by the device the language model runs on
+    max_items: int  # the most media items (pictures) in one request
 
     @property
     def clip_dtype(self) -> torch.dtype:

@@ -27,6 +27,7 @@ from typing import Callable
 from ..images import ImageError, ImageSource, RefusedImage
 from ..messages import RequestProblem, body_prompts, pictures_in_body, reference_prompts
 from ..sessions import Sessions
+from ..settings import DEFAULTS, SETTING_PREFIX
 from .answer import AnswerCorrection
 from .asgi import body_message, error_body, errors_as_events, read_as_json, read_body, replay, send_json
 from .generate_route import GENERATE_PATH
@@ -35,6 +36,12 @@ MESSAGES_PATH = "/v1/messages"  # the Anthropic-style route: its own key header 
 CHECKED_PATHS = ("/v1/completions", "/v1/chat/completions", MESSAGES_PATH, GENERATE_PATH)
 # The pixels one request may ask to embed (decoded at 3 bytes a pixel: about 300 MB).
 MAX_REQUEST_PIXELS = 100_000_000
+
+
+def check_item_count(sources: list[ImageSource], max_items: int) -> None:
+    if len(sources) > max_items:
+        raise RequestProblem(f"the request holds {len(sources):,} pictures; one request may hold {max_items:,} "
+                             f"(the setting {SETTING_PREFIX}max_items)")
 
 
 def check_pictures(sources: list[ImageSource], embed_all: bool) -> None:
@@ -60,8 +67,10 @@ class PictureRequestMiddleware:
     ``sessions`` where the request's record is kept while it is served."""
 
     def __init__(self, app, authorized: Callable[[dict], bool], embed_all: Callable[[], bool],
-                 sessions: Sessions, paths: tuple[str, ...] = CHECKED_PATHS):
+                 sessions: Sessions, paths: tuple[str, ...] = CHECKED_PATHS,
+                 max_items: Callable[[], int] = lambda: DEFAULTS["max_items"]):
         self.app = app
+        self.max_items = max_items
         self.authorized = authorized
         self.embed_all = embed_all
         self.sessions = sessions
@@ -80,6 +89,7 @@ class PictureRequestMiddleware:
         path = scope["path"]
         try:
             sources = pictures_in_body(path, body)
+            check_item_count(sources, self.max_items())
             if sources:
                 await asyncio.to_thread(check_pictures, sources, self.embed_all())
         except (RequestProblem, ImageError) as error:

@@ -8,7 +8,7 @@ from ..api.asgi import first_header
 from ..api.check import MESSAGES_PATH, PictureRequestMiddleware
 from ..api.generate_route import add_generate_route
 from ..errors import LlavaError
-from .extension import embed_all_setting, log, sessions, webui
+from .extension import embed_all_setting, log, max_items_setting, sessions, webui
 
 
 def serve_api() -> None:
@@ -26,7 +26,8 @@ def serve_api() -> None:
         return
     add_generate_route(app, _complete, dependencies=api_script.check_key)
     app.user_middleware.append(Middleware(PictureRequestMiddleware, authorized=_authorized,
-                                          embed_all=embed_all_setting, sessions=sessions))
+                                          embed_all=embed_all_setting, sessions=sessions,
+                                          max_items=max_items_setting))
 
 
 def _authorized(scope) -> bool:
