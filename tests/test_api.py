@@ -159,18 +159,21 @@ def test_a_streamed_completion_reports_the_true_usage(served):
     assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]
 
 
-def test_a_bad_picture_that_will_not_be_embedded_is_not_opened(served):
-    """As in generation: with "embed all" off only the last picture is opened; web addresses are refused
-    wherever they stand (the webui would fetch them)."""
-    broken = "data:image/png;base64,bm90IGFuIGltYWdl"
+def test_a_bad_picture_that_will_not_be_embedded_is_not_opened(served, no_decoding):
+    """As in generation: with "embed all" off only the last picture is opened; of the others only the first
+    bytes are read: a format not named and web addresses are refused wherever they stand (the webui would
+    open or fetch them)."""
+    cut_short = data_url(picture(300, 200, seed=4))[:-400]  # a PNG whose data ends early: known when decoded
+    not_a_picture = "data:image/png;base64,bm90IGFuIGltYWdl"
     served.host.script.params["add_all_images_to_prompt"] = False
-    response = served.client.post("/v1/chat/completions", json=chat_body(broken, data_url(picture())), headers=AUTH)
+    response = served.client.post("/v1/chat/completions", json=chat_body(cut_short, data_url(picture())), headers=AUTH)
     assert response.status_code == 200, response.text
-    response = served.client.post("/v1/chat/completions", json=chat_body("http://example.com/a.png",
-                                                                         data_url(picture())), headers=AUTH)
-    assert response.status_code == 400 and "never fetches" in response.json()["error"]["message"]
+    assert no_decoding.count("header") == 1  # the last picture's; the first was neither decoded nor opened
+    for unusable, reason in [("http://example.com/a.png", "never fetches"), (not_a_picture, "not a picture in a supported")]:
+        response = served.client.post("/v1/chat/completions", json=chat_body(unusable, data_url(picture())), headers=AUTH)
+        assert response.status_code == 400 and reason in response.json()["error"]["message"]
     served.host.script.params["add_all_images_to_prompt"] = True
-    response = served.client.post("/v1/chat/completions", json=chat_body(broken, data_url(picture())), headers=AUTH)
+    response = served.client.post("/v1/chat/completions", json=chat_body(not_a_picture, data_url(picture())), headers=AUTH)
     assert response.status_code == 400
     assert response.json()["error"]["message"].startswith("image 1 in the request: the data is not a picture")
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from testbed import tiny
-from testbed.hostile_files import animated_gif, eps_stub, ico_holding
+from testbed.hostile_files import animated_gif, deep_tiff, eps_stub, ico_holding, jpeg_claiming, tiff_in_strips
 from testbed.photos import encoded
 from testbed.real_host import WEBUI, is_current, needs_webui, request, running_webui
 from testbed.real_models import picture_url, v0_prompt_tokens, write_model
@@ -365,3 +365,56 @@ def test_the_items_of_one_request_are_bounded(keyed):
             f"the request holds {2500 if 'chat' in path else 129:,} pictures; one request may hold 128 "
             "(the setting llava-max_items)"), answer
     assert time.time() - started < 5
+
+
+
+@pytest.fixture(scope="module")
+def last_only(tmp_path_factory):
+    """A server with the default settings: "embed all" off, only a prompt's last picture is embedded."""
+    models = tmp_path_factory.mktemp("models")
+    write_model(os.path.join(models, "tiny-llava"), current=True)
+    work = tmp_path_factory.mktemp("last-only-server")
+    with running_webui(str(models), "tiny-llava", str(work), extra_args=("--api-key", KEY)) as server:
+        yield server
+
+
+NOT_NAMED = "image 1 in the request: the data is not a picture in a supported format (PNG, JPEG, GIF, WebP, BMP or TIFF)"
+
+
+def test_a_picture_that_will_not_be_embedded_costs_no_decoding(last_only):
+    ico = bytes_url(ico_holding(Image.new("RGB", (4000, 4000))), "image/png")
+    body = {"prompt": "<__media__> <__media__> <__media__> what?", "max_tokens": 2, **chat(ico, ico, picture_url(33))}
+    before = last_only.rss_mb()
+    started = time.time()
+    for path in ("/v1/completions", "/api/v1/generate"):
+        status, _, answer = call(last_only, path, body)
+        assert status == 400 and answer["error"]["message"] == NOT_NAMED, (path, answer)
+    grown = last_only.rss_mb() - before
+    print(f"\ntwo ICOs of a 4000x4000 PNG beside the embedded picture: refused in {time.time() - started:.2f} s, "
+          f"RSS {grown:+.0f} MB")
+    assert time.time() - started < 5 and grown < 20
+    assert call(last_only, "/v1/completions", {**body, **chat(picture_url(34), picture_url(35), picture_url(33))})[0] \
+        == 200
+
+
+def test_tiff_and_jpeg_amplification_is_refused_from_the_header(last_only):
+    cases = [(tiff_in_strips(200_000), "image/tiff", "is stored in 200,000 strips or tiles"),
+             (jpeg_claiming(7000, 7000), "image/jpeg", "more than its 633 bytes of JPEG data can hold"),
+             (deep_tiff(4200, 4200), "image/tiff", "pixels of 32 bits (mode 'F')")]
+    before = last_only.rss_mb()
+    started = time.time()
+    for data, media, reason in cases:
+        status, _, answer = call(last_only, "/v1/chat/completions", chat(bytes_url(data, media)))
+        assert status == 400 and reason in answer["error"]["message"], (reason, answer)
+    # where it would not be embedded, the webui would still open it: its directory is read all the same
+    status, _, answer = call(last_only, "/v1/chat/completions", chat(bytes_url(cases[0][0], "image/tiff"), picture_url(36)))
+    assert status == 400 and cases[0][2] in answer["error"]["message"], answer
+    grown = last_only.rss_mb() - before
+    print(f"\nTIFF strips, forged JPEG, deep TIFF refused in {time.time() - started:.2f} s, RSS {grown:+.0f} MB")
+    assert time.time() - started < 10 and grown < 40
+
+
+def test_a_constant_negative_deep_picture_is_stretched(last_only):
+    for mode, value in [("F", -2.5), ("I", -40)]:
+        status, _, answer = call(last_only, "/v1/chat/completions", chat(bytes_url(deep_tiff(64, 64, mode, value), "image/tiff")))
+        assert status == 200, (mode, answer)

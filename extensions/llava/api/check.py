@@ -24,7 +24,7 @@ import asyncio
 import json
 from typing import Callable
 
-from ..images import ImageError, ImageSource, RefusedImage
+from ..images import ImageError, ImageSource
 from ..messages import RequestProblem, body_prompts, pictures_in_body, reference_prompts
 from ..sessions import Sessions
 from ..settings import DEFAULTS, SETTING_PREFIX
@@ -46,16 +46,17 @@ def check_item_count(sources: list[ImageSource], max_items: int) -> None:
 
 def check_pictures(sources: list[ImageSource], embed_all: bool) -> None:
     """Refuse what cannot be used, from the pictures' headers alone. As in generation, only the
-    pictures to embed are looked at (all with "embed all" on, else the last); a web address (the webui
-    would fetch it) or a broken tag is refused wherever it stands."""
+    pictures' headers to embed are read (all with "embed all" on, else the last); of the others only
+    the first bytes: a web address (the webui would fetch it), a broken tag or a format not named is
+    refused wherever it stands."""
     embedded_pixels = 0
     embedded = set(range(len(sources))) if embed_all else {len(sources) - 1}
     for i, source in enumerate(sources):
-        if isinstance(source, RefusedImage):
-            source.load()  # raises
         if i in embedded:
             width, height = source.header()
             embedded_pixels += width * height
+        else:  # the webui opens it too: a format not named is refused from its first bytes, nothing decoded
+            source.check_start()
     if embedded_pixels > MAX_REQUEST_PIXELS:
         raise RequestProblem(f"the pictures to embed hold {embedded_pixels:,} pixels; one request may hold "
                              f"{MAX_REQUEST_PIXELS:,} (send smaller pictures, fewer of them, or turn "
