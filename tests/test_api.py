@@ -373,3 +373,22 @@ def test_the_items_of_one_request_are_bounded_by_a_setting(v0, host_factory, no_
     assert no_decoding == [] and host.api.calls.prompts == []
     assert host.api.client().post("/v1/chat/completions", json={**chat_body(*[tiny_url] * 2), "max_tokens": 1},
                                   headers=AUTH).status_code == 200
+
+
+def test_every_picture_the_webui_renders_is_found_in_the_body():
+    from extensions.llava.messages import picture_groups, reference_messages
+    first, second, third = (data_url(picture(seed=seed)) for seed in (1, 2, 3))
+    chat = {"messages": [{"role": "system", "content": f'Rules <img src="{first}">'},
+                         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": second}},
+                                                      {"type": "text", "text": f'and <img src="{third}">'}]}]}
+    [group] = picture_groups("/v1/chat/completions", chat)
+    assert [source.text[source.start:source.end] for source in group] == [first, second, third]
+    references = {}
+    rewritten = reference_messages(chat, references)
+    assert rewritten["messages"][0]["content"] == 'Rules <img src="llava-ref:1">'
+    assert rewritten["messages"][1]["content"][1]["text"] == 'and <img src="llava-ref:2">' and len(references) == 2
+    anthropic = {"system": f'<img src="{first}">', "messages": [{"role": "user", "content": [
+        {"type": "text", "text": f'<img src="{third}">'}]}]}
+    assert len(picture_groups("/v1/messages", anthropic)[0]) == 2
+    prompts = {"prompt": [f'a <img src="{first}">', "no picture", f'b <img src="{second}"> <img src="{third}">']}
+    assert [len(group) for group in picture_groups("/v1/completions", prompts)] == [1, 2]

@@ -418,3 +418,49 @@ def test_a_constant_negative_deep_picture_is_stretched(last_only):
     for mode, value in [("F", -2.5), ("I", -40)]:
         status, _, answer = call(last_only, "/v1/chat/completions", chat(bytes_url(deep_tiff(64, 64, mode, value), "image/tiff")))
         assert status == 200, (mode, answer)
+
+
+def written_in_text(*urls) -> str:
+    return "What is this? " + " ".join(f'<img src="{url}">' for url in urls)
+
+
+def test_pictures_written_in_chat_text_are_checked_and_never_tokenized(keyed):
+    eps = bytes_url(eps_stub(), "image/png")
+    big = bytes_url(header_only_png(7000, 7000))
+    for path, headers, body in [
+            ("/v1/chat/completions", AUTH, lambda text: {"max_tokens": 2, "messages": [{"role": "user", "content": text}]}),
+            ("/v1/messages", ANTHROPIC_KEY, lambda text: {"max_tokens": 2, "messages": [
+                {"role": "user", "content": [{"type": "text", "text": text}]}]})]:
+        status, _, answer = call(keyed, path, body(written_in_text(eps)), headers=headers)
+        assert status == 400 and "not a picture in a supported format" in answer["error"]["message"], (path, answer)
+        status, _, answer = call(keyed, path, body(written_in_text(big, big, big)), headers=headers)
+        assert status == 400 and "one request may hold 100,000,000" in answer["error"]["message"], (path, answer)
+        started = time.time()  # the same size of picture as an image part, whose data is never tokenized
+        assert call(keyed, "/v1/chat/completions", chat(tiny.data_url(tiny.picture(1600, 1200, seed=40))))[0] == 200
+        as_a_part = time.time() - started
+        photo = tiny.data_url(tiny.picture(1600, 1200, seed=37))  # 2.5 MB of base64: seconds were it tokenized
+        started = time.time()
+        status, _, answer = call(keyed, path, body(written_in_text(photo)), headers=headers)
+        elapsed = time.time() - started
+        print(f"\n{path}: a picture written in the text answered in {elapsed:.2f} s, as an image_url {as_a_part:.2f} s")
+        usage = answer["usage"].get("prompt_tokens", answer["usage"].get("input_tokens"))
+        assert status == 200 and 256 < usage < 1000 and elapsed < 2 * as_a_part + 1, (path, answer)
+
+
+def test_each_prompt_of_a_list_counts_towards_the_budget(last_only):
+    big = bytes_url(header_only_png(7000, 7000))
+    prompts = [f'x <img src="{big}">' for _ in range(3)]
+    status, _, answer = call(last_only, "/v1/completions", {"prompt": prompts, "max_tokens": 2})
+    assert status == 400 and "one request may hold 100,000,000" in answer["error"]["message"], answer
+
+
+def test_the_logits_route_is_checked_and_refuses_with_a_400(keyed):
+    eps = bytes_url(eps_stub(), "image/png")
+    status, _, answer = call(keyed, "/v1/internal/logits", {"prompt": f'x <img src="{eps}">', "use_samplers": True})
+    assert status == 400 and "not a picture in a supported format" in answer["error"]["message"], answer
+    cut = picture_url(38)[:-120]  # its header is whole: refused when it is decoded, inside the generation
+    status, _, answer = call(keyed, "/v1/internal/logits", {"prompt": f'x <img src="{cut}">', "use_samplers": True})
+    assert status == 400 and "damaged or cut short" in answer["error"]["message"], answer
+    status, _, answer = call(keyed, "/v1/internal/logits", {"prompt": f'x <img src="{picture_url(39)}">',
+                                                            "use_samplers": True})
+    assert status == 200 and isinstance(answer, dict) and len(answer) > 0, answer

@@ -35,6 +35,7 @@ class Session:
     references: dict = field(default_factory=dict)  # name → picture behind a prompt's llava-ref: source
     reply_limit: int | None = None  # the length the reply's sequence must end at
     prompt_lengths: list = field(default_factory=list)  # per generation of a request: (prompt tokens, context)
+    refusal: str | None = None  # why the extension refused the last generation (a route may swallow the error)
     per_request: bool = False  # an HTTP request's record (else a browser session's)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

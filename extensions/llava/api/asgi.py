@@ -81,6 +81,28 @@ async def send_json(send, status: int, content: dict) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
+class NullAsRefusal:
+    """A ``send`` for the webui's logits route, which answers a generation that failed with 200 ``null``:
+    when ``refusal()`` says why the extension refused it, the answer is that refusal as a 400."""
+
+    def __init__(self, send, refusal: Callable[[], str | None]):
+        self.send = send
+        self.refusal = refusal
+        self.start = None
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start" and message.get("status") == 200:
+            self.start = message  # held until the body shows whether it is null
+            return
+        if self.start is not None and message["type"] == "http.response.body":
+            start, self.start = self.start, None
+            reason = self.refusal()
+            if reason and message.get("body", b"").strip() == b"null" and not message.get("more_body", False):
+                return await send_json(self.send, 400, error_body(reason))
+            await self.send(start)
+        await self.send(message)
+
+
 async def errors_as_events(app, scope, receive, send) -> None:
     """Run ``app``; an error raised once a streamed (server-sent events) response has started becomes
     an ``error`` event and the end of the stream, instead of a cut connection."""

@@ -79,10 +79,10 @@ def tokenizer_modifier(state, prompt, input_ids, input_embeds):
             model_path=model_folder(shared), references=current.references)
     except SettingsError as error:
         if pictures_in(prompt, media, current.references):
-            raise _refusal(error) from None
+            raise _refusal(error, current) from None
         prepared = None  # a bad setting leaves text-only generations alone
     except LlavaError as error:
-        raise _refusal(error) from None
+        raise _refusal(error, current) from None
     if prepared is not None:
         for note in prepared.notes:
             warn(f"llava: {note}")
@@ -130,7 +130,9 @@ def _record_prompt_length(model, current, length: int, state) -> None:
     current.record_prompt(length, int(state.get("truncation_length") or 0))
 
 
-def _refusal(error: Exception) -> Exception:
-    """Show the problem; over the API it becomes the webui's 400 error."""
+def _refusal(error: Exception, current) -> Exception:
+    """Show the problem; over the API it becomes the webui's 400 error (the request's record keeps it for
+    a route that swallows it)."""
     warn(f"llava: {error}")
+    current.refusal = str(error)
     return webui().request_error(str(error), "image") or error
