@@ -33,7 +33,7 @@ from .checkpoint import (CAUSAL_LM, ConvertError, Source, choose, classify, load
                          projector_state, read_projector, read_source)
 from .checkpoint_rules import check
 from .detect import METADATA_FILE
-from .errors import LlavaError
+from .errors import LlavaError, first_line
 from .pipelines import PIPELINES, Pipeline
 from .preprocess import load_image_processor
 from .projector import projector_type_of, split_image_newline
@@ -327,5 +327,9 @@ def main(argv=None) -> int:
         convert(args.src, args.dst, args.pipeline)
     except LlavaError as error:
         print(f"llava convert: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # a checkpoint no check foresaw: one line, as for the refusals above
+        print(f"llava convert: the checkpoint could not be converted ({type(error).__name__}: {first_line(error)})",
+              file=sys.stderr)
         return 1
     return 0
