@@ -464,3 +464,31 @@ def test_the_logits_route_is_checked_and_refuses_with_a_400(keyed):
     status, _, answer = call(keyed, "/v1/internal/logits", {"prompt": f'x <img src="{picture_url(39)}">',
                                                             "use_samplers": True})
     assert status == 200 and isinstance(answer, dict) and len(answer) > 0, answer
+
+
+def reused_positions(server, done: int) -> int:
+    """The positions the generation after the first ``done`` ones reused, from its log line."""
+    server.wait_for_count("prompt positions came from an earlier", done + 1)
+    lines = [part for part in server.log_text().split("llava: ") if "prompt positions came from" in part]
+    return int(lines[done].split(" of ")[0])
+
+
+def test_a_cache_salt_keeps_a_clients_earlier_prompts_its_own(keyed):
+    prompt = f'USER: <img src="{picture_url(41)}"> What is it? Tell me all about it.\nASSISTANT:'
+    other = f'USER: <img src="{picture_url(41)}"> What is'  # shares only the picture and a few words
+
+    def reused(text, **extra) -> int:
+        done = keyed.count("prompt positions came from an earlier")
+        status, _, answer = call(keyed, "/v1/completions", {"prompt": text, "max_tokens": 2, "temperature": 0, **extra})
+        assert status == 200, answer
+        return reused_positions(keyed, done)
+
+    assert reused(prompt, cache_salt="victim") == 0
+    assert reused(prompt, cache_salt="someone else") == 0  # another salt cannot tell the victim sent it
+    assert reused(prompt) == 0  # nor can a client without a salt
+    full = reused(prompt, cache_salt="victim")
+    assert full > 256
+    assert 256 < reused(other, cache_salt="victim") < full  # the owner's shorter prefix takes a copy
+    assert reused(prompt, cache_salt="victim") == full  # the entry stayed whole for its owner
+    status, _, answer = call(keyed, "/v1/chat/completions", {**chat(picture_url(42)), "cache_salt": ["x"]})
+    assert status == 400 and answer["error"]["message"] == "'cache_salt' must be a non-empty text"

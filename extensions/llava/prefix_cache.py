@@ -9,9 +9,11 @@ cache is cut back to that prefix and handed to ``generate``, which then feeds on
 computes the uncached positions from ``inputs_embeds``, so new pictures in the new part land as they
 should.
 
-Entries belong to their owner (a browser session; API requests share one owner: an entry is only
-ever reused for the very same prefix, which the client sent itself). They are bounded in MB, least
-recently used first; a browser session's entries go when the session does.
+Entries belong to their owner (a browser session; API requests share one owner unless they bring a
+``cache_salt``, whose requests own entries only they reuse: an entry is only ever reused for the very
+same prefix, which the client sent itself). A reused entry stays in the store: the generation works on a
+copy of the shared positions, and its longer entry replaces the one it extends. They are bounded in MB,
+least recently used first; a browser session's entries go when the session does.
 """
 
 from __future__ import annotations
@@ -78,6 +80,13 @@ def cache_bytes(cache) -> int:
     return sum(storages.values())
 
 
+def copy_positions(cache, length: int, copy):
+    """``copy`` (an empty cache) filled with the first ``length`` positions of ``cache``, layer by layer."""
+    for index, layer in enumerate(cache.layers):
+        copy.update(layer.keys[..., :length, :], layer.values[..., :length, :], index)
+    return copy
+
+
 def cache_length(cache) -> int:
     return int(cache.get_seq_length()) if cache is not None else 0
 
@@ -91,6 +100,7 @@ class Reuse:
     key: PositionKey
     cache: object
     reused: int  # positions the cache holds at the start
+    copied_from: "Entry | None" = None  # the entry whose first positions the cache copies
 
 
 @dataclass
@@ -124,9 +134,9 @@ class PrefixStore:
         self._entries.resize(max_bytes)
 
     def take(self, owner, key: PositionKey, new_cache) -> Reuse:
-        """The cache a generation of ``key`` starts from: the entry of ``owner`` that shares the longest
-        prefix with it, taken out of the store and cut back to that prefix (at most all positions but the
-        last: ``generate`` needs one to feed); else ``new_cache()``, empty."""
+        """The cache a generation of ``key`` starts from: a copy of the positions it shares with the entry of
+        ``owner`` that shares the longest prefix (at most all positions but the last: ``generate`` needs
+        one to feed); else ``new_cache()``, empty. The entry stays for its owner's other generations."""
         with self._lock:
             best, common = None, 0
             for entry in self._entries.values():
@@ -135,9 +145,7 @@ class PrefixStore:
                     best, common = entry, shared
             if best is None or common < MIN_REUSED_POSITIONS:
                 return Reuse(owner, key, new_cache(), 0)
-            self._entries.pop(id(best))
-        best.cache.crop(common)
-        return Reuse(owner, key, best.cache, common)
+        return Reuse(owner, key, copy_positions(best.cache, common, new_cache()), common, best)
 
     def put(self, reuse: Reuse, sequence: torch.Tensor) -> int:
         """What a generation left in its cache: the prompt and the reply up to the last token fed
@@ -151,12 +159,11 @@ class PrefixStore:
             return 0
         ids = torch.cat([reuse.key.ids, sequence.reshape(-1)[prompt:].to(reuse.key.ids.device)])[:length]
         entry = Entry(reuse.owner, PositionKey(ids, reuse.key.cut(min(length, prompt)).pictures), reuse.cache)
-        return entry.nbytes if self._keep(entry) else -entry.nbytes
-
-    def give_back(self, reuse: Reuse) -> None:
-        """An entry taken for a generation that did not use it, back in the store (as it was cut)."""
-        if reuse.reused:
-            self._keep(Entry(reuse.owner, reuse.key.cut(reuse.reused), reuse.cache))
+        kept = self._keep(entry)
+        old = reuse.copied_from
+        if kept and old is not None and old.key.common_length(entry.key) == len(old.key.ids):
+            self._entries.pop(id(old))  # the new entry holds all of it and more
+        return entry.nbytes if kept else -entry.nbytes
 
     def _keep(self, entry: Entry) -> bool:
         return self._entries.put(id(entry), entry)
@@ -259,9 +266,7 @@ def reusing_generate(original, handoffs: Handoffs, store: PrefixStore, log=lambd
     def generate(*args, **kwargs):
         reuse = handoffs.claim(kwargs.get("inputs_embeds"))
         if reuse is None or not can_reuse(kwargs):
-            if reuse is not None:
-                store.give_back(reuse)
-            return original(*args, **kwargs)
+            return original(*args, **kwargs)  # a reused entry stayed in the store: nothing to give back
         from transformers import StoppingCriteriaList
         recorder = _LastSequence()
         kwargs["past_key_values"] = reuse.cache

@@ -94,6 +94,7 @@ class PictureRequestMiddleware:
             return await self.app(scope, replay([body_message(raw)], receive), send)
         path = scope["path"]
         try:
+            salt = cache_salt(body)
             groups = picture_groups(path, body)
             sources = [source for group in groups for source in group]
             check_item_count(sources, self.max_items())
@@ -102,6 +103,7 @@ class PictureRequestMiddleware:
         except (RequestProblem, ImageError) as error:
             return await send_json(send, 400, refusal_body(path, str(error)))
         with self.sessions.request() as session:
+            session.cache_salt = salt
             rewritten = (reference_prompts if path in TEXT_PROMPT_PATHS else reference_messages)(body, session.references)
             if session.references:  # the body is sent on unchanged when it holds no picture data
                 raw = json.dumps(rewritten).encode()
@@ -117,6 +119,15 @@ class PictureRequestMiddleware:
 
 # Routes whose prompt is a text the webui tokenizes before the tokenizer hook runs.
 TEXT_PROMPT_PATHS = ("/v1/completions", GENERATE_PATH, LOGITS_PATH)
+
+
+def cache_salt(body: dict) -> str | None:
+    """The request's ``cache_salt`` (vLLM's field): requests with the same salt own the earlier prompts
+    they leave, reused by no other request."""
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise RequestProblem("'cache_salt' must be a non-empty text")
+    return salt
 
 
 def parsed(raw: bytes):
