@@ -84,3 +84,36 @@ def animated_gif(frames: int, side: int = 64) -> bytes:
     buffer = io.BytesIO()
     images[0].save(buffer, "GIF", save_all=True, append_images=images[1:], duration=10)
     return buffer.getvalue()
+
+
+def tiff_in_strips(strips: int, width: int = 1) -> bytes:
+    """An uncompressed greyscale TIFF ``width`` × ``strips`` pixels stored one row a strip: each strip is an
+    entry of its directory's offset and byte-count arrays (8 bytes), read before any pixel."""
+    entries = [(256, 4, 1, width), (257, 4, 1, strips), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+               (273, 4, strips, 0), (277, 3, 1, 1), (278, 4, 1, 1), (279, 4, strips, 0)]
+    directory_size = 2 + 12 * len(entries) + 4
+    offsets_at = 8 + directory_size
+    counts_at = offsets_at + 4 * strips
+    pixels_at = counts_at + 4 * strips
+    values = {273: offsets_at, 279: counts_at}
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(entries)))
+    for tag, kind, count, value in entries:
+        out += struct.pack("<HHII", tag, kind, count, values.get(tag, value) if kind == 4 or tag in values else value)
+    out += struct.pack("<I", 0)
+    out += struct.pack(f"<{strips}I", *range(pixels_at, pixels_at + strips * width, width))
+    out += struct.pack(f"<{strips}I", *([width] * strips))
+    out += bytes(strips * width)
+    return bytes(out)
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header is rewritten to claim ``width`` × ``height`` pixels."""
+    data = bytearray(encoded(Image.new("RGB", (16, 16), (200, 30, 30)), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def deep_tiff(width: int, height: int, mode: str = "F", value: float = 0.5) -> bytes:
+    """A compressed TIFF of one value in 32 bits a pixel (float or int32): small on disk, 4 bytes a pixel decoded."""
+    return encoded(Image.new(mode, (width, height), value), "TIFF", compression="tiff_adobe_deflate")

@@ -159,18 +159,21 @@ def test_a_streamed_completion_reports_the_true_usage(served):
     assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]
 
 
-def test_a_bad_picture_that_will_not_be_embedded_is_not_opened(served):
-    """As in generation: with "embed all" off only the last picture is opened; web addresses are refused
-    wherever they stand (the webui would fetch them)."""
-    broken = "data:image/png;base64,bm90IGFuIGltYWdl"
+def test_a_bad_picture_that_will_not_be_embedded_is_not_opened(served, no_decoding):
+    """As in generation: with "embed all" off only the last picture is opened; of the others only the first
+    bytes are read: a format not named and web addresses are refused wherever they stand (the webui would
+    open or fetch them)."""
+    cut_short = data_url(picture(300, 200, seed=4))[:-400]  # a PNG whose data ends early: known when decoded
+    not_a_picture = "data:image/png;base64,bm90IGFuIGltYWdl"
     served.host.script.params["add_all_images_to_prompt"] = False
-    response = served.client.post("/v1/chat/completions", json=chat_body(broken, data_url(picture())), headers=AUTH)
+    response = served.client.post("/v1/chat/completions", json=chat_body(cut_short, data_url(picture())), headers=AUTH)
     assert response.status_code == 200, response.text
-    response = served.client.post("/v1/chat/completions", json=chat_body("http://example.com/a.png",
-                                                                         data_url(picture())), headers=AUTH)
-    assert response.status_code == 400 and "never fetches" in response.json()["error"]["message"]
+    assert no_decoding.count("header") == 1  # the last picture's; the first was neither decoded nor opened
+    for unusable, reason in [("http://example.com/a.png", "never fetches"), (not_a_picture, "not a picture in a supported")]:
+        response = served.client.post("/v1/chat/completions", json=chat_body(unusable, data_url(picture())), headers=AUTH)
+        assert response.status_code == 400 and reason in response.json()["error"]["message"]
     served.host.script.params["add_all_images_to_prompt"] = True
-    response = served.client.post("/v1/chat/completions", json=chat_body(broken, data_url(picture())), headers=AUTH)
+    response = served.client.post("/v1/chat/completions", json=chat_body(not_a_picture, data_url(picture())), headers=AUTH)
     assert response.status_code == 400
     assert response.json()["error"]["message"].startswith("image 1 in the request: the data is not a picture")
 
@@ -358,3 +361,34 @@ def test_the_anthropic_route_takes_its_own_key_and_the_same_checks(served, no_de
     assert response.status_code == 200, response.text
     assert int((served.host.last_prompt_ids == PATCH_ID).sum()) == 256
     assert response.json()["usage"]["input_tokens"] == served.host.last_prompt_ids.shape[1]
+
+
+def test_the_items_of_one_request_are_bounded_by_a_setting(v0, host_factory, no_decoding):
+    host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=v0.webui_settings(max_items=2), api=True)
+    tiny_url = data_url(picture(2, 2))
+    response = host.api.client().post("/v1/chat/completions", json=chat_body(*[tiny_url] * 3), headers=AUTH)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == \
+        "the request holds 3 pictures; one request may hold 2 (the setting llava-max_items)"
+    assert no_decoding == [] and host.api.calls.prompts == []
+    assert host.api.client().post("/v1/chat/completions", json={**chat_body(*[tiny_url] * 2), "max_tokens": 1},
+                                  headers=AUTH).status_code == 200
+
+
+def test_every_picture_the_webui_renders_is_found_in_the_body():
+    from extensions.llava.prompt.messages import picture_groups, reference_messages
+    first, second, third = (data_url(picture(seed=seed)) for seed in (1, 2, 3))
+    chat = {"messages": [{"role": "system", "content": f'Rules <img src="{first}">'},
+                         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": second}},
+                                                      {"type": "text", "text": f'and <img src="{third}">'}]}]}
+    [group] = picture_groups("/v1/chat/completions", chat)
+    assert [source.text[source.start:source.end] for source in group] == [first, second, third]
+    references = {}
+    rewritten = reference_messages(chat, references)
+    assert rewritten["messages"][0]["content"] == 'Rules <img src="llava-ref:1">'
+    assert rewritten["messages"][1]["content"][1]["text"] == 'and <img src="llava-ref:2">' and len(references) == 2
+    anthropic = {"system": f'<img src="{first}">', "messages": [{"role": "user", "content": [
+        {"type": "text", "text": f'<img src="{third}">'}]}]}
+    assert len(picture_groups("/v1/messages", anthropic)[0]) == 2
+    prompts = {"prompt": [f'a <img src="{first}">', "no picture", f'b <img src="{second}"> <img src="{third}">']}
+    assert [len(group) for group in picture_groups("/v1/completions", prompts)] == [1, 2]

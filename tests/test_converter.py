@@ -224,3 +224,86 @@ def test_converter_pipeline_mismatch_and_non_llava(v0, tmp_path, capsys):
     v0.llm.save_pretrained(str(plain))
     assert converter.main([str(plain), str(dst)]) == 1
     assert "not a LLaVA checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- hostile checkpoints, as a user runs the converter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _RunsCode:
+    """A pickled object that would run code when unpickled (it prints a marker)."""
+
+    def __reduce__(self):
+        return print, ("UNPICKLED-AND-RAN",)
+
+
+def run_converter(src: str, dst: str):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "extensions.llava", "convert", src, dst], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _index_naming(folder: str, shard: str) -> None:
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+
+
+def _config_with(folder: str, **values) -> None:
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, **values}, f)
+
+
+def _link_out(folder: str) -> None:
+    shard = next(name for name in os.listdir(folder) if name.endswith(".safetensors"))
+    outside = os.path.join(os.path.dirname(folder), "elsewhere.safetensors")
+    os.replace(os.path.join(folder, shard), outside)
+    os.symlink(outside, os.path.join(folder, shard))
+
+
+def _pickle_that_runs_code(folder: str) -> None:
+    for name in os.listdir(folder):
+        if name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".json")):
+            os.remove(os.path.join(folder, name))
+    torch.save({"model.embed_tokens.weight": _RunsCode()}, os.path.join(folder, "pytorch_model.bin"))
+
+
+def _cut_config(folder: str) -> None:
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text[:len(text) // 2])
+
+
+@pytest.mark.parametrize("spoil,expected", [
+    (lambda folder: _index_naming(folder, "../../../../etc/passwd"), "names the weight file '../../../../etc/passwd', "
+                                                                    "which lies outside its folder"),
+    (lambda folder: _index_naming(folder, "/etc/passwd"), "names the weight file '/etc/passwd', which lies outside"),
+    (_link_out, "which lies outside its folder"),
+    (lambda folder: _config_with(folder, vocab_size=10**12), "'vocab_size' is 1000000000000; expected a whole number "
+                                                            "from 1 to 4,194,304"),
+    (lambda folder: _config_with(folder, num_hidden_layers=-3), "'num_hidden_layers' is -3; expected a whole number"),
+    (lambda folder: _config_with(folder, hidden_size="wide"), "'hidden_size' is 'wide'"),
+    (_pickle_that_runs_code, "is not a plain tensor checkpoint, refused unread"),
+    (_cut_config, "config.json' is not valid JSON"),
+])
+def test_a_hostile_checkpoint_is_refused_in_one_line(v0, tmp_path, spoil, expected):
+    src = save_original(str(tmp_path / "checkpoint" / "LLaVA-13b-v0"), v0.llm, v0.projector_state, v0.tokenizer,
+                        v0.clip_dir, projector_type="linear", start_end=True, fmt="safetensors", shards=2)
+    spoil(src)
+    dst = tmp_path / "out"
+    result = run_converter(src, str(dst))
+    lines = [line for line in result.stderr.splitlines() if line.startswith("llava convert:")]
+    assert result.returncode == 1 and len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and "UNPICKLED-AND-RAN" not in result.stdout + result.stderr
+    assert not dst.exists()

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from PIL import EpsImagePlugin, GifImagePlugin, IcoImagePlugin, Image
 
+from extensions.llava.families import slot_count
+from extensions.llava.media import decode
 from extensions.llava.media.decode import SUPPORTED_FORMATS, normalise
 from extensions.llava.media.sources import ImageError, InlineImage
-from extensions.llava.families import slot_count
-from testbed.hostile_files import (animated_gif, eps_stub, exif_chunk, ico_holding, png_with, raw_profile_chunk,
-                                   xmp_chunk)
+from testbed.hostile_files import (animated_gif, deep_tiff, eps_stub, exif_chunk, ico_holding, jpeg_claiming, png_with,
+                                   raw_profile_chunk, tiff_in_strips, xmp_chunk)
 from testbed.photos import encoded, turned_exif
 from testbed.tiny_next import PIPELINE
 
@@ -131,6 +132,8 @@ def test_an_animated_gif_is_known_without_walking_its_frames(monkeypatch):
     ("F", [0.0, 0.5, 1.0], [0, 128, 255]),  # floats from 0 to 1
     ("F", [0.0, 1.0, 2.0], [0, 128, 255]),  # floats above 1: stretched, not clipped
     ("F", [0.0, float("nan"), 300.0], [0, 0, 255]),  # no number is no light
+    ("F", [-5.0, -5.0, -5.0], [0, 0, 0]),  # one value below zero: all at the lowest, not a division by zero
+    ("I", [-7, -7, -7], [0, 0, 0]),
 ])
 def test_deep_greyscale_is_scaled_never_clipped(mode, values, expected):
     dtype = np.float32 if mode == "F" else np.int32
@@ -141,3 +144,65 @@ def test_deep_greyscale_is_scaled_never_clipped(mode, values, expected):
 def test_a_tiff_turned_by_its_tag_is_counted_and_decoded_once_turned():
     data = encoded(Image.new("RGB", (300, 150)), "TIFF", exif=turned_exif())
     assert source(data, "image/tiff").header() == (150, 300) == source(data, "image/tiff").load().image.size
+
+
+def test_a_constant_negative_picture_is_stretched_not_refused():
+    picture = source(deep_tiff(8, 8, "F", -3.5), "image/tiff").load()
+    assert picture.image.mode == "RGB" and picture.image.getextrema() == ((0, 0),) * 3
+
+
+@pytest.fixture
+def pillow_opens(monkeypatch):
+    """Every Pillow open from now on."""
+    opened = []
+    original = Image.open
+    monkeypatch.setattr(Image, "open", lambda *args, **kwargs: opened.append(1) or original(*args, **kwargs))
+    return opened
+
+
+def test_a_tiff_of_absurdly_many_strips_is_refused_from_its_directory(pillow_opens):
+    started = time.perf_counter()
+    for check in ("header", "check_start"):
+        with pytest.raises(ImageError) as error:
+            getattr(source(tiff_in_strips(200_000), "image/tiff"), check)()
+        assert error.value.reason == "the TIFF is stored in 200,000 strips or tiles; at most 65,536 are read " \
+                                     "(save it again with larger strips)"
+    assert pillow_opens == [] and time.perf_counter() - started < 1
+    assert source(tiff_in_strips(600), "image/tiff").header() == (1, 600)  # a normal strip count opens
+
+
+def test_a_jpeg_claiming_more_pixels_than_its_bytes_can_hold_is_refused():
+    data = jpeg_claiming(7000, 7000)
+    assert refusal(data, "image/jpeg") == f"its header claims 7000×7000 pixels, more than its {len(data):,} bytes " \
+                                          "of JPEG data can hold; the header is forged or the file cut short"
+    flat = encoded(Image.new("L", (2000, 2000), 128), "JPEG")  # the most a real JPEG packs into a byte
+    assert 2000 * 2000 / len(flat) < decode.MAX_JPEG_PIXELS_PER_BYTE
+    assert source(flat, "image/jpeg").header() == (2000, 2000)
+
+
+def test_a_deep_picture_is_bounded_before_it_is_decoded(pillow_opens):
+    assert refusal(deep_tiff(4200, 4200), "image/tiff") == \
+        "the picture is 4200×4200 pixels of 32 bits (mode 'F'); such pictures are read up to 16,777,216 pixels"
+    assert source(deep_tiff(600, 400, "I", 70_000), "image/tiff").load().image.size == (600, 400)
+
+
+def test_pictures_are_decoded_one_at_a_time(monkeypatch):
+    import threading
+    inside, most = [0], [0]
+    original = decode.normalise
+
+    def slow(*args, **kwargs):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.05)
+        inside[0] -= 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "normalise", slow)
+    data = encoded(Image.new("RGB", (32, 32)))
+    threads = [threading.Thread(target=lambda: source(data).load()) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1

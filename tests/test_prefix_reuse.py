@@ -7,6 +7,7 @@ import os
 import re
 
 import pytest
+import torch
 
 from testbed.tiny import PATCH_ID, img_tag, picture
 from testbed.watch import run_in_threads
@@ -218,3 +219,48 @@ def test_loaders_that_drop_the_embeddings_keep_their_generate(host_factory, v0):
     host.chat("What is this?", host.state(**TURN), attachments=[picture(seed=40)])
     host.chat("And now?", host.state(**TURN))
     assert len(host.extension.prefix_reuse.store) == 0 and host.last_prefill == len(host.last_prompt_ids[0])
+
+
+def test_api_clients_with_a_cache_salt_own_their_entries(host_factory, v0):
+    from testbed.fake_webui_api import AUTH
+    host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=v0.webui_settings(), api=True)
+    client = host.api.client()
+    prompt = "USER: {} What is it?\nASSISTANT:".format(img_tag(picture(seed=15)))
+
+    def reused(**extra) -> int:
+        response = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2, **extra}, headers=AUTH)
+        assert response.status_code == 200, response.text
+        return len(host.last_prompt_ids[0]) - host.last_prefill
+
+    assert reused(cache_salt="alice") == 0
+    assert reused(cache_salt="bob") == 0  # another salt: nothing of alice's
+    assert reused() == 0  # no salt: the shared owner, nothing of alice's either
+    everything_but_the_last = len(host.last_prompt_ids[0]) - 1
+    assert reused(cache_salt="alice") == everything_but_the_last
+    assert reused() == everything_but_the_last  # the shared owner's own entry
+    response = client.post("/v1/completions", json={"prompt": prompt, "cache_salt": 5}, headers=AUTH)
+    assert response.status_code == 400 and response.json()["error"]["message"] == "'cache_salt' must be a non-empty text"
+
+
+def test_a_reused_entry_stays_for_its_owner_and_the_longer_one_replaces_it():
+    from extensions.llava.reuse.kv_cache import RoomyCache
+    from extensions.llava.reuse.positions import PositionKey
+    from extensions.llava.reuse.prefixes import PrefixStore
+    store = PrefixStore(2**30)
+
+    def generation(ids: torch.Tensor) -> int:
+        """What a generation of ``ids`` reused; its cache is then filled to all of ``ids`` and kept."""
+        reuse = store.take("owner", PositionKey(ids), RoomyCache)
+        start = reuse.reused
+        for layer in range(2):
+            reuse.cache.update(torch.randn(1, 2, len(ids) - start, 4), torch.randn(1, 2, len(ids) - start, 4), layer)
+        store.put(reuse, ids)
+        return start
+
+    first = torch.arange(100)
+    assert generation(first) == 0
+    diverging = torch.cat([first[:40], torch.arange(500, 530)])
+    assert generation(diverging) == 40 and len(store) == 2  # the first entry stayed, whole
+    follow_up = torch.cat([first, torch.arange(600, 620)])
+    assert generation(follow_up) == 100  # all of the first entry, not the 40 the diverging prompt shared
+    assert len(store) == 2 and sorted(len(key.ids) for key in store.keys()) == [70, 120]

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from testbed import tiny
-from testbed.hostile_files import animated_gif, eps_stub, ico_holding
+from testbed.hostile_files import animated_gif, deep_tiff, eps_stub, ico_holding, jpeg_claiming, tiff_in_strips
 from testbed.photos import encoded
 from testbed.real_host import WEBUI, is_current, needs_webui, request, running_webui
 from testbed.real_models import picture_url, v0_prompt_tokens, write_model
@@ -288,3 +288,207 @@ def test_the_anthropic_route_has_the_same_checks_errors_and_usage(keyed):
     status, _, raw = request(keyed.base + "/v1/messages", anthropic(cut, stream=True), ANTHROPIC_KEY)
     events = raw.decode()
     assert status == 200 and "event: error" in events and "damaged or cut short" in events, events
+
+
+# ---------------------------------------------------------------- doors of the 2026-05-03 attack
+
+
+def post_headers(server, path: str, body: dict, header_pairs: list[tuple[str, str]]) -> tuple[int, dict]:
+    """A JSON POST with the headers exactly as listed, a name given twice sent twice."""
+    host, port = server.base.rsplit("//", 1)[1].split(":")
+    raw = json.dumps(body).encode()
+    connection = http.client.HTTPConnection(host, int(port), timeout=300)
+    try:
+        connection.putrequest("POST", path)
+        for name, value in [("Content-Type", "application/json"), ("Content-Length", str(len(raw))), *header_pairs]:
+            connection.putheader(name, value)
+        connection.endheaders(raw)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_a_second_key_header_does_not_make_the_check_stand_aside(keyed):
+    web = {"prompt": "<__media__> what?", "max_tokens": 2, **chat("http://127.0.0.1:9/a.png")}
+    twice = [("Authorization", f"Bearer {KEY}"), ("Authorization", "Bearer bogus")]
+    status, answer = post_headers(keyed, "/v1/completions", web, twice)
+    assert status == 400 and "never fetches" in answer["error"]["message"], answer
+    eps = image_block(bytes_url(eps_stub(), "image/png"))
+    status, answer = post_headers(keyed, "/v1/messages", anthropic(eps), [("x-api-key", KEY), ("x-api-key", "bogus")])
+    assert status == 400 and "not a picture in a supported format" in answer["error"]["message"], answer
+    assert "Failed to fetch external image" not in keyed.log_text()
+
+
+def test_the_2023_route_answers_a_deeply_nested_body_with_a_400(keyed):
+    deep = b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    status, raw = raw_post(keyed, "/api/v1/generate", deep, {**AUTH, "Content-Type": "application/json"})
+    assert status == 400 and json.loads(raw)["error"]["message"] == "the request body is not valid JSON", raw
+
+
+BAD_SETTINGS = "llava-cache_size_mb: .nan\nllava-prefix_cache_mb: .inf\nllava-projector_filename: ../../../../etc/passwd\n"
+
+
+@pytest.fixture(scope="module")
+def badly_set(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    write_model(os.path.join(models, "tiny-llava"), current=True)
+    work = tmp_path_factory.mktemp("badly-set-server")
+    settings = work / "settings.yaml"
+    settings.write_text(BAD_SETTINGS)
+    with running_webui(str(models), "tiny-llava", str(work), extra_args=("--api-key", KEY, "--settings", str(settings))) \
+            as server:
+        yield server
+
+
+def test_bad_settings_are_named_at_start_up_and_switch_no_check_off(badly_set):
+    log = badly_set.log_text()
+    assert all(f"llava-{name} is" in log for name in ("cache_size_mb", "prefix_cache_mb", "projector_filename")), log
+    eps = bytes_url(eps_stub(), "image/png")
+    status, _, answer = call(badly_set, "/v1/chat/completions", chat(eps))
+    assert status == 400 and "not a picture in a supported format" in answer["error"]["message"], answer
+    status, _, answer = call(badly_set, "/api/v1/generate", {"prompt": f'x <img src="{picture_url(31)}">',
+                                                             "max_new_tokens": 2})
+    assert status == 400 and "llava-prefix_cache_mb is inf" in answer["error"]["message"], answer
+    status, _, answer = call(badly_set, "/v1/chat/completions", chat(picture_url(32)))
+    assert status == 400 and "llava-cache_size_mb is nan" in answer["error"]["message"], answer
+    assert call(badly_set, "/api/v1/generate", {"prompt": "hi", "max_new_tokens": 2})[0] == 200
+
+
+def test_the_items_of_one_request_are_bounded(keyed):
+    tiny_url = tiny.data_url(tiny.picture(2, 2))
+    started = time.time()
+    for path, body in [("/v1/chat/completions", chat(*[tiny_url] * 2500)),
+                       ("/v1/completions", {"prompt": f'<img src="{tiny_url}"> ' * 129})]:
+        status, _, answer = call(keyed, path, body)
+        assert status == 400 and answer["error"]["message"] == (
+            f"the request holds {2500 if 'chat' in path else 129:,} pictures; one request may hold 128 "
+            "(the setting llava-max_items)"), answer
+    assert time.time() - started < 5
+
+
+
+@pytest.fixture(scope="module")
+def last_only(tmp_path_factory):
+    """A server with the default settings: "embed all" off, only a prompt's last picture is embedded."""
+    models = tmp_path_factory.mktemp("models")
+    write_model(os.path.join(models, "tiny-llava"), current=True)
+    work = tmp_path_factory.mktemp("last-only-server")
+    with running_webui(str(models), "tiny-llava", str(work), extra_args=("--api-key", KEY)) as server:
+        yield server
+
+
+NOT_NAMED = "image 1 in the request: the data is not a picture in a supported format (PNG, JPEG, GIF, WebP, BMP or TIFF)"
+
+
+def test_a_picture_that_will_not_be_embedded_costs_no_decoding(last_only):
+    ico = bytes_url(ico_holding(Image.new("RGB", (4000, 4000))), "image/png")
+    body = {"prompt": "<__media__> <__media__> <__media__> what?", "max_tokens": 2, **chat(ico, ico, picture_url(33))}
+    before = last_only.rss_mb()
+    started = time.time()
+    for path in ("/v1/completions", "/api/v1/generate"):
+        status, _, answer = call(last_only, path, body)
+        assert status == 400 and answer["error"]["message"] == NOT_NAMED, (path, answer)
+    grown = last_only.rss_mb() - before
+    print(f"\ntwo ICOs of a 4000x4000 PNG beside the embedded picture: refused in {time.time() - started:.2f} s, "
+          f"RSS {grown:+.0f} MB")
+    assert time.time() - started < 5 and grown < 20
+    assert call(last_only, "/v1/completions", {**body, **chat(picture_url(34), picture_url(35), picture_url(33))})[0] \
+        == 200
+
+
+def test_tiff_and_jpeg_amplification_is_refused_from_the_header(last_only):
+    cases = [(tiff_in_strips(200_000), "image/tiff", "is stored in 200,000 strips or tiles"),
+             (jpeg_claiming(7000, 7000), "image/jpeg", "more than its 633 bytes of JPEG data can hold"),
+             (deep_tiff(4200, 4200), "image/tiff", "pixels of 32 bits (mode 'F')")]
+    before = last_only.rss_mb()
+    started = time.time()
+    for data, media, reason in cases:
+        status, _, answer = call(last_only, "/v1/chat/completions", chat(bytes_url(data, media)))
+        assert status == 400 and reason in answer["error"]["message"], (reason, answer)
+    # where it would not be embedded, the webui would still open it: its directory is read all the same
+    status, _, answer = call(last_only, "/v1/chat/completions", chat(bytes_url(cases[0][0], "image/tiff"), picture_url(36)))
+    assert status == 400 and cases[0][2] in answer["error"]["message"], answer
+    grown = last_only.rss_mb() - before
+    print(f"\nTIFF strips, forged JPEG, deep TIFF refused in {time.time() - started:.2f} s, RSS {grown:+.0f} MB")
+    assert time.time() - started < 10 and grown < 40
+
+
+def test_a_constant_negative_deep_picture_is_stretched(last_only):
+    for mode, value in [("F", -2.5), ("I", -40)]:
+        status, _, answer = call(last_only, "/v1/chat/completions", chat(bytes_url(deep_tiff(64, 64, mode, value), "image/tiff")))
+        assert status == 200, (mode, answer)
+
+
+def written_in_text(*urls) -> str:
+    return "What is this? " + " ".join(f'<img src="{url}">' for url in urls)
+
+
+def test_pictures_written_in_chat_text_are_checked_and_never_tokenized(keyed):
+    eps = bytes_url(eps_stub(), "image/png")
+    big = bytes_url(header_only_png(7000, 7000))
+    for path, headers, body in [
+            ("/v1/chat/completions", AUTH, lambda text: {"max_tokens": 2, "messages": [{"role": "user", "content": text}]}),
+            ("/v1/messages", ANTHROPIC_KEY, lambda text: {"max_tokens": 2, "messages": [
+                {"role": "user", "content": [{"type": "text", "text": text}]}]})]:
+        status, _, answer = call(keyed, path, body(written_in_text(eps)), headers=headers)
+        assert status == 400 and "not a picture in a supported format" in answer["error"]["message"], (path, answer)
+        status, _, answer = call(keyed, path, body(written_in_text(big, big, big)), headers=headers)
+        assert status == 400 and "one request may hold 100,000,000" in answer["error"]["message"], (path, answer)
+        started = time.time()  # the same size of picture as an image part, whose data is never tokenized
+        assert call(keyed, "/v1/chat/completions", chat(tiny.data_url(tiny.picture(1600, 1200, seed=40))))[0] == 200
+        as_a_part = time.time() - started
+        photo = tiny.data_url(tiny.picture(1600, 1200, seed=37))  # 2.5 MB of base64: seconds were it tokenized
+        started = time.time()
+        status, _, answer = call(keyed, path, body(written_in_text(photo)), headers=headers)
+        elapsed = time.time() - started
+        print(f"\n{path}: a picture written in the text answered in {elapsed:.2f} s, as an image_url {as_a_part:.2f} s")
+        usage = answer["usage"].get("prompt_tokens", answer["usage"].get("input_tokens"))
+        assert status == 200 and 256 < usage < 1000 and elapsed < 2 * as_a_part + 1, (path, answer)
+
+
+def test_each_prompt_of_a_list_counts_towards_the_budget(last_only):
+    big = bytes_url(header_only_png(7000, 7000))
+    prompts = [f'x <img src="{big}">' for _ in range(3)]
+    status, _, answer = call(last_only, "/v1/completions", {"prompt": prompts, "max_tokens": 2})
+    assert status == 400 and "one request may hold 100,000,000" in answer["error"]["message"], answer
+
+
+def test_the_logits_route_is_checked_and_refuses_with_a_400(keyed):
+    eps = bytes_url(eps_stub(), "image/png")
+    status, _, answer = call(keyed, "/v1/internal/logits", {"prompt": f'x <img src="{eps}">', "use_samplers": True})
+    assert status == 400 and "not a picture in a supported format" in answer["error"]["message"], answer
+    cut = picture_url(38)[:-120]  # its header is whole: refused when it is decoded, inside the generation
+    status, _, answer = call(keyed, "/v1/internal/logits", {"prompt": f'x <img src="{cut}">', "use_samplers": True})
+    assert status == 400 and "damaged or cut short" in answer["error"]["message"], answer
+    status, _, answer = call(keyed, "/v1/internal/logits", {"prompt": f'x <img src="{picture_url(39)}">',
+                                                            "use_samplers": True})
+    assert status == 200 and isinstance(answer, dict) and len(answer) > 0, answer
+
+
+def reused_positions(server, done: int) -> int:
+    """The positions the generation after the first ``done`` ones reused, from its log line."""
+    server.wait_for_count("prompt positions came from an earlier", done + 1)
+    lines = [part for part in server.log_text().split("llava: ") if "prompt positions came from" in part]
+    return int(lines[done].split(" of ")[0])
+
+
+def test_a_cache_salt_keeps_a_clients_earlier_prompts_its_own(keyed):
+    prompt = f'USER: <img src="{picture_url(41)}"> What is it? Tell me all about it.\nASSISTANT:'
+    other = f'USER: <img src="{picture_url(41)}"> What is'  # shares only the picture and a few words
+
+    def reused(text, **extra) -> int:
+        done = keyed.count("prompt positions came from an earlier")
+        status, _, answer = call(keyed, "/v1/completions", {"prompt": text, "max_tokens": 2, "temperature": 0, **extra})
+        assert status == 200, answer
+        return reused_positions(keyed, done)
+
+    assert reused(prompt, cache_salt="victim") == 0
+    assert reused(prompt, cache_salt="someone else") == 0  # another salt cannot tell the victim sent it
+    assert reused(prompt) == 0  # nor can a client without a salt
+    full = reused(prompt, cache_salt="victim")
+    assert full > 256
+    assert 256 < reused(other, cache_salt="victim") < full  # the owner's shorter prefix takes a copy
+    assert reused(prompt, cache_salt="victim") == full  # the entry stayed whole for its owner
+    status, _, answer = call(keyed, "/v1/chat/completions", {**chat(picture_url(42)), "cache_salt": ["x"]})
+    assert status == 400 and answer["error"]["message"] == "'cache_salt' must be a non-empty text"

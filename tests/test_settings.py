@@ -20,11 +20,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("clip_device", "tpu:7", "allowed on this machine: cpu"), ("projector_device", "cuda:99", "cpu"),
     ("add_all_images_to_prompt", "maybe", "true or false"), ("cache_size_mb", -1, "0 or more"),
     ("preprocess", "crop", "as_trained, as_processor"),
+    ("cache_size_mb", float("nan"), "0 or more"), ("cache_size_mb", float("inf"), "0 or more"),
+    ("prefix_cache_mb", float("nan"), "0 or more"), ("prefix_cache_mb", float("-inf"), "0 or more"),
+    ("projector_filename", "../../../../etc/passwd", "no '..', no absolute path"),
+    ("projector_filename", "/etc/passwd", "no '..', no absolute path"),
+    ("pipeline", "llava-v9", "allowed values: auto, llava-v0-13b"),
+    ("clip_repo", "https://example.com/tower", "a Hub repo id (owner/name) or a local folder"),
+    ("projector_repo", "http://example.com/p", "a Hub repo id (owner/name) or a local folder"),
 ])
 def test_bad_settings_name_the_setting(key, value, allowed):
     with pytest.raises(SettingsError) as error:
         Settings.from_params({key: value})
     assert f"llava-{key}" in str(error.value) and allowed in str(error.value)
+
+
+def test_every_bad_setting_is_named_at_once():
+    with pytest.raises(SettingsError) as error:
+        Settings.from_params({"cache_size_mb": float("nan"), "prefix_cache_mb": float("inf"), "clip_bits": 8})
+    assert all(f"llava-{key}" in str(error.value) for key in ("cache_size_mb", "prefix_cache_mb", "clip_bits"))
 
 
 def test_settings_defaults_match_template():
@@ -87,3 +100,18 @@ def test_the_host_validates_settings_only_when_they_change(v0, host, monkeypatch
     host.generate(two_pictures(), host.state(max_new_tokens=1))
     assert len(validated) == 1 and host.engine().settings.embed_all is True
     assert host.logged.count(embedded_line(2, 2)) == 1 and len(validated) == 1
+
+
+@pytest.mark.parametrize("setting", ["clip_repo", "projector_repo"])
+def test_a_tower_or_projector_that_does_not_load_names_its_setting(v0, host_factory, tmp_path, setting):
+    host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=v0.webui_settings(**{setting: str(tmp_path)}))
+    with pytest.raises(LlavaError) as error:
+        host.generate("x " + img_tag(picture()))
+    assert f"llava-{setting} is '{tmp_path}'" in str(error.value)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "many", float("nan")])
+def test_the_item_limit_is_a_whole_number(value):
+    with pytest.raises(SettingsError) as error:
+        Settings.from_params({"max_items": value})
+    assert "llava-max_items" in str(error.value) and "1 or more" in str(error.value)

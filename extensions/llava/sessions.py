@@ -34,7 +34,9 @@ class Session:
     references: dict = field(default_factory=dict)  # name → picture behind a prompt's llava-ref: source
     reply_limit: int | None = None  # the length the reply's sequence must end at
     prompt_lengths: list = field(default_factory=list)  # per generation of a request: (prompt tokens, context)
+    refusal: str | None = None  # why the extension refused the last generation (a route may swallow the error)
     per_request: bool = False  # an HTTP request's record (else a browser session's)
+    cache_salt: str | None = None  # an API client's own owner of earlier prompts (else the shared one)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def take(self, name: str):
@@ -97,8 +99,12 @@ class Sessions:
             return browser_session in self._browsers
 
     def owner(self, browser_session: str | None = None):
-        """Whose earlier prompts the current generation may reuse: its browser session's, or the API's."""
-        return self.API if self.serving_request() else browser_session
+        """Whose earlier prompts the current generation may reuse: its browser session's; over the API the
+        requests' with the same ``cache_salt``, or without one the API's shared owner."""
+        request = self._request.get()
+        if request is None:
+            return browser_session
+        return self.API if request.cache_salt is None else (self.API, request.cache_salt)
 
     def end(self, browser_session: str | None) -> tuple[int, int]:
         """A browser session went (its page was closed): its record goes, and what it owns (``on_forget``'s

@@ -9,6 +9,8 @@ from its name in the code (``embed_all``).
 from __future__ import annotations
 
 import functools
+import math
+import posixpath
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,7 @@ DEFAULTS = {
     "cache_size_mb": 256,
     "preprocess": "as_trained",
     "prefix_cache_mb": None,
+    "max_items": 128,
 }
 
 ALLOWED_BITS = (16, 32)
@@ -112,9 +115,15 @@ def _flag(name: str, value) -> bool:
     raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}; allowed values: true or false")
 
 
-def _cache_size(name: str, value) -> float:
+def _size_mb(value) -> float | None:
+    """A size in MB, 0 or more and finite (``.nan`` and ``.inf`` are numbers YAML reads, not sizes)."""
     size = _number(float, value)
-    if size is None or size < 0:
+    return size if size is not None and math.isfinite(size) and size >= 0 else None
+
+
+def _cache_size(name: str, value) -> float:
+    size = _size_mb(value)
+    if size is None:
         raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}; expected a size in MB, 0 or more (0 turns the cache off)")
     return size
 
@@ -123,8 +132,8 @@ def _prefix_cache_size(name: str, value) -> float | None:
     """None (unset or "auto": the device decides), or a size in MB (0 turns reuse off)."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
         return None
-    size = _number(float, value)
-    if size is None or size < 0:
+    size = _size_mb(value)
+    if size is None:
         raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}; expected auto or a size in MB, 0 or more "
                             "(0 turns reusing earlier prompts off)")
     return size
@@ -140,20 +149,49 @@ def _preprocess(name: str, value) -> str:
     if choice not in PREPROCESS_CHOICES:
         raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}; allowed values: {', '.join(PREPROCESS_CHOICES)}")
     return choice
+def _item_count(name: str, value) -> int:
+    count = _number(int, value) if not isinstance(value, float) or value.is_integer() else None
+    if count is None or count < 1:
+        raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}; expected a whole number, 1 or more")
+    return count
 
 
 def _pipeline(name: str, value) -> str:
-    return _optional_text(name, value) or "auto"
+    from .families.pipelines import PIPELINES
+    pipeline = _optional_text(name, value) or "auto"
+    if pipeline != "auto" and pipeline not in PIPELINES:
+        raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}; allowed values: auto, {', '.join(PIPELINES)}")
+    return pipeline
+
+
+def _repo(name: str, value) -> str | None:
+    """A Hub repo id or a local folder; a web address is neither (the Hub client would not fetch it)."""
+    repo = _optional_text(name, value)
+    if repo is not None and "://" in repo:
+        raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}, a web address; expected a Hub repo id "
+                            "(owner/name) or a local folder")
+    return repo
+
+
+def _file_name(name: str, value) -> str | None:
+    """A file inside the projector's repo or folder: never an absolute path nor one that climbs out."""
+    filename = _optional_text(name, value)
+    if filename is not None and (posixpath.isabs(filename.replace("\\", "/")) or ":" in filename
+                                 or ".." in filename.replace("\\", "/").split("/")):
+        raise SettingsError(f"{SETTING_PREFIX}{name} is {value!r}; expected a file name inside the projector's "
+                            "repo or folder (no '..', no absolute path)")
+    return filename
 
 
 # settings key (after "llava-") → the field of ``Settings`` it becomes, and how its value is checked
 CHECKS = {"pipeline": ("pipeline", _pipeline), "clip_bits": ("clip_bits", _bits),
-          "clip_device": ("clip_device", resolve_device), "clip_repo": ("clip_repo", _optional_text),
+          "clip_device": ("clip_device", resolve_device), "clip_repo": ("clip_repo", _repo),
           "projector_bits": ("projector_bits", _bits), "projector_device": ("projector_device", resolve_device),
-          "projector_repo": ("projector_repo", _optional_text),
-          "projector_filename": ("projector_filename", _optional_text),
+          "projector_repo": ("projector_repo", _repo),
+          "projector_filename": ("projector_filename", _file_name),
           "add_all_images_to_prompt": ("embed_all", _flag), "cache_size_mb": ("cache_size_mb", _cache_size),
-          "prefix_cache_mb": ("prefix_cache_mb", _prefix_cache_size), "preprocess": ("preprocess", _preprocess)}
+          "prefix_cache_mb": ("prefix_cache_mb", _prefix_cache_size), "preprocess": ("preprocess", _preprocess),
+          "max_items": ("max_items", _item_count)}
 
 
 @dataclass(frozen=True)
@@ -172,6 +210,7 @@ class Settings:
     cache_size_mb: float
     prefix_cache_mb: float | None  # None: chosen by the device the language model runs on
     preprocess: str  # as_trained or as_processor
+    max_items: int  # the most media items (pictures) in one request
 
     @property
     def clip_dtype(self) -> torch.dtype:
@@ -183,9 +222,17 @@ class Settings:
 
     @classmethod
     def from_params(cls, params: dict) -> "Settings":
-        """Validate the webui's ``params`` dict (unknown keys are ignored)."""
+        """Validate the webui's ``params`` dict (unknown keys are ignored); every bad setting is named."""
         values = {**DEFAULTS, **{k: v for k, v in params.items() if k in DEFAULTS}}
-        return cls(**{field: check(key, values[key]) for key, (field, check) in CHECKS.items()})
+        checked, problems = {}, []
+        for key, (field, check) in CHECKS.items():
+            try:
+                checked[field] = check(key, values[key])
+            except SettingsError as error:
+                problems.append(str(error))
+        if problems:
+            raise SettingsError("; ".join(problems))
+        return cls(**checked)
 
 
 class SettingsWatch:

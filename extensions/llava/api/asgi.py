@@ -8,9 +8,15 @@ import json
 from typing import Awaitable, Callable
 
 
+def first_header(scope, name: bytes) -> str | None:
+    """The first header called ``name`` (lower case), as starlette's ``Headers.get`` reads it; None when
+    there is none."""
+    return next((value.decode("latin-1") for key, value in scope.get("headers", []) if key.lower() == name), None)
+
+
 def content_type(scope) -> str:
     """The request's first Content-Type header, as the webui's server reads it; "" when there is none."""
-    return next((value.decode("latin-1") for name, value in scope.get("headers", []) if name == b"content-type"), "")
+    return first_header(scope, b"content-type") or ""
 
 
 def is_json_type(value: str) -> bool:
@@ -73,6 +79,28 @@ async def send_json(send, status: int, content: dict) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
     await send({"type": "http.response.body", "body": payload})
+
+
+class NullAsRefusal:
+    """A ``send`` for the webui's logits route, which answers a generation that failed with 200 ``null``:
+    when ``refusal()`` says why the extension refused it, the answer is that refusal as a 400."""
+
+    def __init__(self, send, refusal: Callable[[], str | None]):
+        self.send = send
+        self.refusal = refusal
+        self.start = None
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start" and message.get("status") == 200:
+            self.start = message  # held until the body shows whether it is null
+            return
+        if self.start is not None and message["type"] == "http.response.body":
+            start, self.start = self.start, None
+            reason = self.refusal()
+            if reason and message.get("body", b"").strip() == b"null" and not message.get("more_body", False):
+                return await send_json(self.send, 400, error_body(reason))
+            await self.send(start)
+        await self.send(message)
 
 
 async def errors_as_events(app, scope, receive, send) -> None:

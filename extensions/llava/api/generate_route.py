@@ -63,7 +63,7 @@ def add_generate_route(app, complete: Callable[[dict, threading.Event], dict], d
                                                                     "(Content-Type: application/json)"))
         try:
             generate_request = json.loads(await request.body())
-        except ValueError:
+        except (ValueError, RecursionError):  # invalid, undecodable or nested too deep, as the webui's routes
             return JSONResponse(status_code=400, content=error_body("the request body is not valid JSON"))
         stop_event = threading.Event()
         monitor = asyncio.create_task(_set_on_disconnect(request, stop_event))

@@ -46,6 +46,41 @@ class ConvertError(LlavaError):
     """The source cannot be converted; the message says why and what to do."""
 
 
+# The sizes a config gives, and the most any real checkpoint has of each (several times the largest
+# released): a config beyond them describes no model that can load.
+SIZE_LIMITS = {"vocab_size": 2**22, "num_hidden_layers": 1024, "hidden_size": 2**16, "intermediate_size": 2**18,
+               "num_attention_heads": 1024, "num_key_value_heads": 1024, "max_position_embeddings": 2**24,
+               "mm_hidden_size": 2**16, "image_size": 2**14, "patch_size": 2**10, "projection_dim": 2**16}
+
+
+def check_sizes(config: dict, where: str) -> None:
+    """Refuse, naming the key, a size in ``config`` (or its text and vision parts) that is not a whole
+    number from 1 to its limit."""
+    for part, values in [("", config), ("text_config.", config.get("text_config")),
+                         ("vision_config.", config.get("vision_config"))]:
+        for key, limit in SIZE_LIMITS.items():
+            value = values.get(key) if isinstance(values, dict) else None
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                raise ConvertError(f"{where}: '{part}{key}' is {value!r}; expected a whole number from 1 to {limit:,}")
+
+
+def read_config(folder: str) -> dict:
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise ConvertError(f"'{folder}' has no config.json: give the folder of a downloaded LLaVA checkpoint")
+    try:
+        with open(config_path) as f:
+            raw = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ConvertError(f"'{config_path}' is not valid JSON ({first_line(error)})") from None
+    if not isinstance(raw, dict):
+        raise ConvertError(f"'{config_path}' is not a JSON object")
+    check_sizes(raw, config_path)
+    return raw
+
+
 @dataclass
 class Source:
     folder: str
@@ -62,11 +97,7 @@ class Source:
 
 
 def read_source(folder: str) -> Source:
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        raise ConvertError(f"'{folder}' has no config.json: give the folder of a downloaded LLaVA checkpoint")
-    with open(config_path) as f:
-        raw = json.load(f)
+    raw = read_config(folder)
     model_type = raw.get("model_type", "")
     try:
         files = checkpoint_files(folder)

@@ -31,10 +31,10 @@ import torch
 
 from .checkpoint import (CAUSAL_LM, ConvertError, Source, choose, classify, load_tokenizer, parts_of, projector_io,
                          projector_state, read_projector, read_source)
+from ..errors import LlavaError, first_line
 from ..families.checkpoint_rules import check
-from ..families.recognise import METADATA_FILE
-from ..errors import LlavaError
 from ..families.pipelines import PIPELINES, Pipeline
+from ..families.recognise import METADATA_FILE
 from ..vision.processors import load_image_processor
 from ..vision.projector import projector_type_of, split_image_newline
 from ..vision.tower_kinds import TOWER_KINDS, tower_kind_of
@@ -336,5 +336,9 @@ def main(argv=None, prog: str = "python -m extensions.llava convert") -> int:
         convert(args.src, args.dst, args.pipeline)
     except LlavaError as error:
         print(f"llava convert: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # a checkpoint no check foresaw: one line, as for the refusals above
+        print(f"llava convert: the checkpoint could not be converted ({type(error).__name__}: {first_line(error)})",
+              file=sys.stderr)
         return 1
     return 0

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import io
+import struct
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -26,6 +28,17 @@ import numpy as np
 from PIL import Image
 
 MAX_PIXELS = 50_000_000
+# A picture of 32 bits a sample (float or int32 greyscale) is decoded at 4 bytes a pixel and scaled from there.
+MAX_DEEP_PIXELS = 4096 * 4096
+DEEP_MODES = ("I", "F")
+# A baseline or progressive JPEG spends at least one bit on each 8×8 block of its luma: at most 512 pixels
+# a byte of its data. One that claims more than twice that is a forged header, refused before decoding.
+MAX_JPEG_PIXELS_PER_BYTE = 1024
+# Pillow builds one entry per TIFF strip or tile while it reads the header: more than this is refused first.
+MAX_TIFF_CHUNKS = 65_536
+TIFF_CHUNK_TAGS = (273, 279, 324, 325)  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
+# One picture decoded at a time: concurrent requests wait instead of adding their peaks.
+DECODING = threading.Semaphore(1)
 ALPHA_BACKGROUND = (255, 255, 255)
 SUPPORTED_FORMATS = "PNG, JPEG, GIF, WebP, BMP or TIFF"
 # The first bytes of each format that is opened, and Pillow's name for it. Nothing else reaches Pillow.
@@ -54,13 +67,60 @@ def format_of(data: bytes) -> str | None:
     return next((name for signature, name in SIGNATURES if data.startswith(signature)), None)
 
 
-def open_header(data: bytes, source, partial: bool = False) -> Image.Image | None:
-    """Pillow's lazy open, for the named formats only: the header is read, no pixel is decoded; the
-    size limits are checked here. With ``partial`` (``data`` is the start of the picture) None when
-    the header does not end in it."""
+def check_format(data: bytes, source) -> str:
+    """The named format ``data`` starts with; anything else is refused from these first bytes."""
     kind = format_of(data)
     if kind is None:
         raise source.error(f"the data is not a picture in a supported format ({SUPPORTED_FORMATS})")
+    return kind
+
+
+def tiff_chunks_checked(data: bytes, source) -> bool:
+    """Refuse a TIFF whose first directory lists more strips or tiles than ``MAX_TIFF_CHUNKS``, from the
+    directory's entries alone; False when the directory does not lie within ``data``."""
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    head, entry, number = (16, 20, "Q") if big else (8, 12, "I")
+    if len(data) < head:
+        return False
+    offset = struct.unpack_from(order + number, data, 8 if big else 4)[0]
+    count_size = 8 if big else 2
+    if offset + count_size > len(data):
+        return False
+    entries = struct.unpack_from(order + ("Q" if big else "H"), data, offset)[0]
+    if entries > 65_535:
+        raise source.error(f"the TIFF's directory has {entries:,} entries; the picture cannot be a normal one")
+    if offset + count_size + entries * entry > len(data):
+        return False
+    for i in range(entries):
+        at = offset + count_size + i * entry
+        tag, _, count = struct.unpack_from(order + ("HHQ" if big else "HHI"), data, at)
+        if tag in TIFF_CHUNK_TAGS and count > MAX_TIFF_CHUNKS:
+            raise source.error(f"the TIFF is stored in {count:,} strips or tiles; at most {MAX_TIFF_CHUNKS:,} "
+                               "are read (save it again with larger strips)")
+    return True
+
+
+def check_claimed_size(image: Image.Image, data_bytes: int, source) -> None:
+    """Refuse a size the data cannot hold (a JPEG's forged header), and a deep picture too large to scale."""
+    width, height = image.size
+    if image.format in ("JPEG", "MPO") and width * height > MAX_JPEG_PIXELS_PER_BYTE * data_bytes:
+        raise source.error(f"its header claims {width}×{height} pixels, more than its {data_bytes:,} bytes of "
+                           "JPEG data can hold; the header is forged or the file cut short")
+    if image.mode in DEEP_MODES and width * height > MAX_DEEP_PIXELS:
+        raise source.error(f"the picture is {width}×{height} pixels of 32 bits (mode '{image.mode}'); such "
+                           f"pictures are read up to {MAX_DEEP_PIXELS:,} pixels")
+
+
+def open_header(data: bytes, source, partial: bool = False, data_bytes: int | None = None) -> Image.Image | None:
+    """Pillow's lazy open, for the named formats only: the header is read, no pixel is decoded; the
+    size limits are checked here. With ``partial`` (``data`` is the start of the picture, of
+    ``data_bytes`` in all) None when the header does not end in it."""
+    kind = check_format(data, source)
+    if kind == "TIFF" and not tiff_chunks_checked(data, source):
+        if partial:
+            return None
+        raise source.error("the TIFF's directory lies outside its data")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -76,6 +136,7 @@ def open_header(data: bytes, source, partial: bool = False) -> Image.Image | Non
         raise source.error("the picture has no pixels")
     if width * height > MAX_PIXELS:
         raise source.error(f"the picture is {width}×{height} pixels; the limit is {MAX_PIXELS:,} pixels")
+    check_claimed_size(image, len(data) if data_bytes is None else data_bytes, source)
     return image
 
 
@@ -103,17 +164,23 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if orientation(image) in QUARTER_TURNS else (width, height)
 
 
-def sniff_header(data: bytes, source, partial: bool = False) -> tuple[str, tuple[int, int]] | None:
+def sniff_header(data: bytes, source, partial: bool = False,
+                 data_bytes: int | None = None) -> tuple[str, tuple[int, int]] | None:
     """The picture's media type and its upright size, from its header alone; refuses what
     ``open_picture`` would refuse before decoding. With ``partial``, None when the header does not
-    end in ``data``."""
-    image = open_header(data, source, partial)
+    end in ``data`` (the start of the picture's ``data_bytes``)."""
+    image = open_header(data, source, partial, data_bytes)
     if image is None:
         return None
     return MEDIA_TYPES.get(image.format, "image/png"), upright_size(image)
 
 
 def open_picture(data: bytes, source) -> Picture:
+    with DECODING:
+        return _decoded(data, source)
+
+
+def _decoded(data: bytes, source) -> Picture:
     image = open_header(data, source)
     expected, turn = upright_size(image), orientation(image)
     notes = [f"{source.label} is animated; its first frame is used"] if getattr(image, "is_animated", False) else []
@@ -177,13 +244,16 @@ def _scale_to_8_bit(image: Image.Image) -> Image.Image:
     """16- and 32-bit greyscale and floats onto 0..255, never clipped: integers up to 255 stay, up to
     65535 span the 16-bit range, floats from 0 to 1 span that range; anything else is stretched from
     the lowest value (or 0) to the highest."""
-    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    values = np.array(image, dtype=np.float32)  # one copy at 4 bytes a pixel; all else is done in place
+    np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     ranges = (1.0,) if image.mode == "F" else (255.0, 65535.0)
     top = next((top for top in ranges if low >= 0 and high <= top), None)
     if top is not None:
-        scaled = values * (255.0 / top)
+        values *= 255.0 / top
     else:
         low = min(low, 0.0)
-        scaled = (values - low) * (255.0 / (high - low))
-    return Image.fromarray(np.clip(scaled, 0, 255).round().astype(np.uint8), mode="L")
+        values -= low
+        values *= 255.0 / (high - low) if high > low else 0.0  # one value below 0 everywhere: all at the lowest
+    np.clip(values, 0, 255, out=values)
+    return Image.fromarray(np.rint(values, out=values).astype(np.uint8), mode="L")

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
-from .decode import SUPPORTED_FORMATS, Picture, normalise, open_picture, sniff_header, upright_size
 from ..errors import LlavaError
+from .decode import (SUPPORTED_FORMATS, Picture, check_format, normalise, open_picture, sniff_header,
+                     tiff_chunks_checked, upright_size)
 
 MAX_ENCODED_CHARS = 64 * 1024 * 1024
 # base64 characters of a data URL read for its header before all of it: a photo's header with its
 # EXIF fits in the first; large ICC profiles or previews may need the second
 HEADER_PREFIX_CHARS = (64 * 1024, 1024 * 1024)
+FIRST_BYTES_CHARS = 64  # base64 characters read to know a picture's format
 _URL_SAFE = str.maketrans("-_", "+/")
 
 
@@ -57,6 +59,10 @@ class ImageSource:
         """The picture's size, read from its header; refuses what ``load`` would refuse before decoding."""
         raise NotImplementedError
 
+    def check_start(self) -> None:
+        """Refuse, without reading its header, what no header read would accept: a picture that is
+        not there or a format not named (from its first bytes)."""
+
     @property
     def label(self) -> str:
         return f"image {self.position} {self.origin}" if self.position else f"an image {self.origin}"
@@ -87,14 +93,26 @@ class InlineImage(ImageSource):
         """The size from the first part of the data when that part holds the whole header (a
         photo's size is known from its first kilobytes), else from all of it."""
         payload = self._payload_start()
+        data_bytes = (self.end - payload) * 3 // 4
         for chars in HEADER_PREFIX_CHARS:
             if payload + chars >= self.end:
                 break
             prefix = decode_base64_prefix(self.text[payload:payload + chars])
-            found = sniff_header(prefix, self, partial=True) if prefix else None
+            found = sniff_header(prefix, self, partial=True, data_bytes=data_bytes) if prefix else None
             if found is not None:
                 return found[1]
         return sniff_header(self._data(), self)[1]
+
+    def check_start(self) -> None:
+        """The data URL's header and the format of the data's first bytes; a TIFF's directory too
+        (Pillow would build one entry per strip while merely opening it). No pixel is decoded."""
+        payload = self._payload_start()
+        whole = payload + FIRST_BYTES_CHARS >= self.end
+        start = self._data() if whole else decode_base64_prefix(self.text[payload:payload + FIRST_BYTES_CHARS])
+        if start is None:
+            raise self.error("the data after 'base64,' is not valid base64")
+        if check_format(start, self) == "TIFF" and not tiff_chunks_checked(start if whole else self._data(), self):
+            raise self.error("the TIFF's directory lies outside its data")
 
     def _data(self) -> bytes:
         return decode_base64(self.text[self._payload_start():self.end], self)
@@ -155,6 +173,9 @@ class RefusedImage(ImageSource):
         return hashlib.sha256(self.reason.encode("utf-8", "surrogatepass")).hexdigest()
 
     def header(self) -> tuple[int, int]:
+        self.load()
+
+    def check_start(self) -> None:
         self.load()
 
     def load(self) -> Picture:

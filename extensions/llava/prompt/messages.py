@@ -15,9 +15,8 @@ class RequestProblem(LlavaError):
     """A request body that cannot be used, with the reason in plain words."""
 
 
-def _listed_contents(messages, where: str):
-    """(number, message, content) of each message whose content is a list of parts; a ``messages`` that
-    is not a list of objects is refused."""
+def _numbered_messages(messages, where: str):
+    """(number, message) of each message; a ``messages`` that is not a list of objects is refused."""
     if messages is None:
         return
     if not isinstance(messages, list):
@@ -25,19 +24,43 @@ def _listed_contents(messages, where: str):
     for i, message in enumerate(messages, 1):
         if not isinstance(message, dict):
             raise RequestProblem(f"message {i} of '{where}' is not an object")
+        yield i, message
+
+
+def _listed_contents(messages, where: str):
+    """(number, message, content) of each message whose content is a list of parts."""
+    for i, message in _numbered_messages(messages, where):
         if isinstance(message.get("content"), list):
             yield i, message, message["content"]
+
+
+def _texts(content) -> list[str]:
+    """The texts of a message's content: the content itself, or its text parts (blocks)."""
+    if isinstance(content, str):
+        return [content]
+    if not isinstance(content, list):
+        return []
+    return [part["text"] for part in content
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)]
+
+
+def text_pictures(content) -> list[ImageSource]:
+    """The ``<img>`` pictures written in a message's text: the webui renders that text into the prompt."""
+    return [image.source for text in _texts(content) if "<" in text for image in parse_prompt(text).images]
 
 
 def _numbered(sources: list[ImageSource]) -> list[ImageSource]:
     return [source.at_position(n) for n, source in enumerate(sources, 1)]
 
 
-def message_pictures(messages, where: str = "messages") -> list[ImageSource]:
-    """The pictures of OpenAI-style ``messages``, in order; malformed parts are refused."""
+def message_pictures(messages, where: str = "messages", with_text: bool = False) -> list[ImageSource]:
+    """The pictures of OpenAI-style ``messages``, in the order of the prompt the webui renders from them
+    (a message's image parts first, then with ``with_text`` the pictures written in its text);
+    malformed parts are refused."""
     sources = []
-    for i, _, content in _listed_contents(messages, where):
-        for part in content:
+    for i, message in _numbered_messages(messages, where):
+        content = message.get("content")
+        for part in content if isinstance(content, list) else ():
             if not isinstance(part, dict) or part.get("type") != "image_url":
                 continue
             image_url = part.get("image_url")
@@ -46,18 +69,23 @@ def message_pictures(messages, where: str = "messages") -> list[ImageSource]:
                 raise RequestProblem(f"message {i} has an image_url part without a text 'url' "
                                      "(expected {\"image_url\": {\"url\": \"data:image/...;base64,...\"}})")
             sources.append(source_of_url(url))
+        if with_text:
+            sources += text_pictures(content)
     return _numbered(sources)
 
 
-def anthropic_pictures(messages) -> list[ImageSource]:
+def anthropic_pictures(messages, system=None) -> list[ImageSource]:
     """The pictures of Anthropic-style ``messages`` (``/v1/messages``), in the order the webui turns
-    them into ``image_url`` parts: the image blocks of user messages. A picture given by address is
-    refused (the webui would drop it without a word); a malformed block too."""
-    sources = []
-    for i, message, content in _listed_contents(messages, "messages"):
-        if message.get("role") == "user":
+    them into ``image_url`` parts: the image blocks of user messages; and the pictures written in the
+    system text and in each message's text. A picture given by address is refused (the webui would drop
+    it without a word); a malformed block too."""
+    sources = text_pictures(system)
+    for i, message in _numbered_messages(messages, "messages"):
+        content = message.get("content")
+        if message.get("role") == "user" and isinstance(content, list):
             sources += [_anthropic_source(i, block.get("source")) for block in content
                         if isinstance(block, dict) and block.get("type") == "image"]
+        sources += text_pictures(content)
     return _numbered(sources)
 
 
@@ -87,20 +115,50 @@ def body_prompts(body: dict) -> list[str]:
 
 def pictures_in_body(path: str, body: dict) -> list[ImageSource]:
     """Every picture a completion or chat request carries, in order."""
+    return [source for group in picture_groups(path, body) for source in group]
+
+
+def picture_groups(path: str, body: dict) -> list[list[ImageSource]]:
+    """The pictures of each prompt the request makes, in order: a chat request makes one, a completion
+    one per text of its ``prompt`` (a text or a list of them)."""
     if path.endswith("/messages"):
-        return anthropic_pictures(body.get("messages"))
+        return [anthropic_pictures(body.get("messages"), body.get("system"))]
+    if path.endswith("/chat/completions"):
+        return [message_pictures(body.get("messages"), with_text=True)]
     sources = message_pictures(body.get("messages"))
-    if not path.endswith("/chat/completions"):
-        prompts = body_prompts(body)
-        placeholders = sum(prompt.count(MEDIA_PLACEHOLDER) for prompt in prompts)
-        if sources and placeholders != len(sources):
-            raise RequestProblem(f"the request's 'messages' carry {len(sources)} picture(s) and its prompt has "
-                                 f"{placeholders} '{MEDIA_PLACEHOLDER}' placeholder(s): put one placeholder where "
-                                 "each picture goes")
-        for prompt in prompts:
-            if "<" in prompt:
-                sources += [image.source for image in parse_prompt(prompt).images]
-    return sources
+    prompts = body_prompts(body)
+    placeholders = sum(prompt.count(MEDIA_PLACEHOLDER) for prompt in prompts)
+    if sources and placeholders != len(sources):
+        raise RequestProblem(f"the request's 'messages' carry {len(sources)} picture(s) and its prompt has "
+                             f"{placeholders} '{MEDIA_PLACEHOLDER}' placeholder(s): put one placeholder where "
+                             "each picture goes")
+    groups = [sources] + [[] for _ in prompts[1:]]
+    for group, prompt in zip(groups, prompts):
+        if "<" in prompt:
+            group += [image.source for image in parse_prompt(prompt).images]
+    return [group for group in groups if group]
+
+
+def reference_messages(body: dict, references: dict[str, ImageSource]) -> dict:
+    """A chat body with each ``data:`` URL written in its messages' text (and an Anthropic ``system``)
+    replaced by a short reference kept in ``references``: the webui renders that text into its prompt."""
+    rewritten = dict(body)
+    if isinstance(body.get("messages"), list):
+        rewritten["messages"] = [{**m, "content": _referenced(m.get("content"), references)} if isinstance(m, dict)
+                                 else m for m in body["messages"]]
+    if "system" in body:
+        rewritten["system"] = _referenced(body["system"], references)
+    return rewritten
+
+
+def _referenced(content, references: dict[str, ImageSource]):
+    if isinstance(content, str):
+        return reference_pictures(content, references)
+    if isinstance(content, list):
+        return [{**part, "text": reference_pictures(part["text"], references)}
+                if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                else part for part in content]
+    return content
 
 
 def reference_prompts(body: dict, references: dict[str, ImageSource]) -> dict:

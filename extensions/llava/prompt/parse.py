@@ -10,6 +10,7 @@ in the prompt's length whatever the user types.
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -120,9 +121,9 @@ def parse_prompt(prompt: str, media: Sequence[ImageSource] | None = None,
             cursor = prompt.find(MEDIA_PLACEHOLDER, cursor + len(MEDIA_PLACEHOLDER))
         matched = min(len(placeholders), len(media))
         inside_tags = _inside(spans)
-        for start, source in zip(placeholders[len(placeholders) - matched:], media[len(media) - matched:]):
-            if not inside_tags(start):
-                spans.append((start, start + len(MEDIA_PLACEHOLDER), source))
+        spans += [(start, start + len(MEDIA_PLACEHOLDER), source)
+                  for start, source in zip(placeholders[len(placeholders) - matched:], media[len(media) - matched:])
+                  if not inside_tags(start)]
         spans.sort(key=lambda s: s[0])
     images = [ImageRef(i, start, end, source.at_position(i)) for i, (start, end, source) in enumerate(spans, 1)]
     return ParsedPrompt(prompt, images)
@@ -145,8 +146,13 @@ def reference_pictures(prompt: str, references: dict[str, ImageSource]) -> str:
 
 
 def _inside(spans):
+    """Whether an offset falls inside one of ``spans`` (in prompt order, not overlapping): a binary search."""
+    starts = [start for start, _, _ in spans]
+    ends = [end for _, end, _ in spans]
+
     def test(offset: int) -> bool:
-        return any(start <= offset < end for start, end, _ in spans)
+        i = bisect.bisect_right(starts, offset) - 1
+        return i >= 0 and offset < ends[i]
     return test
 
 

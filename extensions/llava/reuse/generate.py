@@ -70,9 +70,7 @@ def reusing_generate(original, handoffs: Handoffs, store: PrefixStore, log=lambd
     def generate(*args, **kwargs):
         reuse = handoffs.claim(kwargs.get("inputs_embeds"))
         if reuse is None or not can_reuse(kwargs):
-            if reuse is not None:
-                store.give_back(reuse)
-            return original(*args, **kwargs)
+            return original(*args, **kwargs)  # a reused entry stayed in the store: nothing to give back
         from transformers import StoppingCriteriaList
         recorder = _LastSequence()
         kwargs["past_key_values"] = reuse.cache

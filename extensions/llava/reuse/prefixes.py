@@ -1,7 +1,9 @@
 """The store of earlier generations' caches: each entry is the language model's cache (a transformers
 ``DynamicCache``, see kv_cache.py) of a prompt and its reply, with what stood at each cached position
 (``positions.PositionKey``) and who owns it. A later prompt of the same owner takes the entry that
-shares the longest prefix with it, cut back to that prefix. Bounded in bytes, least recently used first.
+shares the longest prefix with it, as a copy of those positions: the entry stays for its owner, and the
+longer entry its generation leaves replaces it. API requests share one owner unless they bring a
+``cache_salt``, whose requests own entries only they reuse. Bounded in bytes, least recently used first.
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ def kv_bytes(cache) -> int:
     return sum(storages.values())
 
 
+def copy_positions(cache, length: int, copy):
+    """``copy`` (an empty cache) filled with the first ``length`` positions of ``cache``, layer by layer."""
+    for index, layer in enumerate(cache.layers):
+        copy.update(layer.keys[..., :length, :], layer.values[..., :length, :], index)
+    return copy
+
+
 def cache_length(cache) -> int:
     return int(cache.get_seq_length()) if cache is not None else 0
 
@@ -55,6 +64,7 @@ class Reuse:
     key: PositionKey
     cache: object
     reused: int  # positions the cache holds at the start
+    copied_from: "Entry | None" = None  # the entry whose first positions the cache copies
 
 
 @dataclass
@@ -88,9 +98,9 @@ class PrefixStore:
         self._entries.resize(max_bytes)
 
     def take(self, owner, key: PositionKey, new_cache) -> Reuse:
-        """The cache a generation of ``key`` starts from: the entry of ``owner`` that shares the longest
-        prefix with it, taken out of the store and cut back to that prefix (at most all positions but the
-        last: ``generate`` needs one to feed); else ``new_cache()``, empty."""
+        """The cache a generation of ``key`` starts from: a copy of the positions it shares with the entry of
+        ``owner`` that shares the longest prefix (at most all positions but the last: ``generate`` needs
+        one to feed); else ``new_cache()``, empty. The entry stays for its owner's other generations."""
         with self._lock:
             best, common = None, 0
             for entry in self._entries.values():
@@ -99,9 +109,7 @@ class PrefixStore:
                     best, common = entry, shared
             if best is None or common < MIN_REUSED_POSITIONS:
                 return Reuse(owner, key, new_cache(), 0)
-            self._entries.pop(id(best))
-        best.cache.crop(common)
-        return Reuse(owner, key, best.cache, common)
+        return Reuse(owner, key, copy_positions(best.cache, common, new_cache()), common, best)
 
     def put(self, reuse: Reuse, sequence: torch.Tensor) -> int:
         """What a generation left in its cache: the prompt and the reply up to the last token fed
@@ -115,12 +123,11 @@ class PrefixStore:
             return 0
         ids = torch.cat([reuse.key.ids, sequence.reshape(-1)[prompt:].to(reuse.key.ids.device)])[:length]
         entry = Entry(reuse.owner, PositionKey(ids, reuse.key.cut(min(length, prompt)).pictures), reuse.cache)
-        return entry.nbytes if self._keep(entry) else -entry.nbytes
-
-    def give_back(self, reuse: Reuse) -> None:
-        """An entry taken for a generation that did not use it, back in the store (as it was cut)."""
-        if reuse.reused:
-            self._keep(Entry(reuse.owner, reuse.key.cut(reuse.reused), reuse.cache))
+        kept = self._keep(entry)
+        old = reuse.copied_from
+        if kept and old is not None and old.key.common_length(entry.key) == len(old.key.ids):
+            self._entries.pop(id(old))  # the new entry holds all of it and more
+        return entry.nbytes if kept else -entry.nbytes
 
     def _keep(self, entry: Entry) -> bool:
         return self._entries.put(id(entry), entry)
@@ -129,6 +136,10 @@ class PrefixStore:
     def evictions(self) -> int:
         """Entries dropped for room, in all."""
         return self._entries.stats.evictions
+
+    def keys(self) -> list[PositionKey]:
+        """What each entry holds, least recently used first."""
+        return [entry.key for entry in self._entries.values()]
 
     def owners(self) -> set:
         return {entry.owner for entry in self._entries.values()}

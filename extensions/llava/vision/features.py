@@ -10,15 +10,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import CONVERT_COMMAND
+from ..errors import CONVERT_COMMAND, LlavaError
 from ..families import family_of
-from ..stores import FeatureCache
 from ..families.checkpoint_rules import check
+from ..families.pipelines import PipelineError
 from ..families.recognise import Choice
 from ..memory import release_freed_memory
-from ..families.pipelines import PipelineError
 from ..prompt.parse import ImageRef
 from ..settings import Settings
+from ..stores import FeatureCache
 from .parts import LOADER_FIX, Placement, Sources, VisionParts, load_vision_parts
 from .towers import VisionLoadError
 
@@ -131,10 +131,26 @@ class PictureFeatures:
                 self._vision = None
                 if "cpu" in (s.clip_device.type, s.projector_device.type) and 16 in (s.clip_bits, s.projector_bits):
                     self.log("llava: 16 bits on the CPU means bfloat16 (float16 matmuls are slow or unsupported there)")
-                self._vision = load_vision_parts(pipeline, sources, placement, log=self.log)
+                try:
+                    self._vision = load_vision_parts(pipeline, sources, placement, log=self.log)
+                except LlavaError as error:
+                    raise _naming_settings(error, s) from None
                 self._vision_key = key
                 self.counters.loads += 1
             return self._vision, key
+
+
+def _naming_settings(error: LlavaError, settings: Settings) -> LlavaError:
+    """A load that failed from a tower or projector the settings named says which settings those were."""
+    named = [f"llava-{name} is {getattr(settings, name)!r}" for name in ("clip_repo", "projector_repo", "projector_filename")
+             if getattr(settings, name)]
+    if not named:
+        return error
+    message = f"{error} ({'; '.join(named)})"
+    try:
+        return type(error)(message)
+    except TypeError:  # an error class of another shape
+        return LlavaError(message)
 
 
 def feature_cache_bytes(settings: Settings) -> int:

@@ -70,16 +70,46 @@ def has_file(repo: str, filename: str) -> bool:
 
 def weight_files(repo: str, wanted: Wanted | None = None) -> list[str]:
     """The checkpoint's weight files; with ``wanted``, through its shard index only the shards
-    that hold a wanted tensor."""
+    that hold a wanted tensor. A local folder's files must lie inside it."""
     for index in INDEX_FILES:
         if has_file(repo, index):
-            with open(resolve_file(repo, index)) as f:
-                weight_map = json.load(f)["weight_map"]
-            return sorted({shard for key, shard in weight_map.items() if wanted is None or wanted(key)})
+            weight_map = _weight_map(repo, index)
+            shards = sorted({shard for key, shard in weight_map.items() if wanted is None or wanted(key)})
+            return [inside_folder(repo, shard) for shard in shards]
     for single in SINGLE_FILES:
         if has_file(repo, single):
-            return [single]
+            return [inside_folder(repo, single)]
     raise WeightsError(f"'{repo}' has no weights ({', '.join(SINGLE_FILES)} or a shard index)")
+
+
+def _weight_map(repo: str, index: str) -> dict:
+    try:
+        with open(resolve_file(repo, index)) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise WeightsError(f"the shard index '{index}' of '{repo}' is not valid ({type(error).__name__}: "
+                           f"{first_line(error)})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise WeightsError(f"the shard index '{index}' of '{repo}' does not map tensor names to file names")
+    return weight_map
+
+
+def inside_folder(repo: str, name: str) -> str:
+    """``name`` as a file of the local folder ``repo``, refused when it lies outside: an absolute path, a
+    '..', a link out of the folder (a link into the Hugging Face cache's ``blobs`` of the same repo, as
+    its snapshot folders hold, is inside)."""
+    if not os.path.isdir(repo):
+        return name
+    parts = name.replace("\\", "/").split("/")
+    target = os.path.realpath(os.path.join(repo, name))
+    folder = os.path.realpath(repo)
+    roots = [folder]
+    if os.path.basename(os.path.dirname(folder)) == "snapshots":
+        roots.append(os.path.join(os.path.dirname(os.path.dirname(folder)), "blobs"))
+    if os.path.isabs(name) or ".." in parts or not any(target.startswith(root + os.sep) for root in roots):
+        raise WeightsError(f"'{repo}' names the weight file '{name[:200]}', which lies outside its folder; "
+                           "refusing to read it")
+    return name
 
 
 def iter_tensors(path: str, wanted: Wanted = lambda key: True) -> Iterator[tuple[str, torch.Tensor]]:
@@ -164,11 +194,15 @@ def write_safetensors(path: str, tensors: list[LazyTensor], metadata: dict | Non
 
 
 def _load_bin(path: str) -> dict:
-    """A torch pickle's tensors, and nothing else (``weights_only``)."""
+    """A torch pickle's tensors, and nothing else (``weights_only``); anything else is refused in words."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a file in the legacy (non-zip) format cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a file in the legacy (non-zip) format cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsError(f"'{path}' is not a plain tensor checkpoint, refused unread "
+                           f"({type(error).__name__}: {first_line(error)})") from None
 
 
 def read_tensors(repo: str, wanted: Wanted = lambda key: True) -> dict:

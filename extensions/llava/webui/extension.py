@@ -47,6 +47,14 @@ def embed_all_setting() -> bool:
         return False  # the generation reports the bad setting itself
 
 
+def max_items_setting() -> int:
+    """The most media items of one request; a bad setting keeps the default bound, never none."""
+    try:
+        return settings.current().max_items
+    except LlavaError:
+        return DEFAULTS["max_items"]
+
+
 def embed_all(session: Session) -> bool:
     """The session's own choice (the checkbox of its page), else the setting."""
     return embed_all_setting() if session.embed_all is None else session.embed_all

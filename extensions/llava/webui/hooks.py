@@ -17,11 +17,14 @@ from .server import serve_api
 
 
 def setup():
-    """Validate the settings and serve the extension's API parts; nothing heavy loads here."""
+    """Validate the settings and serve the extension's API parts; nothing heavy loads here. The request
+    check and the 2023 route are served whatever the settings say: a bad setting never switches a check off."""
     try:
         engine()
     except LlavaError as error:
         log(f"llava: {error}", "error")
+    except Exception as error:  # a setting no check foresaw: said, and the API parts still served
+        log(f"llava: the settings could not be applied: {type(error).__name__}: {error}", "error")
     serve_api()
 
 
@@ -76,10 +79,10 @@ def tokenizer_modifier(state, prompt, input_ids, input_embeds):
             references=current.references, encode_options={"add_bos_token": state["add_bos_token"]})
     except SettingsError as error:
         if pictures_in(prompt, media, current.references):
-            raise _refusal(error) from None
+            raise _refusal(error, current) from None
         prepared = None  # a bad setting leaves text-only generations alone
     except LlavaError as error:
-        raise _refusal(error) from None
+        raise _refusal(error, current) from None
     if prepared is not None:
         for note in prepared.notes:
             warn(f"llava: {note}")
@@ -128,7 +131,9 @@ def _record_prompt_length(model, current, length: int, state) -> None:
     current.record_prompt(length, int(state.get("truncation_length") or 0))
 
 
-def _refusal(error: Exception) -> Exception:
-    """Show the problem; over the API it becomes the webui's 400 error."""
+def _refusal(error: Exception, current) -> Exception:
+    """Show the problem; over the API it becomes the webui's 400 error (the request's record keeps it for
+    a route that swallows it)."""
     warn(f"llava: {error}")
+    current.refusal = str(error)
     return webui().request_error(str(error), "image") or error

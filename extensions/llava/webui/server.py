@@ -4,10 +4,11 @@ and the 2023 route ``/api/v1/generate`` behind the webui's own key check."""
 
 from __future__ import annotations
 
+from ..api.asgi import first_header
 from ..api.check import MESSAGES_PATH, PictureRequestMiddleware
 from ..api.generate_route import add_generate_route
 from ..errors import LlavaError
-from .extension import embed_all_setting, log, sessions, webui
+from .extension import embed_all_setting, log, max_items_setting, sessions, webui
 
 
 def serve_api() -> None:
@@ -25,17 +26,16 @@ def serve_api() -> None:
         return
     add_generate_route(app, _complete, dependencies=api_script.check_key)
     app.user_middleware.append(Middleware(PictureRequestMiddleware, authorized=_authorized,
-                                          embed_all=embed_all_setting, sessions=sessions))
+                                          embed_all=embed_all_setting, sessions=sessions,
+                                          max_items=max_items_setting))
 
 
 def _authorized(scope) -> bool:
     """The webui's own key check of the route: ``x-api-key`` on its Anthropic-style route, else
-    ``Authorization: Bearer``."""
+    ``Authorization: Bearer``. The header is read as the webui's FastAPI reads it: the first of its name."""
     api_script = webui().api_script
-    headers = dict(scope.get("headers", []))
     anthropic = scope.get("path") == MESSAGES_PATH and hasattr(api_script, "verify_anthropic_key")
-    header = headers.get(b"x-api-key" if anthropic else b"authorization")
-    value = header.decode("latin-1") if header is not None else None
+    value = first_header(scope, b"x-api-key" if anthropic else b"authorization")
     try:
         if anthropic:
             api_script.verify_anthropic_key(x_api_key=value)
