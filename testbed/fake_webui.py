@@ -38,7 +38,7 @@ import typing
 import torch
 from transformers import LogitsProcessorList
 
-from extensions.llava.media.sources import data_url
+from extensions.llava.media.items import data_url
 
 SCRIPT = "extensions.llava.script"
 ADAPTER = "extensions.llava.webui"

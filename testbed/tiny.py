@@ -18,7 +18,7 @@ from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfi
                           PreTrainedTokenizerFast)
 
 from extensions.llava.engine import LlavaEngine
-from extensions.llava.media.sources import data_url  # noqa: F401  (the one way to build a data URL)
+from extensions.llava.media.items import data_url  # noqa: F401  (the one way to build a data URL)
 from extensions.llava.settings import Settings
 
 VISION_WIDTH = 32
@@ -318,7 +318,7 @@ def two_pictures() -> str:
 
 def embedded_line(count: int, embedded: int) -> str:
     """The log line of a generation with ``count`` pictures of which ``embedded`` got features."""
-    return f"llava: {count} image(s) in the prompt, {embedded} embedded"
+    return f"llava: {count} picture(s) in the prompt, {embedded} embedded"
 
 
 def reference_run(reference, ids, pixels, earlier_images_as=None, **inputs):

@@ -43,9 +43,9 @@ def turn_pictures(photo, sizes: Sequence[tuple[int, int]]) -> list:
 def race(turns: dict, photo, choice, settings, llm_width: int,
          reference_features: Callable[[list], list[torch.Tensor]], repeats: int) -> None:
     from extensions.llava.engine import LlavaEngine
-    from extensions.llava.media.sources import PilImage
+    from extensions.llava.media.items import DecodedPicture
     from extensions.llava.families import family_of, slot_count, view_count
-    from extensions.llava.prompt.parse import ImageRef
+    from extensions.llava.prompt.parse import PlacedItem
 
     pipeline = choice.pipeline
     print(f"device {settings.clip_device}, {torch.get_num_threads()} threads; seconds per picture, median of {repeats}")
@@ -59,9 +59,9 @@ def race(turns: dict, photo, choice, settings, llm_width: int,
         ours_times, reference_times = [], []
         for _ in range(repeats):
             engine = LlavaEngine(settings, log=lambda message: None)
-            warm_up = ImageRef(0, 0, 0, PilImage(turn_pictures(photo, [(32, 32)])[0]))
+            warm_up = PlacedItem(0, 0, 0, DecodedPicture(turn_pictures(photo, [(32, 32)])[0]))
             engine.features.features_for([warm_up], family_of(pipeline).arrange(pipeline, 1), choice, llm_width)  # loading, weights paged in included, is not timed
-            refs = [ImageRef(i + 1, 0, 0, PilImage(image)) for i, image in enumerate(images)]
+            refs = [PlacedItem(i + 1, 0, 0, DecodedPicture(image)) for i, image in enumerate(images)]
             start = time.perf_counter()
             ours = engine.features.features_for(refs, layouts, choice, llm_width)
             ours_times.append((time.perf_counter() - start) / len(images))

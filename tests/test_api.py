@@ -13,7 +13,7 @@ import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from extensions.llava.media import sources as images
+from extensions.llava.media import pictures
 from extensions.llava.api.generate_route import add_generate_route, completion_body
 from extensions.llava.errors import LlavaError
 from testbed.fake_webui_api import AUTH
@@ -35,8 +35,8 @@ def chat_body(*urls, text="What is this?"):
 @pytest.fixture
 def no_decoding(monkeypatch):
     """Every decode ("decode") and header read ("header") of a picture from now on, in order."""
-    seen = record_calls(monkeypatch, images, "open_picture", note=lambda *args, **kwargs: "decode")
-    record_calls(monkeypatch, images, "sniff_header", note=lambda *args, **kwargs: seen.append("header"))
+    seen = record_calls(monkeypatch, pictures, "open_picture", note=lambda *args, **kwargs: "decode")
+    record_calls(monkeypatch, pictures, "sniff_header", note=lambda *args, **kwargs: seen.append("header"))
     return seen
 
 
@@ -99,7 +99,7 @@ def test_malformed_messages_are_a_400(served):
 
 def test_completions_with_messages_are_checked_too(served):
     cut = data_url(picture(seed=4))[:-200]  # its header is whole: it fails when it is decoded
-    for url, reason in [(cut, "image 1 in the request: the picture's data is damaged or cut short"),
+    for url, reason in [(cut, "picture 1 in the request: the picture's data is damaged or cut short"),
                         ("http://example.com/a.png", "never fetches web addresses")]:
         response = served.client.post("/v1/completions", json={"prompt": "<__media__> x", **chat_body(url)},
                                       headers=AUTH)
@@ -107,7 +107,7 @@ def test_completions_with_messages_are_checked_too(served):
     response = served.client.post("/v1/completions", json={"prompt": "x", **chat_body(data_url(picture()))},
                                   headers=AUTH)
     assert response.status_code == 400  # a picture with no place in the prompt is not silently dropped
-    assert "carry 1 picture(s) and its prompt has 0 '<__media__>' placeholder(s)" in response.json()["error"]["message"]
+    assert "carry 1 item(s) and its prompt has 0 '<__media__>' placeholder(s)" in response.json()["error"]["message"]
     assert served.calls.prompts == ["<__media__> x"]  # the web address never reached the webui
 
 
@@ -145,7 +145,7 @@ def test_a_refusal_after_a_stream_started_is_an_error_event(served):
     events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
-    assert error["message"] == "image 1 in the prompt: the picture's data is damaged or cut short"
+    assert error["message"] == "picture 1 in the prompt: the picture's data is damaged or cut short"
 
 
 def test_a_streamed_completion_reports_the_true_usage(served):
@@ -175,7 +175,7 @@ def test_a_bad_picture_that_will_not_be_embedded_is_not_opened(served, no_decodi
     served.host.script.params["add_all_images_to_prompt"] = True
     response = served.client.post("/v1/chat/completions", json=chat_body(not_a_picture, data_url(picture())), headers=AUTH)
     assert response.status_code == 400
-    assert response.json()["error"]["message"].startswith("image 1 in the request: the data is not a picture")
+    assert response.json()["error"]["message"].startswith("picture 1 in the request: the data is not a picture")
 
 
 # ---------------------------------------------------------------- the chat API's pictures beside the prompt
@@ -209,7 +209,7 @@ def test_chat_completions_history_messages(host):
     web = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]
     with pytest.raises(LlavaError) as error:
         host.script.tokenizer_modifier(host.state(history={"messages": web}), "<__media__>\nx", host.encode("x"), None)
-    assert "image 1 in the request" in str(error.value) and "never fetches" in str(error.value)
+    assert "picture 1 in the request" in str(error.value) and "never fetches" in str(error.value)
     # the webui rejects a bare string as image_url; so do we, instead of dropping the picture
     bare = [{"role": "user", "content": [{"type": "image_url", "image_url": data_url(second)}]}]
     with pytest.raises(LlavaError) as error:
@@ -253,7 +253,7 @@ def test_the_2023_generate_route_refuses_a_bad_picture_and_keeps_serving(host):
     bad = client.post("/api/v1/generate", json={"prompt": 'x <img src="data:image/png;base64,@@@">',
                                                  "max_new_tokens": 2})
     assert bad.status_code == 400
-    assert bad.json()["error"]["message"] == "image 1 in the prompt: the data after 'base64,' is not valid base64"
+    assert bad.json()["error"]["message"] == "picture 1 in the prompt: the data after 'base64,' is not valid base64"
     assert client.post("/api/v1/generate", json={"prompt": "hello", "max_new_tokens": 2}).status_code == 200
     not_json = client.post("/api/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
     assert not_json.status_code == 400 and not_json.json()["error"]["message"] == "the request body is not valid JSON"
@@ -266,7 +266,7 @@ def test_the_2023_generate_route_refuses_a_bad_picture_and_keeps_serving(host):
 def test_host_request_errors_keep_their_status(host):
     class InvalidRequest(Exception):
         code = 400
-        message = "image 2 in the request: SVG is a vector format"
+        message = "picture 2 in the request: SVG is a vector format"
 
     client = TestClient(seed_app(host, fail_with=InvalidRequest()))
     response = client.post("/api/v1/generate", json={"prompt": "x", "max_new_tokens": 1})
@@ -303,7 +303,7 @@ def test_a_body_without_content_type_is_checked_as_the_webui_reads_it(served):
     bad = json.dumps({"prompt": 'x <img src="data:image/png;base64,@@@">'}).encode()
     response = served.client.post("/v1/completions", content=bad, headers={**AUTH, "content-type": ""})
     assert response.status_code == 400
-    assert response.json()["error"]["message"] == "image 1 in the prompt: the data after 'base64,' is not valid base64"
+    assert response.json()["error"]["message"] == "picture 1 in the prompt: the data after 'base64,' is not valid base64"
 
 
 def test_json_nested_too_deep_is_left_to_the_webui(served):
@@ -352,7 +352,7 @@ def test_the_anthropic_route_takes_its_own_key_and_the_same_checks(served, no_de
     response = served.client.post("/v1/messages", json=anthropic_body(bomb), headers=key)
     assert response.status_code == 400
     assert response.json() == {"type": "error", "error": {"type": "invalid_request_error", "message":
-                               "image 1 in the request: the picture is larger than 50,000,000 pixels"}}
+                               "picture 1 in the request: the picture is larger than 50,000,000 pixels"}}
     web = {"type": "image", "source": {"type": "url", "url": "http://127.0.0.1:9/a.png"}}
     response = served.client.post("/v1/messages", json=anthropic_body(web), headers=key)
     assert response.status_code == 400 and "never fetches web addresses" in response.json()["error"]["message"]
@@ -376,12 +376,12 @@ def test_the_items_of_one_request_are_bounded_by_a_setting(v0, host_factory, no_
 
 
 def test_every_picture_the_webui_renders_is_found_in_the_body():
-    from extensions.llava.prompt.messages import picture_groups, reference_messages
+    from extensions.llava.prompt.messages import item_groups, reference_messages
     first, second, third = (data_url(picture(seed=seed)) for seed in (1, 2, 3))
     chat = {"messages": [{"role": "system", "content": f'Rules <img src="{first}">'},
                          {"role": "user", "content": [{"type": "image_url", "image_url": {"url": second}},
                                                       {"type": "text", "text": f'and <img src="{third}">'}]}]}
-    [group] = picture_groups("/v1/chat/completions", chat)
+    [group] = item_groups("/v1/chat/completions", chat)
     assert [source.text[source.start:source.end] for source in group] == [first, second, third]
     references = {}
     rewritten = reference_messages(chat, references)
@@ -389,6 +389,6 @@ def test_every_picture_the_webui_renders_is_found_in_the_body():
     assert rewritten["messages"][1]["content"][1]["text"] == 'and <img src="llava-ref:2">' and len(references) == 2
     anthropic = {"system": f'<img src="{first}">', "messages": [{"role": "user", "content": [
         {"type": "text", "text": f'<img src="{third}">'}]}]}
-    assert len(picture_groups("/v1/messages", anthropic)[0]) == 2
+    assert len(item_groups("/v1/messages", anthropic)[0]) == 2
     prompts = {"prompt": [f'a <img src="{first}">', "no picture", f'b <img src="{second}"> <img src="{third}">']}
-    assert [len(group) for group in picture_groups("/v1/completions", prompts)] == [1, 2]
+    assert [len(group) for group in item_groups("/v1/completions", prompts)] == [1, 2]

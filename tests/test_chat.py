@@ -46,9 +46,9 @@ def test_upload_goes_with_the_next_message_as_an_attachment(host):
 
 
 def parse_single_image(text):
-    images = parse_prompt(text).images
+    images = parse_prompt(text).items
     assert len(images) == 1
-    return images[0].source.load().image
+    return images[0].item.load().image
 
 
 def test_clearing_the_field_cancels(host):
@@ -133,7 +133,7 @@ def test_bad_image_in_chat_is_a_visible_refusal_and_history_keeps_the_message(ho
     warnings = host.warned
     with pytest.raises(LlavaError) as error:
         host.chat('look <img src="data:image/png;base64,bm90IGFuIGltYWdl">', host.state(max_new_tokens=1))
-    assert str(error.value) == "image 1 in the prompt: the data is not a picture in a supported format " \
+    assert str(error.value) == "picture 1 in the prompt: the data is not a picture in a supported format " \
                                "(PNG, JPEG, GIF, WebP, BMP or TIFF)"
     assert warnings == [f"llava: {error.value}"]
     assert host.internal[-1][0].startswith("look <img")  # the user's message is still there

@@ -86,7 +86,7 @@ def test_next_equals_reference(next_converted, next_reference, name):
 def test_two_pictures(next_converted, next_reference, embed_all):
     images = [picture(*SIZES["wide"], seed=61), picture(*SIZES["tall"], seed=62)]
     engine, prepared = compare_next(next_converted, next_reference, images, embed_all=embed_all)
-    assert prepared.images_embedded == (2 if embed_all else 1)
+    assert prepared.items_embedded == (2 if embed_all else 1)
     assert int((prepared.input_ids == IMAGE_ID).sum()) == sum(reference_slot_count(*image.size) for image in images)
     # all new pictures' tiles go through the tower together
     assert engine.counters.vision_batches == 1 and engine.counters.vision_forwards == (2 if embed_all else 1)

@@ -7,11 +7,11 @@ import base64
 import pytest
 import torch
 
-from extensions.llava.media import sources as images
+from extensions.llava.media import pictures
 from extensions.llava.api.check import check_pictures
 from extensions.llava.stores import FeatureCache
 from extensions.llava.errors import LlavaError
-from extensions.llava.prompt.messages import pictures_in_body
+from extensions.llava.prompt.messages import items_in_body
 from extensions.llava.families.pipelines import PIPELINES
 from testbed.tiny import PATCH_ID, img_tag, picture, quiet_engine
 from testbed.tiny_next import SIZES
@@ -57,7 +57,7 @@ def test_new_pictures_of_one_prompt_go_in_one_batch_and_repeats_once(v0):
     same = img_tag(picture(seed=7))
     prompt = "a " + img_tag(picture(seed=1)) + same + " b " + img_tag(picture(seed=2)) + same
     prepared = v0.prepare(engine, prompt)
-    assert prepared.images_embedded == 4
+    assert prepared.items_embedded == 4
     assert engine.counters.vision_batches == 1 and engine.counters.vision_forwards == 3
     slots = (prepared.input_ids[0] == PATCH_ID).nonzero().flatten().view(4, 256)
     assert torch.equal(prepared.inputs_embeds[0, slots[1]], prepared.inputs_embeds[0, slots[3]])
@@ -71,7 +71,7 @@ def test_embed_all_off_opens_only_the_last_picture(v0):
     engine = v0.engine()
     broken = '<img src="data:image/png;base64,AAAA">'  # would fail if it were opened
     prepared = v0.prepare(engine, "a " + broken + " b " + img_tag(picture(seed=3)))
-    assert prepared.images_embedded == 1 and engine.counters.vision_forwards == 1
+    assert prepared.items_embedded == 1 and engine.counters.vision_forwards == 1
 
 
 def test_cache_serves_a_picture_again_without_the_tower(next_converted):
@@ -161,18 +161,18 @@ def test_counting_tokens_never_decodes_base64(v0, host_factory, monkeypatch):
 
 def test_http_check_reads_headers_and_generation_decodes_a_picture_once(v0, monkeypatch):
     engine = v0.engine()
-    decoded = record_calls(monkeypatch, images, "open_picture")
+    decoded = record_calls(monkeypatch, pictures, "open_picture")
     prompt = "q " + img_tag(picture(seed=61)) + " and " + img_tag(picture(seed=62))
-    check_pictures(pictures_in_body("/v1/completions", {"prompt": prompt}), embed_all=True)
+    check_pictures(items_in_body("/v1/completions", {"prompt": prompt}), embed_all=True)
     assert decoded == []  # the check reads headers only
     for _ in range(2):  # the second time the features come from the cache, keyed on the data
         v0.prepare(engine, prompt)
         assert len(decoded) == 1 and engine.counters.vision_forwards == 1
     with pytest.raises(LlavaError) as error:
-        check_pictures(pictures_in_body("/v1/completions", {"prompt": 'x <img src="data:image/png;base64,AAAA">'}),
+        check_pictures(items_in_body("/v1/completions", {"prompt": 'x <img src="data:image/png;base64,AAAA">'}),
                        embed_all=False)
     assert str(error.value) == \
-        "image 1 in the prompt: the data is not a picture in a supported format (PNG, JPEG, GIF, WebP, BMP or TIFF)"
+        "picture 1 in the prompt: the data is not a picture in a supported format (PNG, JPEG, GIF, WebP, BMP or TIFF)"
 
 
 def test_large_pictures_give_their_memory_back(v0):

@@ -98,7 +98,7 @@ def test_truncation_keeps_the_layout_of_the_prompt_as_it_came(onevision_converte
     engine = quiet_engine()
     prepared = onevision_converted.prepare(engine, chatml_prompt(images), max_length=900)
     image_id = onevision_converted.tokenizer.convert_tokens_to_ids("<image>")
-    assert prepared.images_dropped == 1 and int((prepared.input_ids == image_id).sum()) == 730
+    assert prepared.items_dropped == 1 and int((prepared.input_ids == image_id).sum()) == 730
 
 
 def test_the_converted_folder_is_a_qwen2_model_with_its_chat_template(onevision_converted):

@@ -12,9 +12,9 @@ import pytest
 from PIL import EpsImagePlugin, GifImagePlugin, IcoImagePlugin, Image
 
 from extensions.llava.families import slot_count
-from extensions.llava.media import decode
-from extensions.llava.media.decode import SUPPORTED_FORMATS, normalise
-from extensions.llava.media.sources import ImageError, InlineImage
+from extensions.llava.media import pictures as decode
+from extensions.llava.media.pictures import SUPPORTED_FORMATS, normalise
+from extensions.llava.media.items import ItemError, DataUrlItem
 from testbed.hostile_files import (animated_gif, deep_tiff, eps_stub, exif_chunk, ico_holding, jpeg_claiming, png_with,
                                    raw_profile_chunk, tiff_in_strips, xmp_chunk)
 from testbed.photos import encoded, turned_exif
@@ -23,12 +23,12 @@ from testbed.tiny_next import PIPELINE
 NOT_A_PICTURE = f"the data is not a picture in a supported format ({SUPPORTED_FORMATS})"
 
 
-def source(data: bytes, media: str = "image/png") -> InlineImage:
-    return InlineImage.from_url(f"data:{media};base64,{base64.b64encode(data).decode()}", 1)
+def source(data: bytes, media: str = "image/png") -> DataUrlItem:
+    return DataUrlItem.from_url(f"data:{media};base64,{base64.b64encode(data).decode()}", 1)
 
 
 def refusal(data: bytes, media: str = "image/png") -> str:
-    with pytest.raises(ImageError) as error:
+    with pytest.raises(ItemError) as error:
         source(data, media).header()
     return error.value.reason
 
@@ -101,14 +101,14 @@ def test_a_turned_picture_of_any_kind_splices_on_llava_1_6(next_converted, place
     data = png_with(Image.new("RGB", (700, 300), (10, 200, 10)), before, after)
     picture = source(data)
     prepared = next_converted.prepare(quiet_engine(), f'USER: <img src="{picture.text}"> ASSISTANT:')
-    assert prepared.images_embedded == 1
+    assert prepared.items_embedded == 1
     assert int((prepared.input_ids == next_converted.tokenizer.convert_tokens_to_ids("<image>")).sum()) == \
         slot_count(PIPELINE, *picture.header())
 
 
 def test_pixels_that_disagree_with_their_header_are_refused_in_words():
     turned = Image.new("RGB", (30, 10))
-    with pytest.raises(ImageError) as error:
+    with pytest.raises(ItemError) as error:
         normalise(turned, source(encoded(turned)), turn=1, expected=(10, 30))
     assert error.value.reason == ("its header says 10×30 pixels but its pixel data is 30×10; save the picture "
                                   "again with another program")
@@ -120,7 +120,7 @@ def test_an_animated_gif_is_known_without_walking_its_frames(monkeypatch):
 
     monkeypatch.setattr(GifImagePlugin.GifImageFile, "n_frames", property(every_frame))
     picture = source(animated_gif(300, side=256), "image/gif").load()
-    assert picture.notes == ["image 1 in the prompt is animated; its first frame is used"]
+    assert picture.notes == ["picture 1 in the prompt is animated; its first frame is used"]
     assert picture.image.size == (256, 256)
 
 
@@ -163,7 +163,7 @@ def pillow_opens(monkeypatch):
 def test_a_tiff_of_absurdly_many_strips_is_refused_from_its_directory(pillow_opens):
     started = time.perf_counter()
     for check in ("header", "check_start"):
-        with pytest.raises(ImageError) as error:
+        with pytest.raises(ItemError) as error:
             getattr(source(tiff_in_strips(200_000), "image/tiff"), check)()
         assert error.value.reason == "the TIFF is stored in 200,000 strips or tiles; at most 65,536 are read " \
                                      "(save it again with larger strips)"

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from extensions.llava.media import sources as images
-from extensions.llava.media.sources import HEADER_PREFIX_CHARS, ImageError, InlineImage
+from extensions.llava.media import items
+from extensions.llava.media.items import HEADER_PREFIX_CHARS, ItemError, DataUrlItem
 from testbed.photos import encoded, make_photo, noisy_picture, turned_jpeg
 from testbed.tiny import bytes_url, img_tag, picture
 from testbed.watch import record_calls, refuse_calls
@@ -23,14 +23,14 @@ WHITE = (255, 255, 255)  # what transparent parts become
 
 
 def load_url(url, position=2):
-    return InlineImage.from_url(url, position).load()
+    return DataUrlItem.from_url(url, position).load()
 
 
 def refusal(url, position=2) -> str:
-    with pytest.raises(ImageError) as error:
+    with pytest.raises(ItemError) as error:
         load_url(url, position)
     message = str(error.value)
-    assert message.startswith(f"image {position} in the prompt: ")
+    assert message.startswith(f"picture {position} in the prompt: ")
     for raw in ("binascii", "PIL.", "Traceback", "object at 0x", "UnidentifiedImageError", "Incorrect padding"):
         assert raw not in message
     return message
@@ -59,12 +59,12 @@ def test_not_an_image():
 def test_truncated_file(fmt):
     data = encoded(picture(64, 64, seed=3), fmt)
     message = refusal(bytes_url(data[: len(data) // 2]))
-    assert message == "image 2 in the prompt: the picture's data is damaged or cut short"
+    assert message == "picture 2 in the prompt: the picture's data is damaged or cut short"
 
 
 def test_svg_and_other_media_types():
     assert "SVG is a vector format" in refusal(bytes_url(b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml"))
-    assert "not an image" in refusal(bytes_url(b"%PDF-1.4", "application/pdf"))
+    assert "of type 'application/pdf', not one the extension takes" in refusal(bytes_url(b"%PDF-1.4", "application/pdf"))
     assert "not base64-encoded" in refusal("data:image/png,rawbytes")
     assert "no ',' between" in refusal("data:image/png;base64")
 
@@ -73,7 +73,7 @@ def test_decompression_bomb_is_refused_quickly():
     bomb = encoded(Image.new("L", (12000, 12000)), "PNG", optimize=True)  # 144 Mpx in a few hundred KB
     assert len(bomb) < 1_000_000
     message = refusal(bytes_url(bomb))
-    assert message == "image 2 in the prompt: the picture is larger than 50,000,000 pixels"
+    assert message == "picture 2 in the prompt: the picture is larger than 50,000,000 pixels"
 
 
 def test_huge_header_dimensions_are_refused_before_decoding():
@@ -82,7 +82,7 @@ def test_huge_header_dimensions_are_refused_before_decoding():
     ihdr = header.index(b"IHDR")
     body = b"IHDR" + (100000).to_bytes(4, "big") + (100000).to_bytes(4, "big") + header[ihdr + 12:ihdr + 17]
     forged = header[:ihdr] + body + zlib.crc32(body).to_bytes(4, "big") + header[ihdr + 21:]
-    assert refusal(bytes_url(forged)) == "image 2 in the prompt: the picture is larger than 50,000,000 pixels"
+    assert refusal(bytes_url(forged)) == "picture 2 in the prompt: the picture is larger than 50,000,000 pixels"
 
 
 # ---------------------------------------------------------------- converted, with a defined result
@@ -97,7 +97,7 @@ def test_animated_gif_uses_the_first_frame_and_says_so():
     gif = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
     loaded = load_url(bytes_url(gif, "image/gif"))
     assert loaded.image.getpixel((4, 4)) == (255, 0, 0)  # the first frame's red, not the second's blue
-    assert loaded.notes == ["image 2 in the prompt is animated; its first frame is used"]
+    assert loaded.notes == ["picture 2 in the prompt is animated; its first frame is used"]
 
 
 def test_alpha_is_composited_over_white():
@@ -136,7 +136,7 @@ def test_exif_orientation_is_applied():
 @pytest.mark.parametrize("size", [(1, 1), (3000, 2), (2, 3000)])
 def test_extreme_shapes_encode(v0, size):
     prepared = v0.prepare(v0.engine(), img_tag(Image.new("RGB", size, (10, 200, 30))))
-    assert prepared.images_embedded == 1 and torch.isfinite(prepared.inputs_embeds).all()
+    assert prepared.items_embedded == 1 and torch.isfinite(prepared.inputs_embeds).all()
 
 
 # ---------------------------------------------------------------- never fetched
@@ -150,9 +150,9 @@ def test_web_and_file_sources_are_never_opened(v0, src, monkeypatch):
     engine = v0.engine()
     v0.prepare(engine, "warm " + img_tag(picture()))  # load the vision parts first
     opened = record_calls(monkeypatch, builtins, "open", note=lambda path, *args, **kwargs: str(path))
-    with pytest.raises(ImageError) as error:
+    with pytest.raises(ItemError) as error:
         v0.prepare(engine, f'look <img src="{src}">')
-    assert "never fetches" in str(error.value) and "image 1 in the prompt" in str(error.value)
+    assert "never fetches" in str(error.value) and "picture 1 in the prompt" in str(error.value)
     assert not any(src.split("/")[-1] in path for path in opened)
 
 
@@ -161,7 +161,7 @@ def test_web_and_file_sources_are_never_opened(v0, src, monkeypatch):
 
 def decoded_whole(monkeypatch) -> list[int]:
     """The length of every base64 payload decoded whole from now on."""
-    return record_calls(monkeypatch, images, "decode_base64", note=lambda payload, source: len(payload))
+    return record_calls(monkeypatch, items, "decode_base64", note=lambda payload, source: len(payload))
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"])
@@ -172,10 +172,10 @@ def test_a_header_is_read_from_the_start_of_the_data(fmt, monkeypatch):
     url = bytes_url(data, f"image/{fmt.lower()}")
     assert len(url) > 4 * HEADER_PREFIX_CHARS[0]
     decoded = decoded_whole(monkeypatch)
-    assert InlineImage.from_url(url).header() == upright
+    assert DataUrlItem.from_url(url).header() == upright
     # Pillow reads a WebP only whole (its EXIF follows its pixels)
     assert decoded == ([] if fmt != "WEBP" else [len(url) - url.index(",") - 1])
-    assert InlineImage.from_url(url).load().image.size == upright
+    assert DataUrlItem.from_url(url).load().image.size == upright
 
 
 @pytest.mark.parametrize("icc_bytes, whole", [(300_000, False), (900_000, True)])
@@ -184,7 +184,7 @@ def test_a_long_header_is_read_from_more_of_the_data(icc_bytes, whole, monkeypat
     url = bytes_url(data, "image/jpeg")
     assert len(url) > HEADER_PREFIX_CHARS[1]
     decoded = decoded_whole(monkeypatch)
-    assert InlineImage.from_url(url).header() == upright == (1000, 1400)
+    assert DataUrlItem.from_url(url).header() == upright == (1000, 1400)
     assert bool(decoded) == whole
 
 
@@ -194,7 +194,7 @@ def test_a_photos_header_costs_no_more_than_a_small_pictures(tmp_path, monkeypat
     decoded = decoded_whole(monkeypatch)
     started = time.perf_counter()
     for _ in range(20):
-        assert InlineImage.from_url(url).header() == (4000, 3000)
+        assert DataUrlItem.from_url(url).header() == (4000, 3000)
     per_header = (time.perf_counter() - started) / 20
     print(f"header of a {len(url) / 1e6:.1f} M-character photo: {per_header * 1e3:.2f} ms")
     assert decoded == [] and per_header < 0.010  # decoding all of it takes about 18 ms

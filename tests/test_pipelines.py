@@ -11,7 +11,6 @@ import pytest
 from transformers import MistralConfig
 
 from extensions.llava.families.recognise import choose_pipeline, detect_pipeline, pipeline_from_config
-from extensions.llava.engine import LlavaEngine
 from extensions.llava.families import family_of
 from extensions.llava.families.pipelines import CLIP_224, CLIP_336, NEXT_PINPOINTS, PIPELINES, PipelineError
 from extensions.llava.families import max_slot_count, slot_count

@@ -73,7 +73,7 @@ def test_a_new_picture_in_a_later_turn_gets_its_features(twins_embedding_all):
     twins.chat("What is this?", TURN, attachments=[picture(seed=2)])
     first = len(twins.reusing.last_prompt_ids[0])
     twins.chat("And this one?", TURN, attachments=[picture(seed=3)])
-    assert twins.reusing.logged.count("llava: 2 image(s) in the prompt, 2 embedded") == 1
+    assert twins.reusing.logged.count("llava: 2 picture(s) in the prompt, 2 embedded") == 1
     assert twins.saved == first and twins.reusing.last_prefill > 258  # the new picture was computed
 
 
@@ -93,7 +93,7 @@ def test_embed_all_toggled_between_turns(twins):
     for host in (twins.reusing, twins.plain):
         host.choose_embed_all(True, session="a")
     twins.chat("Now with both?", TURN, session="a")
-    assert twins.reusing.logged.count("llava: 2 image(s) in the prompt, 2 embedded") == 1
+    assert twins.reusing.logged.count("llava: 2 picture(s) in the prompt, 2 embedded") == 1
     # the first picture now has its features where it had the plain embedding: reused up to its slots
     assert twins.saved == int((twins.reusing.last_prompt_ids[0] == PATCH_ID).nonzero()[0])
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from extensions.llava.media.sources import ImageError
+from extensions.llava.media.items import ItemError
 from extensions.llava.families.pipelines import PIPELINES
 from extensions.llava.prompt.parse import escape_special_tokens, parse_prompt
 from testbed.tiny import PATCH_ID, START_ID, convert_and_load, data_url, img_tag, make_tokenizer, picture
@@ -92,14 +92,14 @@ def test_a_typed_image_token_of_a_pipeline_read_from_its_config_stays_text(pic_m
 def test_tag_variants_are_found(template):
     url = data_url(picture(4, 4))
     parsed = parse_prompt("a " + template.format(u=url) + " b")
-    assert len(parsed.images) == 1
-    assert parsed.images[0].source.load().image.size == (4, 4)
+    assert len(parsed.items) == 1
+    assert parsed.items[0].item.load().image.size == (4, 4)
     assert parsed.text_only().startswith("a ")
 
 
 def test_not_images():
     for text in ['<imgx src="data:image/png;base64,AAAA">', "<img>", "<img alt=x>", "< img src=x>", "<image>"]:
-        assert parse_prompt(text).images == []
+        assert parse_prompt(text).items == []
 
 
 # ---------------------------------------------------------------- properties
@@ -109,7 +109,7 @@ texts = st.lists(st.sampled_from(list("ab <>/=\"'imgsrc_patchendstart") + ["<im_
                  max_size=12).map("".join)
 property_images = [picture(12, 12, seed=50 + i) for i in range(4)]
 property_tags = [img_tag(im) for im in property_images]
-property_digests = {parse_prompt(t).images[0].source.digest() for t in property_tags}
+property_digests = {parse_prompt(t).items[0].item.digest() for t in property_tags}
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +125,8 @@ def test_splice_touches_exactly_the_embedded_slots(v0, property_engines, pieces,
     prompt = "".join(p if isinstance(p, str) else property_tags[p] for p in pieces)
     # text pieces may have formed tags with each other; the parser is the judge of what is an image
     parsed = parse_prompt(prompt)
-    images = [im for im in parsed.images if im.source.digest() in property_digests]
-    assume(images and len(images) == len(parsed.images))
+    images = [im for im in parsed.items if im.item.digest() in property_digests]
+    assume(images and len(images) == len(parsed.items))
     prepared = v0.prepare(engine, prompt)
     ids = prepared.input_ids[0]
     plain = v0.llm.get_input_embeddings()(ids)
@@ -152,7 +152,7 @@ def test_escaping_leaves_no_special_token(text):
 def test_parser_spans_are_ordered_and_inside_the_prompt(text):
     parsed = parse_prompt(text)
     end = 0
-    for image in parsed.images:
+    for image in parsed.items:
         assert end <= image.start < image.end <= len(text)
         end = image.end
     assert "".join(p if isinstance(p, str) else text[p.start:p.end] for p in parsed.pieces()) == text
@@ -160,22 +160,22 @@ def test_parser_spans_are_ordered_and_inside_the_prompt(text):
 
 def test_a_tag_whose_quote_never_closes_is_refused_in_words():
     prompt = 'Look <img src="data:image/png;base64,iVBORw0KGgo and then some more text'
-    [image] = parse_prompt(prompt).images
+    [image] = parse_prompt(prompt).items
     assert (image.start, image.end) == (5, len(prompt))
-    with pytest.raises(ImageError) as error:
-        image.source.load()
-    assert str(error.value) == ("image 1 in the prompt: the quote after src= is never closed; end the picture's data "
+    with pytest.raises(ItemError) as error:
+        image.item.load()
+    assert str(error.value) == ("picture 1 in the prompt: the quote after src= is never closed; end the picture's data "
                                 "with a quote")
 
 
 def test_finding_many_placeholder_pictures_takes_linear_time():
     """20 000 placeholders and their pictures: 17 s when each was tested against every span found so far."""
-    from extensions.llava.media.sources import InlineImage
+    from extensions.llava.media.items import DataUrlItem
     url = data_url(picture(2, 2))
     prompt = 'one <img src="' + url + '"> ' + "<__media__> word " * 20_000
     started = time.perf_counter()
-    parsed = parse_prompt(prompt, [InlineImage.from_url(url) for _ in range(20_000)])
+    parsed = parse_prompt(prompt, [DataUrlItem.from_url(url) for _ in range(20_000)])
     elapsed = time.perf_counter() - started
-    assert len(parsed.images) == 20_001 and [image.position for image in parsed.images[:3]] == [1, 2, 3]
-    assert parsed.images[1].start == prompt.index("<__media__>")
+    assert len(parsed.items) == 20_001 and [image.position for image in parsed.items[:3]] == [1, 2, 3]
+    assert parsed.items[1].start == prompt.index("<__media__>")
     assert elapsed < 3, f"{elapsed:.1f} s"

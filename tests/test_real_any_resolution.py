@@ -94,7 +94,7 @@ def test_completions_and_the_2023_route_answer_as_the_reference(server, model):
     prompt = f"USER: {tiny.img_tag(picture)} What is this? ASSISTANT:"
     expected, length = reference_answer(model, "USER: <image> What is this? ASSISTANT:", picture, 6)
     assert length == 1 + len(model[1].encode("USER:  What is this? ASSISTANT:", add_special_tokens=False)) + COUNTS[2]
-    before = server.count("llava: 1 image(s) in the prompt, 1 embedded")
+    before = server.count("llava: 1 picture(s) in the prompt, 1 embedded")
     status, body = post(server.api_base + "/v1/completions",
                         {"prompt": prompt, "max_tokens": 6, "do_sample": False, "temperature": 0})
     assert status == 200, body
@@ -104,7 +104,7 @@ def test_completions_and_the_2023_route_answer_as_the_reference(server, model):
                                                                   "do_sample": False})
     assert status == 200, answer
     assert answer["results"][0]["text"] == expected
-    assert server.count("llava: 1 image(s) in the prompt, 1 embedded") == before + 2
+    assert server.count("llava: 1 picture(s) in the prompt, 1 embedded") == before + 2
     assert contexts(server)[-2:] == [length, length]
 
 
@@ -130,11 +130,11 @@ def test_the_webuis_trimming_over_the_chat_api_keeps_whole_pictures(server):
         messages += [chat_turn(f"Turn {i}: what is this?", tiny.data_url(picture)),
                      {"role": "assistant", "content": "A picture."}]
     messages.pop()
-    seen = server.count("llava: 2 image(s) in the prompt, 1 embedded")
+    seen = server.count("llava: 2 picture(s) in the prompt, 1 embedded")
     status, body = post(server.api_base + "/v1/chat/completions", {"max_tokens": MAX_NEW_TOKENS, "messages": messages})
     assert status == 200, body
-    assert server.count("llava: 2 image(s) in the prompt, 1 embedded") == seen + 1
-    assert "3 image(s) in the prompt" not in log(server)
+    assert server.count("llava: 2 picture(s) in the prompt, 1 embedded") == seen + 1
+    assert "3 picture(s) in the prompt" not in log(server)
     assert "were cut off" not in log(server)  # the hook had nothing to cut
     prompt_tokens = body["usage"]["prompt_tokens"]
     assert COUNTS[1] + COUNTS[2] < prompt_tokens <= min(COUNTS[1] + COUNTS[2] + TEXT_ROOM, CONTEXT - MAX_NEW_TOKENS)
@@ -157,8 +157,8 @@ def test_the_webuis_trimming_in_the_chat_page_keeps_whole_pictures(server, model
         context = contexts(server)[-1]
         # the random model's replies (16 tokens of up to 12 characters) take room too
         assert sum(kept) < context <= CONTEXT - MAX_NEW_TOKENS, (turn, context, kept)
-    assert server.count("llava: 2 image(s) in the prompt, 2 embedded") == 2  # turns 2 and 3
-    assert "3 image(s) in the prompt" not in log(server)
+    assert server.count("llava: 2 picture(s) in the prompt, 2 embedded") == 2  # turns 2 and 3
+    assert "3 picture(s) in the prompt" not in log(server)
     assert "were cut off" not in log(server)
 
 

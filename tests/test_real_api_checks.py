@@ -114,7 +114,7 @@ def test_a_streamed_refusal_is_an_error_event(keyed):
     status, _, raw = request(keyed.base + "/v1/completions", body, AUTH)
     events = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")]
     assert status == 200 and events[-1] == "[DONE]", raw
-    assert "the context is too short for this prompt's last image" in json.loads(events[-2])["error"]["message"]
+    assert "the context is too short for this prompt's last picture" in json.loads(events[-2])["error"]["message"]
     status, _, answer = call(keyed, "/v1/completions", {**body, "stream": False})
     assert status == 400 and "the context is too short" in answer["error"]["message"]
 
@@ -209,7 +209,7 @@ def test_only_the_named_formats_are_opened(keyed, name, data):
     for path, body in [("/v1/chat/completions", chat(url)), ("/v1/completions", {"prompt": f'x <img src="{url}">'})]:
         status, _, answer = call(keyed, path, body)
         assert status == 400, (name, path, answer)
-        assert answer["error"]["message"] == ("image 1 in the request: " if "chat" in path else "image 1 in the prompt: ") \
+        assert answer["error"]["message"] == ("picture 1 in the request: " if "chat" in path else "picture 1 in the prompt: ") \
             + "the data is not a picture in a supported format (PNG, JPEG, GIF, WebP, BMP or TIFF)"
     assert time.time() - started < 5  # refused from the first bytes: nothing was decoded
 
@@ -241,7 +241,7 @@ def test_odd_bodies_get_the_webuis_own_answers_not_a_crash(keyed):
         assert status == 400 and answer["error"]["message"] == f"'{field}' must be a text or a list of texts"
     status, _, answer = call(keyed, "/v1/completions", {"prompt": 'x <img src="data:image/png;base64,AAAA'})
     assert status == 400 and answer["error"]["message"] == \
-        "image 1 in the prompt: the quote after src= is never closed; end the picture's data with a quote"
+        "picture 1 in the prompt: the quote after src= is never closed; end the picture's data with a quote"
 
 
 def test_echo_gives_back_the_clients_prompt(keyed):
@@ -280,7 +280,7 @@ def test_the_anthropic_route_has_the_same_checks_errors_and_usage(keyed):
     bomb = image_block(bytes_url(header_only_png(10000, 10000)))
     status, _, answer = call(keyed, "/v1/messages", anthropic(bomb), headers=ANTHROPIC_KEY)
     assert status == 400 and answer == {"type": "error", "error": {"type": "invalid_request_error", "message":
-                                        "image 1 in the request: the picture is larger than 50,000,000 pixels"}}
+                                        "picture 1 in the request: the picture is larger than 50,000,000 pixels"}}
     web = {"type": "image", "source": {"type": "url", "url": "http://127.0.0.1:9/a.png"}}
     status, _, answer = call(keyed, "/v1/messages", anthropic(web), headers=ANTHROPIC_KEY)
     assert status == 400 and "never fetches web addresses" in answer["error"]["message"]
@@ -378,7 +378,7 @@ def last_only(tmp_path_factory):
         yield server
 
 
-NOT_NAMED = "image 1 in the request: the data is not a picture in a supported format (PNG, JPEG, GIF, WebP, BMP or TIFF)"
+NOT_NAMED = "picture 1 in the request: the data is not a picture in a supported format (PNG, JPEG, GIF, WebP, BMP or TIFF)"
 
 
 def test_a_picture_that_will_not_be_embedded_costs_no_decoding(last_only):

@@ -56,7 +56,7 @@ def test_the_2023_route_answers_with_a_picture(server):
                         {"prompt": prompt, "max_new_tokens": 4, "stopping_strings": ["\n###"], "do_sample": False})
     assert status == 200, body
     assert "llava: vision tower from" in server_log(server)
-    assert "llava: 1 image(s) in the prompt, 1 embedded" in server_log(server)
+    assert "llava: 1 picture(s) in the prompt, 1 embedded" in server_log(server)
     if server["current"]:  # the 2023 route answers as the completion endpoint does, greedily the same text
         status, same = post(server["base"] + "/v1/completions",
                             {"prompt": prompt, "max_tokens": 4, "stop": ["\n###"], "do_sample": False})
@@ -66,23 +66,23 @@ def test_the_2023_route_answers_with_a_picture(server):
 def test_completions_with_a_picture(server):
     if not server["current"]:
         pytest.skip("the 2023 webui has no OpenAI API in this configuration")
-    before = server.count("llava: 1 image(s) in the prompt, 1 embedded")
+    before = server.count("llava: 1 picture(s) in the prompt, 1 embedded")
     status, body = post(server["base"] + "/v1/completions",
                         {"prompt": "Look: <img src=\"" + picture_url(2) + "\"> says", "max_tokens": 4})
     assert status == 200, body
-    assert server.count("llava: 1 image(s) in the prompt, 1 embedded") == before + 1
+    assert server.count("llava: 1 picture(s) in the prompt, 1 embedded") == before + 1
     assert body["usage"]["prompt_tokens"] == v0_prompt_tokens(server.tokenizer, "Look: <picture> says")
 
 
 def test_chat_completions_with_image_url(server):
     if not server["current"]:
         pytest.skip("the 2023 webui has no OpenAI API in this configuration")
-    before = server_log(server).count("llava: 1 image(s) in the prompt, 1 embedded")
+    before = server_log(server).count("llava: 1 picture(s) in the prompt, 1 embedded")
     status, body = post(server["base"] + "/v1/chat/completions", {"max_tokens": 4, "messages": [
         {"role": "user", "content": [{"type": "text", "text": "What is this?"},
                                      {"type": "image_url", "image_url": {"url": picture_url(3)}}]}]})
     assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
-    assert server_log(server).count("llava: 1 image(s) in the prompt, 1 embedded") == before + 1
+    assert server_log(server).count("llava: 1 picture(s) in the prompt, 1 embedded") == before + 1
 
 
 def test_bad_picture_is_a_400_and_the_server_keeps_serving(server):
@@ -95,7 +95,7 @@ def test_bad_picture_is_a_400_and_the_server_keeps_serving(server):
                        ("/api/v1/generate", {"prompt": "x " + bad, "max_new_tokens": 2})]:
         status, answer = post(server["base"] + path, body)
         assert status == 400, (path, status, answer)
-        assert "image 1 in the prompt: the data is not a picture" in answer["error"]["message"]
+        assert "picture 1 in the prompt: the data is not a picture" in answer["error"]["message"]
     status, _ = post(server["base"] + "/v1/completions", {"prompt": "still there?", "max_tokens": 2})
     assert status == 200
 

@@ -27,7 +27,7 @@ pytestmark = [
     pytest.mark.skipif(bool(WEBUI) and not is_current(WEBUI), reason="the browser tests follow the current webui's UI"),
 ]
 RED_CIRCLE = os.path.join(ROOT, "examples", "red-circle.png")
-EMBEDDED_ONE = "llava: 1 image(s) in the prompt, 1 embedded"
+EMBEDDED_ONE = "llava: 1 picture(s) in the prompt, 1 embedded"
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +106,14 @@ def test_the_attach_button(server, open_page, pictures):
 
 def test_clearing_the_field_cancels_the_picture(server, open_page, pictures):
     page = open_page(server).in_new_chat()
-    seen = server.log_text().count("image(s) in the prompt")
+    seen = server.log_text().count("picture(s) in the prompt")
     page.pick(pictures["green triangle"])
     page.wait_for(page.preview, "the picked picture under the field")
     page.clear_field()
     page.wait_for(lambda: page.preview() is None, "an empty preview")
     page.send("Hello")
     assert not shows_picture(page.last_user_message())
-    assert server.log_text().count("image(s) in the prompt") == seen  # no picture reached the model
+    assert server.log_text().count("picture(s) in the prompt") == seen  # no picture reached the model
 
 
 def test_embed_all_changes_what_is_embedded(server, open_page, pictures):
@@ -121,13 +121,13 @@ def test_embed_all_changes_what_is_embedded(server, open_page, pictures):
     page.pick(pictures["green triangle"])
     assert page.send("What shape is in the picture?") == "A green triangle."
     page.pick(pictures["blue square"])
-    seen_one = server.count("llava: 2 image(s) in the prompt, 1 embedded")
+    seen_one = server.count("llava: 2 picture(s) in the prompt, 1 embedded")
     assert page.send("What shape is in the picture?") == "A blue square."
-    assert server.count("llava: 2 image(s) in the prompt, 1 embedded") == seen_one + 1
+    assert server.count("llava: 2 picture(s) in the prompt, 1 embedded") == seen_one + 1
     page.set_embed_all(True)
-    seen_two = server.count("llava: 2 image(s) in the prompt, 2 embedded")
+    seen_two = server.count("llava: 2 picture(s) in the prompt, 2 embedded")
     page.send("What colour is the shape?")
-    assert server.count("llava: 2 image(s) in the prompt, 2 embedded") == seen_two + 1
+    assert server.count("llava: 2 picture(s) in the prompt, 2 embedded") == seen_two + 1
     page.set_embed_all(False)
 
 
@@ -136,19 +136,19 @@ def test_two_browser_sessions_stay_apart(multi_user_server, open_page, pictures)
     alice, bob = open_page(server), open_page(server)
     alice.pick(RED_CIRCLE)
     alice.set_embed_all(True)
-    seen = server.log_text().count("image(s) in the prompt")
+    seen = server.log_text().count("picture(s) in the prompt")
     bob.send("Hello")  # Alice's picture must not go with Bob's message
     assert not shows_picture(bob.last_user_message())
-    assert server.log_text().count("image(s) in the prompt") == seen
+    assert server.log_text().count("picture(s) in the prompt") == seen
     assert alice.send("What shape is in the picture?") == "A red circle."
     assert shows_picture(alice.last_user_message())
     # Alice's "embed all" is hers: Bob's chat with two pictures embeds only the last
     bob.pick(pictures["green triangle"])
     bob.send("What shape is in the picture?")
     bob.pick(pictures["blue square"])
-    seen_one = server.count("llava: 2 image(s) in the prompt, 1 embedded")
+    seen_one = server.count("llava: 2 picture(s) in the prompt, 1 embedded")
     assert bob.send("What shape is in the picture?") == "A blue square."
-    assert server.count("llava: 2 image(s) in the prompt, 1 embedded") == seen_one + 1
+    assert server.count("llava: 2 picture(s) in the prompt, 1 embedded") == seen_one + 1
 
 
 def test_a_saved_chat_shows_and_gives_its_picture_after_a_restart(tmp_path_factory, open_page):

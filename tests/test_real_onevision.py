@@ -127,7 +127,7 @@ def test_the_chat_page_with_the_field_and_the_attach_button(server, model, open_
     page.attach(square)
     page.send("And this one?", wait_for_reply=False)
     assert 2 * 730 < contexts(server)[-1] <= 2 * 730 + TEXT_ROOM
-    assert server.count("llava: 2 image(s) in the prompt, 2 embedded") >= 1
+    assert server.count("llava: 2 picture(s) in the prompt, 2 embedded") >= 1
 
 
 def test_ask_answers_with_the_converted_folder(model, tmp_path):

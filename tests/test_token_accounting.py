@@ -5,9 +5,9 @@ one, and a reply that ends at the context length."""
 import pytest
 import torch
 
-from extensions.llava.media import sources as images
+from extensions.llava.media import pictures
 from extensions.llava.errors import LlavaError
-from extensions.llava.media.sources import InlineImage
+from extensions.llava.media.items import DataUrlItem
 from extensions.llava.families import max_slot_count, slot_count
 from extensions.llava.prompt.parse import parse_prompt
 from testbed.photos import turned_jpeg
@@ -39,27 +39,27 @@ def test_truncation_through_an_image_drops_it_whole(v0):
     assert length == 1 + len("A  B  C  end") + 3 * 258
     # keep 300 tokens: the cut falls inside the second image, which goes whole
     cut = v0.prepare(engine, prompt, max_length=300)
-    assert cut.images_dropped == 2 and cut.images_embedded == 1
+    assert cut.items_dropped == 2 and cut.items_embedded == 1
     assert cut.input_ids.shape[1] == cut.inputs_embeds.shape[1] == len(" C ") + 258 + len(" end")
     assert torch.equal(cut.input_ids[0], full.input_ids[0, length - cut.input_ids.shape[1]:])
     assert int((cut.input_ids == PATCH_ID).sum()) == 256 and cut.input_ids[0, 0].item() != PATCH_ID
-    assert cut.notes == ["the prompt is longer than the context allows: 2 image(s) at its start were cut off "
+    assert cut.notes == ["the prompt is longer than the context allows: 2 picture(s) at its start were cut off "
                          "and dropped whole (1 kept)"]
     # the kept image's rows equal its rows in the untruncated splice: nothing shifted
     assert torch.allclose(cut.inputs_embeds[0], full.inputs_embeds[0, length - cut.input_ids.shape[1]:])
     # a cut right after the first image (BOS, "A", " ", 258 image tokens) keeps the two others
     between = v0.prepare(engine, prompt, max_length=length - 261)
-    assert between.images_dropped == 1 and between.input_ids.shape[1] == length - 261
+    assert between.items_dropped == 1 and between.input_ids.shape[1] == length - 261
     # a cut before the first image drops none
     early = v0.prepare(engine, prompt, max_length=length - 2)
-    assert early.images_dropped == 0 and early.images_embedded == 3 and early.input_ids.shape[1] == length - 2
+    assert early.items_dropped == 0 and early.items_embedded == 3 and early.input_ids.shape[1] == length - 2
 
 
 def test_hundred_images_in_one_prompt(v0):
     engine = v0.engine(add_all_images_to_prompt=True)
     tags = [img_tag(picture(8, 8, seed=i % 5)) for i in range(100)]
     prepared = v0.prepare(engine, " ".join(tags))
-    assert prepared.images_embedded == 100 and int((prepared.input_ids == PATCH_ID).sum()) == 25600
+    assert prepared.items_embedded == 100 and int((prepared.input_ids == PATCH_ID).sum()) == 25600
     assert prepared.input_ids.shape[1] == 1 + 99 + 100 * 258
     assert engine.counters.vision_forwards == 5  # five distinct pictures
 
@@ -67,7 +67,7 @@ def test_hundred_images_in_one_prompt(v0):
 def test_one_image_longer_than_the_context(v0):
     engine = v0.engine()
     prepared = v0.prepare(engine, "text " + img_tag(picture()) + " question?", max_length=100)
-    assert prepared.images_dropped == 1 and prepared.images_embedded == 0
+    assert prepared.items_dropped == 1 and prepared.items_embedded == 0
     assert int((prepared.input_ids >= 32000).sum()) == 0 and prepared.input_ids.shape[1] == len(" question?")
     with pytest.raises(LlavaError) as error:
         v0.prepare(engine, "text " + img_tag(picture()), max_length=100)
@@ -86,7 +86,7 @@ def test_token_count_reads_headers_only_and_agrees_with_prepare(next_converted, 
     engine = quiet_engine()
     url = turned_jpeg_url(600, 300)  # shown 300 wide, 600 tall
     prompt = f'USER: <img src="{url}"> and {img_tag(picture(*SIZES["very-wide"], seed=82))} ASSISTANT:'
-    decoded = record_calls(monkeypatch, images, "open_picture")
+    decoded = record_calls(monkeypatch, pictures, "open_picture")
     counted = next_converted.token_count(engine, prompt)
     assert decoded == []
     prepared = next_converted.prepare(engine, prompt)
@@ -98,8 +98,8 @@ def test_token_count_reads_headers_only_and_agrees_with_prepare(next_converted, 
 def test_placeholders_count_as_their_pictures(next_converted):
     """``<__media__>`` attachments count at their own sizes; unseen ones at the most a picture takes."""
     engine = quiet_engine()
-    media = [InlineImage.from_url(turned_jpeg_url(600, 300)),
-             InlineImage.from_url(data_url(picture(*SIZES["small"])))]
+    media = [DataUrlItem.from_url(turned_jpeg_url(600, 300)),
+             DataUrlItem.from_url(data_url(picture(*SIZES["small"])))]
     prompt = "USER: <__media__><__media__>\nHi ASSISTANT:"
     text_only = len(next_converted.encode("USER: \nHi ASSISTANT:")[0])
     both = text_only + slot_count(PIPELINE, 300, 600) + slot_count(PIPELINE, 200, 150)
@@ -116,7 +116,7 @@ def test_truncation_drops_whole_pictures_of_different_sizes(next_converted):
     small = slot_count(PIPELINE, *SIZES["small"])
     for max_length in (small + 10, full.input_ids.shape[1] - 100):  # cuts inside the first picture
         prepared = next_converted.prepare(engine, prompt, max_length=max_length)
-        assert prepared.images_dropped == 1 and prepared.input_ids.shape[1] == len(" B ") + small + len(" C")
+        assert prepared.items_dropped == 1 and prepared.input_ids.shape[1] == len(" B ") + small + len(" C")
         assert int((prepared.input_ids == IMAGE_ID).sum()) == small
         assert torch.equal(prepared.inputs_embeds[0, -prepared.input_ids.shape[1]:],
                            full.inputs_embeds[0, -prepared.input_ids.shape[1]:])

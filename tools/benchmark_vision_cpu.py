@@ -56,7 +56,7 @@ def vit_l14(quick: bool = False):
 
 def demo_accuracy(bits: int, per_combination: int = 10, combinations: int | None = None) -> float:
     from extensions.llava.cli_ask import Asker
-    from extensions.llava.media.sources import data_url
+    from extensions.llava.media.items import data_url
     from tools.train_demo import COLOURS, HELD_OUT_SEED, SHAPES, draw
 
     def tag(image):

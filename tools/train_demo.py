@@ -356,7 +356,7 @@ def held_out_accuracy(folder: str, seed: int, per_combination: int,
     """Per place of the pictures in the message, the share of fresh pictures the saved model names right (colour and
     shape), the prompt rendered by its chat template as the webui renders it; ``combinations`` limits the
     colour and shape pairs scored (all by default)."""
-    from extensions.llava.media.sources import data_url
+    from extensions.llava.media.items import data_url
     from extensions.llava.cli_ask import Asker
     asker = Asker(folder)
     rng = random.Random(seed)

@@ -17,7 +17,7 @@ import os
 import sys
 
 from .errors import LlavaError, first_line
-from .media.sources import ImageError, InlineImage
+from .media.items import ItemError, DataUrlItem
 from .settings import SettingsError, available_devices, resolve_device
 from .vision.weights import quiet_transformers
 
@@ -49,8 +49,8 @@ def picture_tag(path: str, position: int) -> str:
     # The declared subtype does not matter: the picture is recognised by its content.
     url = f"data:image/png;base64,{data}"
     try:
-        InlineImage.from_url(url, position).load()
-    except ImageError as error:
+        DataUrlItem.from_url(url, position).load()
+    except ItemError as error:
         raise LlavaError(f"'{path}' cannot be used: {error.reason}") from None
     return f'<img src="{url}">'
 

@@ -15,9 +15,9 @@ from typing import Callable, Sequence
 import torch
 
 from .stores import FeatureCache
-from .tokens.counting import Encode, prompt_length, slot_counts, stand_in_ids, unknown_pictures
+from .tokens.counting import Encode, prompt_length, slot_counts, stand_in_ids, unknown_items
 from .errors import LlavaError
-from .media.sources import ImageSource
+from .media.items import MediaItem
 from .loaded import LoadedModel, LoadedModels
 from .reuse.positions import PositionKey, position_key
 from .prompt.parse import escape_special_tokens, parse_prompt
@@ -36,8 +36,8 @@ class Prepared:
     input_ids: torch.Tensor  # [1, length]
     inputs_embeds: torch.Tensor | None  # [1, length, hidden]
     notes: list[str] = field(default_factory=list)  # things the user should be told
-    images_dropped: int = 0
-    images_embedded: int = 0
+    items_dropped: int = 0
+    items_embedded: int = 0
     positions: PositionKey | None = None  # what stands at each position (for reusing an earlier prefix)
 
 
@@ -61,31 +61,31 @@ class LlavaEngine:
         ``encode(text, **options)`` is the host's (without it, the tokenizer's ids as they come)."""
         return self.models.bind(model, tokenizer, folder, encode or _plain_encode(tokenizer), self.settings.pipeline)
 
-    def token_count(self, prompt: str, loaded: LoadedModel, media: Sequence[ImageSource] | None = None,
+    def token_count(self, prompt: str, loaded: LoadedModel, media: Sequence[MediaItem] | None = None,
                     references: dict | None = None) -> int | None:
         """Tokens ``prompt`` takes, each image counted at its full length; None without images.
         ``media`` are the pictures of the ``<__media__>`` placeholders; without them every placeholder
         stands for a picture of unknown size."""
-        parsed = parse_prompt(prompt, unknown_pictures(prompt) if media is None else media, references)
-        if not parsed.images:
+        parsed = parse_prompt(prompt, unknown_items(prompt) if media is None else media, references)
+        if not parsed.items:
             return None
         return prompt_length(parsed, loaded.choice.pipeline, loaded.encode)
 
     # ------------------------------------------------------------ the tokenizer hook
 
     def prepare(self, prompt: str, loaded: LoadedModel, *, max_length: int | None = None,
-                media: Sequence[ImageSource] | None = None, embed_all: bool | None = None,
+                media: Sequence[MediaItem] | None = None, embed_all: bool | None = None,
                 references: dict | None = None, encode_options: dict | None = None) -> Prepared | None:
         """ids and embeddings for ``prompt``; None when the host's ids stand as they are."""
         encode = loaded.encoder(**(encode_options or {}))
         parsed = parse_prompt(prompt, media, references)
-        if not parsed.images:
+        if not parsed.items:
             return self._without_images(prompt, loaded, encode, max_length)
         choice = loaded.choice
         # the layout of each picture was chosen for the prompt as it came, however many truncation drops
-        layouts = loaded.family.arrange(choice.pipeline, len(parsed.images))
+        layouts = loaded.family.arrange(choice.pipeline, len(parsed.items))
         ids, spans, dropped, notes = self._widened_ids(parsed, loaded, encode, max_length)
-        kept, layouts = parsed.images[dropped:], layouts[dropped:]
+        kept, layouts = parsed.items[dropped:], layouts[dropped:]
         embed_all = self.settings.embed_all if embed_all is None else embed_all
         chosen = list(range(len(kept))) if embed_all else list(range(len(kept)))[-1:]
         embeddings = loaded.embeddings()
@@ -93,16 +93,16 @@ class LlavaEngine:
                                               embeddings.weight.shape[-1], notes)
         for i, feature, slots in zip(chosen, features, spans.counts[chosen].tolist()):
             if feature.shape[0] != slots:  # the header and the pixels disagree: refused, never spliced
-                raise kept[i].source.error(f"its pixels give {feature.shape[0]} features for the {slots} places its "
+                raise kept[i].item.error(f"its pixels give {feature.shape[0]} features for the {slots} places its "
                                            "header gives it; save the picture again with another program")
         with torch.no_grad():
             embeds = embeddings(ids.to(embeddings.weight.device))
             if chosen:
                 embeds = splice(embeds, spans.slots_of(chosen), torch.cat(features))
-        self.log(f"llava: {len(parsed.images)} image(s) in the prompt, {len(chosen)} embedded")
+        self.log(f"llava: {len(parsed.items)} picture(s) in the prompt, {len(chosen)} embedded")
         for note in notes:
             self.log(f"llava: {note}")
-        identities = [(image.source.digest(), layout) if i in chosen else None
+        identities = [(image.item.digest(), layout) if i in chosen else None
                       for i, (image, layout) in enumerate(zip(kept, layouts))]
         positions = position_key(ids, spans, identities)
         return Prepared(prompt, ids.to(embeds.device), embeds, notes, dropped, len(chosen), positions)
@@ -114,7 +114,7 @@ class LlavaEngine:
         # Each picture is tokenized as one slot and widened to its full length in the ids: the
         # tokenizer reads a few characters per picture, never hundreds of image tokens as text.
         ids = stand_in_ids(parsed, pipeline, encode)
-        counts = slot_counts(parsed.images, pipeline)
+        counts = slot_counts(parsed.items, pipeline)
         ids = widen_image_slots(ids, layout, counts)
         spans = find_images(ids[0], layout, counts)
         cut, dropped = truncation_cut(ids.shape[1], max_length, spans)
@@ -123,10 +123,10 @@ class LlavaEngine:
             ids = ids[:, cut:]
             spans = shift_spans(spans, cut, dropped)
             if dropped:
-                notes.append(f"the prompt is longer than the context allows: {dropped} image(s) at its start "
-                             f"were cut off and dropped whole ({len(parsed.images) - dropped} kept)")
+                notes.append(f"the prompt is longer than the context allows: {dropped} picture(s) at its start "
+                             f"were cut off and dropped whole ({len(parsed.items) - dropped} kept)")
         if ids.shape[1] == 0:
-            raise LlavaError(f"the context is too short for this prompt's last image: it takes "
+            raise LlavaError(f"the context is too short for this prompt's last picture: it takes "
                              f"{int(counts[-1]) + layout.extra_tokens} tokens and the prompt may only use {max_length}; "
                              "raise truncation_length or lower max_new_tokens")
         return ids, spans, dropped, notes
@@ -162,6 +162,6 @@ def _plain_encode(tokenizer) -> Encode:
     return encode
 
 
-def pictures_in(prompt: str, media: Sequence[ImageSource] | None = None, references: dict | None = None) -> bool:
+def items_in(prompt: str, media: Sequence[MediaItem] | None = None, references: dict | None = None) -> bool:
     """Whether ``prompt`` holds pictures (``<img>`` tags, or placeholders with ``media`` behind them)."""
-    return "<" in prompt and bool(parse_prompt(prompt, media, references).images)
+    return "<" in prompt and bool(parse_prompt(prompt, media, references).items)

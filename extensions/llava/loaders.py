@@ -33,7 +33,7 @@ def ignored_pictures_warning(text: str, loader: str | None, model, attached: int
     """
     if loader_sees_images(loader, model):
         return None
-    count = len(parse_prompt(text).images) if "<" in text else 0
+    count = len(parse_prompt(text).items) if "<" in text else 0
     if _loader_key(loader) not in NATIVE_IMAGE_LOADERS:
         count += attached
     if not count:

@@ -25,8 +25,8 @@ import itertools
 import json
 from typing import Callable
 
-from ..media.sources import ImageError, ImageSource
-from ..prompt.messages import RequestProblem, body_prompts, picture_groups, reference_messages, reference_prompts
+from ..media.items import ItemError, MediaItem
+from ..prompt.messages import RequestProblem, body_prompts, item_groups, reference_messages, reference_prompts
 from ..sessions import Sessions
 from ..settings import DEFAULTS, SETTING_PREFIX
 from .answer import AnswerCorrection
@@ -41,13 +41,13 @@ CHECKED_PATHS = ("/v1/completions", "/v1/chat/completions", MESSAGES_PATH, GENER
 MAX_REQUEST_PIXELS = 100_000_000
 
 
-def check_item_count(sources: list[ImageSource], max_items: int) -> None:
+def check_item_count(sources: list[MediaItem], max_items: int) -> None:
     if len(sources) > max_items:
         raise RequestProblem(f"the request holds {len(sources):,} pictures; one request may hold {max_items:,} "
                              f"(the setting {SETTING_PREFIX}max_items)")
 
 
-def check_pictures(sources: list[ImageSource], embed_all: bool, group_sizes: list[int] | None = None) -> None:
+def check_pictures(sources: list[MediaItem], embed_all: bool, group_sizes: list[int] | None = None) -> None:
     """Refuse what cannot be used, from the pictures' headers alone. As in generation, only the
     pictures' headers to embed are read (all with "embed all" on, else the last); of the others only
     the first bytes: a web address (the webui would fetch it), a broken tag or a format not named is
@@ -95,12 +95,12 @@ class PictureRequestMiddleware:
         path = scope["path"]
         try:
             salt = cache_salt(body)
-            groups = picture_groups(path, body)
+            groups = item_groups(path, body)
             sources = [source for group in groups for source in group]
             check_item_count(sources, self.max_items())
             if sources:
                 await asyncio.to_thread(check_pictures, sources, self.embed_all(), [len(group) for group in groups])
-        except (RequestProblem, ImageError) as error:
+        except (RequestProblem, ItemError) as error:
             return await send_json(send, 400, refusal_body(path, str(error)))
         with self.sessions.request() as session:
             session.cache_salt = salt

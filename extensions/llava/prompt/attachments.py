@@ -12,9 +12,9 @@ import base64
 import os
 from dataclasses import dataclass, field
 
-from ..media.decode import sniff_header
-from ..media.sources import ImageSource, InlineImage, PilImage
-from .messages import message_pictures
+from ..media.pictures import sniff_header
+from ..media.items import MediaItem, DataUrlItem, DecodedPicture
+from .messages import message_items
 
 
 def read_upload(path: str, name: str | None = None) -> "Upload":
@@ -25,7 +25,7 @@ def read_upload(path: str, name: str | None = None) -> "Upload":
 
 
 @dataclass(frozen=True, eq=False)
-class Upload(ImageSource):
+class Upload(MediaItem):
     """A picture picked in the extension's field: the uploaded file, read when its message is sent."""
 
     path: str
@@ -64,7 +64,7 @@ def attach_to_new_message(history: dict, upload: Upload) -> dict:
     return attachment
 
 
-def media_from_state(state: dict) -> list:
+def items_from_state(state: dict) -> list:
     """Pictures of the ``<__media__>`` placeholders: chat attachments, or an API request's images.
 
     An API request's pictures are taken from its messages' data URLs when the state has them (the
@@ -78,11 +78,11 @@ def media_from_state(state: dict) -> list:
             data = attachment.get("image_data") if isinstance(attachment, dict) else None
             if isinstance(data, str):
                 url = data if data[:5].lower() == "data:" else f"data:image/png;base64,{data}"
-                sources.append(InlineImage.from_url(url, origin="attached to the chat"))
+                sources.append(DataUrlItem.from_url(url, origin="attached to the chat"))
         return sources
     history = state.get("history")
     messages = history.get("messages") if isinstance(history, dict) else None
     messages = messages or state.get("messages")
     if messages:
-        return message_pictures(messages)
-    return [PilImage(image) for image in state.get("raw_images") or []]
+        return message_items(messages)
+    return [DecodedPicture(image) for image in state.get("raw_images") or []]

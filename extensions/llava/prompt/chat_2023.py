@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import html
 
-from ..media.decode import open_picture
-from ..media.sources import data_url
-from .parse import UI_IMAGE_MARKER, place_image
+from ..media.pictures import open_picture
+from ..media.items import data_url
+from .parse import UI_IMAGE_MARKER, place_tag
 from .attachments import Upload, upload_data_url
 
 THUMBNAIL_SIDE = 300
@@ -23,7 +23,7 @@ def thumbnail_tag(image) -> str:
 def inline_in_message(text: str, visible_text: str, upload: Upload, escaped_visible: bool) -> tuple[str, str]:
     """``text`` with the picture, ``visible_text`` with its thumbnail."""
     data = upload.data()
-    text = place_image(text, f'<img src="{upload_data_url(upload, data)}">')
+    text = place_tag(text, f'<img src="{upload_data_url(upload, data)}">')
     marker = html.escape(UI_IMAGE_MARKER) if escaped_visible else UI_IMAGE_MARKER
     thumbnail = thumbnail_tag(open_picture(data, upload).image)
     visible_text = visible_text or ""

@@ -1,14 +1,15 @@
-"""Finding pictures in OpenAI-style messages and in the bodies of the webui's completion and chat
-requests: the request-side counterpart of ``prompt``, which finds them in a prompt's text.
+"""Finding media items in OpenAI-style messages and in the bodies of the webui's completion and chat
+requests: the request-side counterpart of ``parse``, which finds them in a prompt's text.
 
-Nothing is decoded here: a picture is a source (a span of the body's own text) until it is used.
+Nothing is decoded here: an item is a span of the body's own text until it is used.
 """
 
 from __future__ import annotations
 
 from ..errors import LlavaError
-from ..media.sources import ImageSource, InlineImage, RefusedImage
-from .parse import MEDIA_PLACEHOLDER, parse_prompt, reference_pictures
+from ..media.items import DataUrlItem, MediaItem, RefusedItem
+from ..media.kinds import kind_of_part
+from .parse import MEDIA_PLACEHOLDER, parse_prompt, reference_items
 
 
 class RequestProblem(LlavaError):
@@ -44,67 +45,68 @@ def _texts(content) -> list[str]:
             if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)]
 
 
-def text_pictures(content) -> list[ImageSource]:
-    """The ``<img>`` pictures written in a message's text: the webui renders that text into the prompt."""
-    return [image.source for text in _texts(content) if "<" in text for image in parse_prompt(text).images]
+def text_items(content) -> list[MediaItem]:
+    """The items written as tags in a message's text: the webui renders that text into the prompt."""
+    return [placed.item for text in _texts(content) if "<" in text for placed in parse_prompt(text).items]
 
 
-def _numbered(sources: list[ImageSource]) -> list[ImageSource]:
-    return [source.at_position(n) for n, source in enumerate(sources, 1)]
+def _numbered(items: list[MediaItem]) -> list[MediaItem]:
+    return [item.at_position(n) for n, item in enumerate(items, 1)]
 
 
-def message_pictures(messages, where: str = "messages", with_text: bool = False) -> list[ImageSource]:
-    """The pictures of OpenAI-style ``messages``, in the order of the prompt the webui renders from them
-    (a message's image parts first, then with ``with_text`` the pictures written in its text);
-    malformed parts are refused."""
-    sources = []
+def message_items(messages, where: str = "messages", with_text: bool = False) -> list[MediaItem]:
+    """The items of OpenAI-style ``messages``, in the order of the prompt the webui renders from them
+    (a message's parts of each kind, ``image_url`` for a picture, first; then with ``with_text`` the items
+    written in its text); malformed parts are refused."""
+    items = []
     for i, message in _numbered_messages(messages, where):
         content = message.get("content")
         for part in content if isinstance(content, list) else ():
-            if not isinstance(part, dict) or part.get("type") != "image_url":
+            kind = kind_of_part(part.get("type")) if isinstance(part, dict) else None
+            if kind is None:
                 continue
-            image_url = part.get("image_url")
-            url = image_url.get("url") if isinstance(image_url, dict) else None
+            holder = part.get(kind.part)
+            url = holder.get("url") if isinstance(holder, dict) else None
             if not isinstance(url, str) or not url.strip():
-                raise RequestProblem(f"message {i} has an image_url part without a text 'url' "
-                                     "(expected {\"image_url\": {\"url\": \"data:image/...;base64,...\"}})")
-            sources.append(source_of_url(url))
+                raise RequestProblem(f"message {i} has an {kind.part} part without a text 'url' (expected "
+                                     f'{{"{kind.part}": {{"url": "data:{kind.media_type}...;base64,..."}}}})')
+            items.append(item_of_url(url))
         if with_text:
-            sources += text_pictures(content)
-    return _numbered(sources)
+            items += text_items(content)
+    return _numbered(items)
 
 
-def anthropic_pictures(messages, system=None) -> list[ImageSource]:
-    """The pictures of Anthropic-style ``messages`` (``/v1/messages``), in the order the webui turns
-    them into ``image_url`` parts: the image blocks of user messages; and the pictures written in the
-    system text and in each message's text. A picture given by address is refused (the webui would drop
-    it without a word); a malformed block too."""
-    sources = text_pictures(system)
+def anthropic_items(messages, system=None) -> list[MediaItem]:
+    """The items of Anthropic-style ``messages`` (``/v1/messages``), in the order the webui turns them
+    into ``image_url`` parts: the image blocks of user messages; and the items written in the system text
+    and in each message's text. A picture given by address is refused (the webui would drop it without a
+    word); a malformed block too."""
+    sources = text_items(system)
     for i, message in _numbered_messages(messages, "messages"):
         content = message.get("content")
         if message.get("role") == "user" and isinstance(content, list):
             sources += [_anthropic_source(i, block.get("source")) for block in content
                         if isinstance(block, dict) and block.get("type") == "image"]
-        sources += text_pictures(content)
+        sources += text_items(content)
     return _numbered(sources)
 
 
-def _anthropic_source(message: int, source) -> ImageSource:
+def _anthropic_source(message: int, source) -> MediaItem:
     kind = source.get("type") if isinstance(source, dict) else None
     if kind == "url" and isinstance(source.get("url"), str):
-        return RefusedImage.web_address(source["url"][:200], origin="in the request")
+        return RefusedItem.web_address(source["url"][:200], origin="in the request")
     data, media_type = (source.get("data"), source.get("media_type", "image/png")) if kind == "base64" else (None, None)
     if not isinstance(data, str) or not data.strip() or not isinstance(media_type, str):
         raise RequestProblem(f"message {message} has an image block without base64 data (expected "
                              "{\"source\": {\"type\": \"base64\", \"media_type\": \"image/png\", \"data\": \"...\"}})")
-    return InlineImage.from_url(f"data:{media_type};base64,{data}", origin="in the request")
+    return DataUrlItem.from_url(f"data:{media_type};base64,{data}", origin="in the request")
 
 
-def source_of_url(url: str) -> ImageSource:
+def item_of_url(url: str) -> MediaItem:
     """A data URL is opened; any other address is refused, never fetched."""
     if url[:5].lower() == "data:":
-        return InlineImage.from_url(url, origin="in the request")
-    return RefusedImage.web_address(url[:200], origin="in the request")
+        return DataUrlItem.from_url(url, origin="in the request")
+    return RefusedItem.web_address(url[:200], origin="in the request")
 
 
 def body_prompts(body: dict) -> list[str]:
@@ -113,33 +115,33 @@ def body_prompts(body: dict) -> list[str]:
     return [p for p in (prompt if isinstance(prompt, list) else [prompt]) if isinstance(p, str)]
 
 
-def pictures_in_body(path: str, body: dict) -> list[ImageSource]:
-    """Every picture a completion or chat request carries, in order."""
-    return [source for group in picture_groups(path, body) for source in group]
+def items_in_body(path: str, body: dict) -> list[MediaItem]:
+    """Every item a completion or chat request carries, in order."""
+    return [item for group in item_groups(path, body) for item in group]
 
 
-def picture_groups(path: str, body: dict) -> list[list[ImageSource]]:
-    """The pictures of each prompt the request makes, in order: a chat request makes one, a completion
-    one per text of its ``prompt`` (a text or a list of them)."""
+def item_groups(path: str, body: dict) -> list[list[MediaItem]]:
+    """The items of each prompt the request makes, in order: a chat request makes one, a completion one
+    per text of its ``prompt`` (a text or a list of them)."""
     if path.endswith("/messages"):
-        return [anthropic_pictures(body.get("messages"), body.get("system"))]
+        return [anthropic_items(body.get("messages"), body.get("system"))]
     if path.endswith("/chat/completions"):
-        return [message_pictures(body.get("messages"), with_text=True)]
-    sources = message_pictures(body.get("messages"))
+        return [message_items(body.get("messages"), with_text=True)]
+    items = message_items(body.get("messages"))
     prompts = body_prompts(body)
     placeholders = sum(prompt.count(MEDIA_PLACEHOLDER) for prompt in prompts)
-    if sources and placeholders != len(sources):
-        raise RequestProblem(f"the request's 'messages' carry {len(sources)} picture(s) and its prompt has "
+    if items and placeholders != len(items):
+        raise RequestProblem(f"the request's 'messages' carry {len(items)} item(s) and its prompt has "
                              f"{placeholders} '{MEDIA_PLACEHOLDER}' placeholder(s): put one placeholder where "
-                             "each picture goes")
-    groups = [sources] + [[] for _ in prompts[1:]]
+                             "each item goes")
+    groups = [items] + [[] for _ in prompts[1:]]
     for group, prompt in zip(groups, prompts):
         if "<" in prompt:
-            group += [image.source for image in parse_prompt(prompt).images]
+            group += [placed.item for placed in parse_prompt(prompt).items]
     return [group for group in groups if group]
 
 
-def reference_messages(body: dict, references: dict[str, ImageSource]) -> dict:
+def reference_messages(body: dict, references: dict[str, MediaItem]) -> dict:
     """A chat body with each ``data:`` URL written in its messages' text (and an Anthropic ``system``)
     replaced by a short reference kept in ``references``: the webui renders that text into its prompt."""
     rewritten = dict(body)
@@ -151,21 +153,21 @@ def reference_messages(body: dict, references: dict[str, ImageSource]) -> dict:
     return rewritten
 
 
-def _referenced(content, references: dict[str, ImageSource]):
+def _referenced(content, references: dict[str, MediaItem]):
     if isinstance(content, str):
-        return reference_pictures(content, references)
+        return reference_items(content, references)
     if isinstance(content, list):
-        return [{**part, "text": reference_pictures(part["text"], references)}
+        return [{**part, "text": reference_items(part["text"], references)}
                 if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
                 else part for part in content]
     return content
 
 
-def reference_prompts(body: dict, references: dict[str, ImageSource]) -> dict:
+def reference_prompts(body: dict, references: dict[str, MediaItem]) -> dict:
     """The body with each ``data:`` URL of its prompts replaced by a short reference kept in ``references``."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return {**body, "prompt": reference_pictures(prompt, references)}
+        return {**body, "prompt": reference_items(prompt, references)}
     if isinstance(prompt, list):
-        return {**body, "prompt": [reference_pictures(p, references) if isinstance(p, str) else p for p in prompt]}
+        return {**body, "prompt": [reference_items(p, references) if isinstance(p, str) else p for p in prompt]}
     return body

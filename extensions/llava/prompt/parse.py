@@ -1,9 +1,9 @@
-"""Finding images in a prompt, and turning a prompt into the text the tokenizer sees.
+"""Finding media items in a prompt, and turning a prompt into the text the tokenizer sees.
 
-Images appear as ``<img src="data:image/...;base64,...">`` tags (chat uploads, the
-Default/Notebook tabs, the completion APIs) or as the webui's own ``<__media__>``
-placeholders, whose pictures travel beside the prompt. Parsing never decodes base64
-and never copies an image's data: an image is a span of the prompt until it is used.
+Items appear as tags of their kind (``<img src="data:image/...;base64,...">`` for a picture: chat
+uploads, the Default/Notebook tabs, the completion APIs) or as the webui's own ``<__media__>``
+placeholders, whose items travel beside the prompt. Parsing never decodes base64 and never copies an
+item's data: an item is a span of the prompt until it is used.
 All scanning goes through ``str.find`` and bounded patterns, so the cost stays linear
 in the prompt's length whatever the user types.
 """
@@ -15,61 +15,64 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from ..media.sources import ImageSource, InlineImage, RefusedImage
+from ..media.items import DataUrlItem, MediaItem, RefusedItem
+from ..media.kinds import kinds
 
 MEDIA_PLACEHOLDER = "<__media__>"
-# ``<img src="llava-ref:N">``: a picture of the current HTTP request body, kept beside the prompt
-# so that the webui never tokenizes its data (see api.py).
+# ``<img src="llava-ref:N">``: an item of the current HTTP request body, kept beside the prompt
+# so that the webui never tokenizes its data (see api/check.py).
 REFERENCE_SCHEME = "llava-ref:"
 UI_IMAGE_MARKER = "<image>"
 
-# After "<img": the attributes up to src=, bounded so that a run of broken tags stays linear.
+# After a tag's name: the attributes up to src=, bounded so that a run of broken tags stays linear.
 _SRC_ATTRIBUTE = re.compile(r"""[^<>]{0,2048}?(?<![\w-])src\s*=\s*(["']?)""", re.IGNORECASE)
 _TAG_CLOSE = re.compile(r"[^<>]{0,2048}>")
 _BARE_VALUE = re.compile(r"[^\s>]*")
 
 
 @dataclass(frozen=True)
-class ImageRef:
-    """One image of a prompt: where it stands and what it shows."""
+class PlacedItem:
+    """One item of a prompt: where it stands and what it is."""
 
     position: int  # 1-based, in prompt order
     start: int
     end: int
-    source: ImageSource
+    item: MediaItem
 
 
 @dataclass
 class ParsedPrompt:
     text: str
-    images: list[ImageRef] = field(default_factory=list)
+    items: list[PlacedItem] = field(default_factory=list)
 
     def pieces(self):
-        """Alternating text and images, in prompt order."""
+        """Alternating text and items, in prompt order."""
         cursor = 0
-        for image in self.images:
-            yield self.text[cursor:image.start]
-            yield image
-            cursor = image.end
+        for placed in self.items:
+            yield self.text[cursor:placed.start]
+            yield placed
+            cursor = placed.end
         yield self.text[cursor:]
 
     def text_only(self) -> str:
-        """The prompt with every image removed."""
+        """The prompt with every item removed."""
         return "".join(p for p in self.pieces() if isinstance(p, str))
 
 
-def _find_img_tags(prompt: str):
-    """Yield (start, end, src_start, src_end) for each ``<img ... src=...>`` tag; ``src_end`` is None
-    when the value's quote is never closed."""
+def _find_tags(prompt: str):
+    """Yield (start, end, src_start, src_end) for each tag of a kind of item (``<img ... src=...>``);
+    ``src_end`` is None when the value's quote is never closed."""
     cursor = 0
+    tags = [kind.tag for kind in kinds()]
     while True:
         lt = prompt.find("<", cursor)
         if lt < 0:
             return
         cursor = lt + 1
-        if prompt[lt + 1:lt + 4].lower() != "img" or prompt[lt + 4:lt + 5] not in (" ", "\t", "\n", "\r", "/"):
+        name_end = next((lt + 1 + len(tag) for tag in tags if prompt[lt + 1:lt + 1 + len(tag)].lower() == tag), None)
+        if name_end is None or prompt[name_end:name_end + 1] not in (" ", "\t", "\n", "\r", "/"):
             continue
-        attr = _SRC_ATTRIBUTE.match(prompt, lt + 4)
+        attr = _SRC_ATTRIBUTE.match(prompt, name_end)
         if attr is None:
             continue
         quote = attr.group(1)
@@ -90,29 +93,29 @@ def _find_img_tags(prompt: str):
 
 
 def _source_for(prompt: str, src_start: int, src_end: int | None, position: int,
-                references: dict[str, ImageSource] | None = None) -> ImageSource:
+                references: dict[str, MediaItem] | None = None) -> MediaItem:
     if src_end is None:
-        return RefusedImage("the quote after src= is never closed; end the picture's data with a quote",
+        return RefusedItem("the quote after src= is never closed; end the picture's data with a quote",
                             position=position)
     if prompt[src_start:src_start + 5].lower() == "data:":
-        return InlineImage(prompt, src_start, src_end, position=position)
+        return DataUrlItem(prompt, src_start, src_end, position=position)
     if references and prompt.startswith(REFERENCE_SCHEME, src_start):
         source = references.get(prompt[src_start + len(REFERENCE_SCHEME):src_end])
         if source is not None:
             return source
-    return RefusedImage.web_address(prompt[src_start:min(src_end, src_start + 200)], position)
+    return RefusedItem.web_address(prompt[src_start:min(src_end, src_start + 200)], position)
 
 
-def parse_prompt(prompt: str, media: Sequence[ImageSource] | None = None,
-                 references: dict[str, ImageSource] | None = None) -> ParsedPrompt:
-    """Find the images of ``prompt``.
+def parse_prompt(prompt: str, media: Sequence[MediaItem] | None = None,
+                 references: dict[str, MediaItem] | None = None) -> ParsedPrompt:
+    """Find the items of ``prompt``.
 
-    ``media`` are the pictures of the webui's ``<__media__>`` placeholders, oldest first;
-    ``references`` the pictures that ``llava-ref:`` sources stand for.
-    History trimming can drop early messages, so placeholders take the *last* pictures;
-    placeholders with no picture left over stay text.
+    ``media`` are the items of the webui's ``<__media__>`` placeholders, oldest first;
+    ``references`` the items that ``llava-ref:`` sources stand for.
+    History trimming can drop early messages, so placeholders take the *last* items;
+    placeholders with no item left over stay text.
     """
-    spans = [(start, end, _source_for(prompt, a, b, 0, references)) for start, end, a, b in _find_img_tags(prompt)]
+    spans = [(start, end, _source_for(prompt, a, b, 0, references)) for start, end, a, b in _find_tags(prompt)]
     if media:
         placeholders = []
         cursor = prompt.find(MEDIA_PLACEHOLDER)
@@ -125,21 +128,22 @@ def parse_prompt(prompt: str, media: Sequence[ImageSource] | None = None,
                   for start, source in zip(placeholders[len(placeholders) - matched:], media[len(media) - matched:])
                   if not inside_tags(start)]
         spans.sort(key=lambda s: s[0])
-    images = [ImageRef(i, start, end, source.at_position(i)) for i, (start, end, source) in enumerate(spans, 1)]
-    return ParsedPrompt(prompt, images)
+    items = [PlacedItem(i, start, end, item.at_position(i)) for i, (start, end, item) in enumerate(spans, 1)]
+    return ParsedPrompt(prompt, items)
 
 
-def reference_pictures(prompt: str, references: dict[str, ImageSource]) -> str:
-    """``prompt`` with each ``data:`` URL replaced by a short ``llava-ref:`` source; the pictures go
-    into ``references``, which the caller keeps beside the prompt. The picture's data is not copied."""
+def reference_items(prompt: str, references: dict[str, MediaItem]) -> str:
+    """``prompt`` with each ``data:`` URL replaced by a short ``llava-ref:`` source (in a tag of its
+    item's kind); the items go into ``references``, which the caller keeps beside the prompt. The item's
+    data is not copied."""
     if "<" not in prompt:
         return prompt
     pieces = []
     for piece in parse_prompt(prompt).pieces():
-        if isinstance(piece, ImageRef) and isinstance(piece.source, InlineImage):
+        if isinstance(piece, PlacedItem) and isinstance(piece.item, DataUrlItem):
             name = str(len(references) + 1)
-            references[name] = piece.source
-            pieces.append(f'<img src="{REFERENCE_SCHEME}{name}">')
+            references[name] = piece.item
+            pieces.append(f'<{piece.item.kind.tag} src="{REFERENCE_SCHEME}{name}">')
         else:
             pieces.append(piece if isinstance(piece, str) else prompt[piece.start:piece.end])
     return "".join(pieces)
@@ -180,14 +184,14 @@ def _escape_pattern(tokens: tuple[str, ...]) -> re.Pattern:
     return pattern
 
 
-def expand_prompt(parsed: ParsedPrompt, image_text: str, special_tokens: Sequence[str]) -> str:
-    """The prompt with each image replaced by its token text and user text escaped."""
-    return "".join(image_text if isinstance(p, ImageRef) else escape_special_tokens(p, special_tokens)
+def expand_prompt(parsed: ParsedPrompt, item_text: str, special_tokens: Sequence[str]) -> str:
+    """The prompt with each item replaced by its token text and user text escaped."""
+    return "".join(item_text if isinstance(p, PlacedItem) else escape_special_tokens(p, special_tokens)
                    for p in parsed.pieces())
 
 
-def place_image(text: str, tag: str) -> str:
-    """Put an uploaded image where the user wrote ``<image>``, else at the end of the message."""
+def place_tag(text: str, tag: str) -> str:
+    """Put an uploaded item's tag where the user wrote ``<image>``, else at the end of the message."""
     if UI_IMAGE_MARKER in text:
         return text.replace(UI_IMAGE_MARKER, tag, 1)
     return f"{text}\n{tag}" if text else tag

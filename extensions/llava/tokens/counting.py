@@ -7,50 +7,41 @@ slots of a picture whose family counts by size come from its header.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from ..media.sources import ImageError, ImageSource
+from ..media.items import ItemError, MediaItem, UnknownItem
 from ..families import family_of
 from ..families.pipelines import Pipeline
-from ..prompt.parse import MEDIA_PLACEHOLDER, ImageRef, ParsedPrompt, expand_prompt
+from ..prompt.parse import MEDIA_PLACEHOLDER, PlacedItem, ParsedPrompt, expand_prompt
 
 Encode = Callable[[str], torch.Tensor]
 
 
-@dataclass(frozen=True, eq=False)
-class UnknownPicture(ImageSource):
-    """A picture that is only counted, never opened: a ``<__media__>`` placeholder whose picture is not known."""
-
-    def digest(self) -> str:
-        return ""
+def unknown_items(prompt: str) -> list[MediaItem]:
+    return [UnknownItem()] * prompt.count(MEDIA_PLACEHOLDER)
 
 
-def unknown_pictures(prompt: str) -> list[ImageSource]:
-    return [UnknownPicture()] * prompt.count(MEDIA_PLACEHOLDER)
-
-
-def slot_counts(images: Sequence[ImageRef], pipeline: Pipeline) -> torch.Tensor:
-    """Each picture's slot count, in the layout its family gives the prompt's pictures. A family that
-    counts by size reads each picture's header: its size after its orientation, read without decoding a
-    pixel. An unknown picture counts at the most any picture takes; one whose header cannot be read at its
-    base view alone (it is refused if it is ever embedded)."""
+def slot_counts(items: Sequence[PlacedItem], pipeline: Pipeline) -> torch.Tensor:
+    """Each item's slot count, in the layout its family gives the prompt's items. A family that counts by
+    size reads each item's header (a picture's size after its orientation, read without decoding a pixel).
+    An unknown item counts at the most any item takes; one whose header cannot be read at the family's
+    fixed count (it is refused if it is ever embedded)."""
     family = family_of(pipeline)
-    layouts = family.arrange(pipeline, len(images))
-    return torch.tensor([_slots(family, pipeline, image, layout) for image, layout in zip(images, layouts)],
+    layouts = family.arrange(pipeline, len(items))
+    return torch.tensor([_slots(family, pipeline, placed, layout) for placed, layout in zip(items, layouts)],
                         dtype=torch.long)
 
 
-def _slots(family, pipeline: Pipeline, image: ImageRef, layout: str) -> int:
+def _slots(family, pipeline: Pipeline, placed: PlacedItem, layout: str) -> int:
     if not family.counts_by_size:
         return family.slot_count(pipeline, None, layout)
-    if isinstance(image.source, UnknownPicture):
+    if isinstance(placed.item, UnknownItem):
         return family.most_slots(pipeline, layout)
     try:
-        return family.slot_count(pipeline, image.source.header(), layout)
-    except ImageError:
+        return family.slot_count(pipeline, placed.item.header(), layout)
+    except ItemError:
         return pipeline.feature_count
 
 
@@ -63,4 +54,4 @@ def stand_in_ids(parsed: ParsedPrompt, pipeline: Pipeline, encode: Encode) -> to
 def prompt_length(parsed: ParsedPrompt, pipeline: Pipeline, encode: Encode) -> int:
     """The positions the prompt takes, each picture at its full count."""
     ids = stand_in_ids(parsed, pipeline, encode)
-    return int(ids.shape[-1]) + int(slot_counts(parsed.images, pipeline).sum()) - len(parsed.images)
+    return int(ids.shape[-1]) + int(slot_counts(parsed.items, pipeline).sum()) - len(parsed.items)

@@ -27,13 +27,13 @@ class TokenLayout:
 
     @property
     def extra_tokens(self) -> int:
-        """Tokens an image takes besides its slots (its start and end tokens)."""
+        """Tokens an item takes besides its slots (its start and end tokens)."""
         return (self.start_id is not None) + (self.end_id is not None)
 
 
 @dataclass(frozen=True)
 class ImageSpans:
-    """Per image, in prompt order: its slot positions and the span of all its tokens."""
+    """Per item, in prompt order: its slot positions and the span of all its tokens."""
 
     slots: torch.Tensor  # [all slots] positions of the image tokens, image after image
     counts: torch.Tensor  # [n_images] slots of each image
@@ -41,7 +41,7 @@ class ImageSpans:
     ends: torch.Tensor  # [n_images] one past its last token
 
     def slots_of(self, chosen: list[int]) -> torch.Tensor:
-        """The slot positions of the images ``chosen`` (indices, in order), as one flat tensor."""
+        """The slot positions of the items ``chosen`` (indices, in order), as one flat tensor."""
         if not chosen:
             return self.slots[:0]
         offsets = torch.cumsum(self.counts, 0) - self.counts
@@ -52,7 +52,7 @@ def widen_image_slots(ids: torch.Tensor, layout: TokenLayout, counts: torch.Tens
     """[1, length] ids with one image token per image → the same ids with ``counts[i]`` of them for image i."""
     is_slot = ids[0] == layout.image_id
     if int(is_slot.sum()) != counts.numel():
-        raise LayoutError(f"the prompt has {counts.numel()} image(s) but the tokenizer produced {int(is_slot.sum())} "
+        raise LayoutError(f"the prompt has {counts.numel()} item(s) but the tokenizer produced {int(is_slot.sum())} "
                           f"image tokens (id {layout.image_id}); the tokenizer does not keep the image token whole")
     repeats = torch.ones_like(ids[0])
     repeats[is_slot] = counts.to(repeats.dtype)
@@ -60,25 +60,25 @@ def widen_image_slots(ids: torch.Tensor, layout: TokenLayout, counts: torch.Tens
 
 
 def find_images(ids: torch.Tensor, layout: TokenLayout, counts: torch.Tensor) -> ImageSpans:
-    """Locate images of ``counts`` slots each in 1-D ``ids``; anything else is a layout error."""
+    """Locate items of ``counts`` slots each in 1-D ``ids``; anything else is a layout error."""
     slots = torch.nonzero(ids == layout.image_id).flatten()
     expected = counts.numel()
     if slots.numel() != int(counts.sum()):
-        raise LayoutError(f"the prompt has {expected} image(s) of {int(counts.sum())} slots in all but the "
+        raise LayoutError(f"the prompt has {expected} item(s) of {int(counts.sum())} slots in all but the "
                           f"tokenizer produced {slots.numel()} image tokens (id {layout.image_id}); "
                           "the tokenizer does not keep the image token whole")
     firsts_at = torch.cumsum(counts, 0) - counts
     firsts, lasts = slots[firsts_at], slots[firsts_at + counts - 1]
     if expected and not bool((lasts - firsts == counts - 1).all()):
-        raise LayoutError("an image's slots are not contiguous in the token ids")
+        raise LayoutError("an item's slots are not contiguous in the token ids")
     starts = firsts - int(layout.start_id is not None)
     ends = lasts + 1 + int(layout.end_id is not None)
     if expected:
         if layout.start_id is not None and not bool((starts >= 0).all() and (ids[starts.clamp(min=0)] == layout.start_id).all()):
-            raise LayoutError("an image's start token is missing in the token ids")
+            raise LayoutError("an item's start token is missing in the token ids")
         if layout.end_id is not None and not bool((ends <= ids.numel()).all()
                                                   and (ids[(ends - 1).clamp(max=ids.numel() - 1)] == layout.end_id).all()):
-            raise LayoutError("an image's end token is missing in the token ids")
+            raise LayoutError("an item's end token is missing in the token ids")
     return ImageSpans(slots, counts, starts, ends)
 
 

@@ -16,7 +16,7 @@ from ..families.checkpoint_rules import check
 from ..families.pipelines import PipelineError
 from ..families.recognise import Choice
 from ..memory import release_freed_memory
-from ..prompt.parse import ImageRef
+from ..prompt.parse import PlacedItem
 from ..settings import Settings
 from ..stores import FeatureCache
 from .parts import LOADER_FIX, Placement, Sources, VisionParts, load_vision_parts
@@ -53,7 +53,7 @@ class PictureFeatures:
         self.settings = settings
         self.cache.resize(feature_cache_bytes(settings))
 
-    def features_for(self, images: Sequence[ImageRef], layouts: Sequence[str], choice: Choice, width: int,
+    def features_for(self, images: Sequence[PlacedItem], layouts: Sequence[str], choice: Choice, width: int,
                      notes: list[str] | None = None) -> list[torch.Tensor]:
         """Each image's projected features [slots, width] in its layout (its family's ``arrange`` for the
         prompt: the same picture laid out otherwise has other features, cached apart), from the cache or
@@ -64,7 +64,7 @@ class PictureFeatures:
         vision, vision_key = self._vision_and_key(choice)
         check(replace(vision.parts, llm_width=width), pipeline, {"parts": LOADER_FIX, "pipeline": LOADER_FIX},
               PipelineError)
-        keys = [(image.source.digest(), layout) + vision_key for image, layout in zip(images, layouts)]
+        keys = [(image.item.digest(), layout) + vision_key for image, layout in zip(images, layouts)]
         found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
         if any(v is None for v in found.values()):
             with self._encode_lock:
@@ -77,13 +77,13 @@ class PictureFeatures:
                     self._encode([todo[key] for key in same], same, layout, vision, found, notes)
         return [found[key] for key in keys]
 
-    def _encode(self, images: list[ImageRef], keys: list[tuple], layout: str, vision: VisionParts, found: dict,
+    def _encode(self, images: list[PlacedItem], keys: list[tuple], layout: str, vision: VisionParts, found: dict,
                 notes: list[str] | None) -> None:
         """Decode ``images`` and run them through the vision parts in ``layout``; their features go into
         ``found`` and the cache. What the decoding and the tower freed goes back to the operating system after."""
         pictures = []
         for image in images:
-            picture = image.source.load()
+            picture = image.item.load()
             if notes is not None:
                 notes.extend(picture.notes)
             pictures.append(picture.image)

@@ -3,12 +3,12 @@ the core and keeps what a later hook needs in the generation's session."""
 
 from __future__ import annotations
 
-from ..prompt.attachments import attach_to_new_message, media_from_state
+from ..prompt.attachments import attach_to_new_message, items_from_state
 from ..tokens.context_limit import EndAtContextLength, reply_limit
-from ..engine import pictures_in
+from ..engine import items_in
 from ..errors import LlavaError
 from ..loaders import ignored_pictures_warning
-from ..prompt.parse import reference_pictures
+from ..prompt.parse import reference_items
 from ..settings import SettingsError
 from .extension import embed_all, engine, log, model_folder, session, warn, webui
 from .page import input_hijack
@@ -58,7 +58,7 @@ def input_modifier(string, state=None, is_chat=False):  # the 2023 webui passes 
     current = session()
     attached = current.take("attached")
     if not is_chat and isinstance(string, str) and "data:" in string:
-        string = reference_pictures(string, current.references)
+        string = reference_items(string, current.references)
     warning = ignored_pictures_warning(string, getattr(shared.args, "loader", None), shared.model,
                                       attached if is_chat else 0)
     if warning:
@@ -70,7 +70,7 @@ def tokenizer_modifier(state, prompt, input_ids, input_embeds):
     host = webui()
     shared = host.shared
     current = session()
-    media = media_from_state(state)
+    media = items_from_state(state)
     try:
         current_engine = engine()
         loaded = current_engine.bind(shared.model, shared.tokenizer, model_folder(shared), host.encode)
@@ -78,7 +78,7 @@ def tokenizer_modifier(state, prompt, input_ids, input_embeds):
             prompt, loaded, max_length=host.max_prompt_length(state), media=media, embed_all=embed_all(current),
             references=current.references, encode_options={"add_bos_token": state["add_bos_token"]})
     except SettingsError as error:
-        if pictures_in(prompt, media, current.references):
+        if items_in(prompt, media, current.references):
             raise _refusal(error, current) from None
         prepared = None  # a bad setting leaves text-only generations alone
     except LlavaError as error:
@@ -112,7 +112,7 @@ def custom_tokenized_length(prompt):
     if shared.model is None or shared.tokenizer is None:
         return None
     current = session()
-    media = media_from_state(current.state) if current.state is not None else None
+    media = items_from_state(current.state) if current.state is not None else None
     try:
         current_engine = engine()
         loaded = current_engine.bind(shared.model, shared.tokenizer, model_folder(shared), host.encode)

@@ -12,7 +12,8 @@ come before the pixel data. Metadata a PNG keeps after its pixel data is not rea
 mean decoding the picture, and browsers ignore it too. So a picture's slot count (from its header)
 and its features (from its pixels) always describe the same picture.
 
-``source`` is an ``images.ImageSource``: refusals are ``source.error(reason)``.
+``source`` is a ``items.MediaItem``: refusals are ``source.error(reason)``. ``PICTURE`` is the kind
+(``kinds.Kind``) these functions make.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ import struct
 import threading
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
+
+from .kinds import Kind
 
 MAX_PIXELS = 50_000_000
 # A picture of 32 bits a sample (float or int32 greyscale) is decoded at 4 bytes a pixel and scaled from there.
@@ -257,3 +261,33 @@ def _scale_to_8_bit(image: Image.Image) -> Image.Image:
         values *= 255.0 / (high - low) if high > low else 0.0  # one value below 0 everywhere: all at the lowest
     np.clip(values, 0, 255, out=values)
     return Image.fromarray(np.rint(values, out=values).astype(np.uint8), mode="L")
+
+
+class PictureHeader(NamedTuple):
+    """What a picture's header says: its upright size."""
+
+    width: int
+    height: int
+
+
+class PictureKind(Kind):
+    name, media_type, tag, part, attachment = "picture", "image/", "img", "image_url", "image"
+    formats = SUPPORTED_FORMATS
+    refused_types = {"image/svg+xml": f"SVG is a vector format; send a raster image ({SUPPORTED_FORMATS})"}
+
+    def header(self, data: bytes, item, partial: bool = False, data_bytes: int | None = None):
+        found = sniff_header(data, item, partial, data_bytes)
+        return None if found is None else (found[0], PictureHeader(*found[1]))
+
+    def open(self, data: bytes, item) -> Picture:
+        return open_picture(data, item)
+
+    def check_start(self, start: bytes, whole, item) -> None:
+        """A format not named is refused from the first bytes, and a TIFF whose directory lies outside its
+        data (Pillow would build one entry per strip while merely opening it)."""
+        if check_format(start, item) == "TIFF" and not tiff_chunks_checked(whole(), item):
+            raise item.error("the TIFF's directory lies outside its data")
+
+
+PICTURE = PictureKind()
+
