@@ -46,8 +46,10 @@ def test_every_argument_has_help_and_shows_its_default(main, flags, capsys):
         assert f" {flag}" in text, (flag, text)
     assert "(default: auto)" in flat  # --pipeline, in both commands
     if main is cli_ask.main:
-        for default in ("(default: cpu)", "(default: 64)", "(default: False)", cli_ask.DEMO_MODEL):
+        for default in ("(default: cpu)", "(default: 64)", "(default: False)"):
             assert default in flat, (default, text)
+        # a long path may be wrapped at a hyphen
+        assert f"(default:{cli_ask.DEMO_MODEL})".replace(" ", "") in "".join(text.split()), text
     # an argument listed on its own line must have its explanation on the next one
     lines = text.splitlines()
     for number, line in enumerate(lines):
