@@ -5,7 +5,7 @@
 
 Run as a folder, this file is not in a package: the folder is made one first, as ``script.py`` does
 when the webui loads it by its path, and taken off ``sys.path`` so that its modules (``settings``,
-``cache``, ...) never stand in for other packages' imports of the same names."""
+``stores``, ...) never stand in for other packages' imports of the same names."""
 
 import importlib.util
 import os
