@@ -107,8 +107,10 @@ class LlavaEngine:
 
     def prepare(self, prompt: str, *, model, tokenizer, encode: Encode, max_length: int | None,
                 media: Sequence[ImageSource] | None = None, embed_all: bool | None = None,
-                model_path: str | None = None, references: dict | None = None) -> Prepared | None:
-        """ids and embeddings for ``prompt``; None when the host's ids stand as they are."""
+                model_path: str | None = None, references: dict | None = None,
+                cache_scope: str | None = None) -> Prepared | None:
+        """ids and embeddings for ``prompt``; None when the host's ids stand as they are. ``cache_scope``
+        keeps the pictures' cached features apart from other scopes' (an API client's ``cache_salt``)."""
         parsed = parse_prompt(prompt, media, references)
         if not parsed.images:
             return self._without_images(prompt, model, tokenizer, encode, max_length, model_path)
@@ -120,7 +122,7 @@ class LlavaEngine:
         embeddings = model.get_input_embeddings()
         # the layout of each picture was chosen for the prompt as it came, however many truncation dropped
         features = self.features.features_for([kept[i] for i in chosen], choice, embeddings.weight.shape[-1], notes,
-                                     alone=len(parsed.images) == 1)
+                                              alone=len(parsed.images) == 1, scope=cache_scope)
         for i, feature, slots in zip(chosen, features, spans.counts[chosen].tolist()):
             if feature.shape[0] != slots:  # the header and the pixels disagree: refused, never spliced
                 raise kept[i].source.error(f"its pixels give {feature.shape[0]} features for the {slots} places its "

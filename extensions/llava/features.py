@@ -54,10 +54,11 @@ class PictureFeatures:
         self.cache.resize(cache_bytes(settings))
 
     def features_for(self, images: Sequence[ImageRef], choice: Choice, width: int,
-                     notes: list[str] | None = None, alone: bool = True) -> list[torch.Tensor]:
+                     notes: list[str] | None = None, alone: bool = True, scope: str | None = None) -> list[torch.Tensor]:
         """Each image's projected features [slots, width], from the cache or as few tower batches as may be.
         ``alone``: whether the prompt holds only one picture (the features of a picture tiled alone and
-        laid out among several are different, and cached apart)."""
+        laid out among several are different, and cached apart); ``scope``: whose cached features these
+        are (None: shared)."""
         pipeline = choice.pipeline
         if not images:
             return []
@@ -65,7 +66,7 @@ class PictureFeatures:
         check(replace(vision.parts, llm_width=width), pipeline, {"parts": LOADER_FIX, "pipeline": LOADER_FIX},
               PipelineError)
         layout = "tiled" if tiled(pipeline, alone) else "one view"
-        keys = [(image.source.digest(), layout) + vision_key for image in images]
+        keys = [(image.source.digest(), layout, scope) + vision_key for image in images]
         found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
         if any(v is None for v in found.values()):
             with self._encode_lock:

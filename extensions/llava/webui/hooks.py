@@ -76,7 +76,7 @@ def tokenizer_modifier(state, prompt, input_ids, input_embeds):
             prompt, model=shared.model, tokenizer=shared.tokenizer,
             encode=lambda text: host.encode(text, add_bos_token=state["add_bos_token"]),
             max_length=host.max_prompt_length(state), media=media, embed_all=embed_all(current),
-            model_path=model_folder(shared), references=current.references)
+            model_path=model_folder(shared), references=current.references, cache_scope=current.cache_salt)
     except SettingsError as error:
         if pictures_in(prompt, media, current.references):
             raise _refusal(error, current) from None
