@@ -264,3 +264,19 @@ def test_a_reused_entry_stays_for_its_owner_and_the_longer_one_replaces_it():
     follow_up = torch.cat([first, torch.arange(600, 620)])
     assert generation(follow_up) == 100  # all of the first entry, not the 40 the diverging prompt shared
     assert len(store) == 2 and sorted(len(key.ids) for key in store.keys()) == [70, 120]
+
+
+def test_a_cache_salt_keeps_a_pictures_features_its_own(host_factory, v0):
+    """A picture seen before costs no encoding: with a salt, only the salt's own requests see it as seen."""
+    from testbed.fake_webui_api import AUTH
+    host = host_factory(model=v0.llm, tokenizer=v0.tokenizer, settings=v0.webui_settings(), api=True)
+    client = host.api.client()
+
+    def encoded(**extra) -> int:
+        before = host.engine().counters.vision_forwards
+        body = {"prompt": "x {} y".format(img_tag(picture(seed=16))), "max_tokens": 1, **extra}
+        assert client.post("/v1/completions", json=body, headers=AUTH).status_code == 200
+        return host.engine().counters.vision_forwards - before
+
+    assert [encoded(cache_salt="alice"), encoded(cache_salt="bob"), encoded(), encoded(cache_salt="alice"), encoded()] \
+        == [1, 1, 1, 0, 0]

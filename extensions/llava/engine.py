@@ -75,8 +75,10 @@ class LlavaEngine:
 
     def prepare(self, prompt: str, loaded: LoadedModel, *, max_length: int | None = None,
                 media: Sequence[MediaItem] | None = None, embed_all: bool | None = None,
-                references: dict | None = None, encode_options: dict | None = None) -> Prepared | None:
-        """ids and embeddings for ``prompt``; None when the host's ids stand as they are."""
+                references: dict | None = None, encode_options: dict | None = None,
+                cache_scope: str | None = None) -> Prepared | None:
+        """ids and embeddings for ``prompt``; None when the host's ids stand as they are. ``cache_scope``
+        keeps the items' cached features apart from other scopes' (an API client's ``cache_salt``)."""
         encode = loaded.encoder(**(encode_options or {}))
         parsed = parse_prompt(prompt, media, references)
         if not parsed.items:
@@ -90,7 +92,7 @@ class LlavaEngine:
         chosen = list(range(len(kept))) if embed_all else list(range(len(kept)))[-1:]
         embeddings = loaded.embeddings()
         features = self.features.features_for([kept[i] for i in chosen], [layouts[i] for i in chosen], choice,
-                                              embeddings.weight.shape[-1], notes)
+                                              embeddings.weight.shape[-1], notes, scope=cache_scope)
         for i, feature, slots in zip(chosen, features, spans.counts[chosen].tolist()):
             if feature.shape[0] != slots:  # the header and the pixels disagree: refused, never spliced
                 raise kept[i].item.error(f"its pixels give {feature.shape[0]} features for the {slots} places its "

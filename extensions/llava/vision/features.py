@@ -54,17 +54,17 @@ class PictureFeatures:
         self.cache.resize(feature_cache_bytes(settings))
 
     def features_for(self, images: Sequence[PlacedItem], layouts: Sequence[str], choice: Choice, width: int,
-                     notes: list[str] | None = None) -> list[torch.Tensor]:
-        """Each image's projected features [slots, width] in its layout (its family's ``arrange`` for the
+                     notes: list[str] | None = None, scope: str | None = None) -> list[torch.Tensor]:
+        """Each item's projected features [slots, width] in its layout (its family's ``arrange`` for the
         prompt: the same picture laid out otherwise has other features, cached apart), from the cache or
-        as few tower batches as may be."""
+        as few tower batches as may be. ``scope``: whose cached features these are (None: shared)."""
         pipeline = choice.pipeline
         if not images:
             return []
         vision, vision_key = self._vision_and_key(choice)
         check(replace(vision.parts, llm_width=width), pipeline, {"parts": LOADER_FIX, "pipeline": LOADER_FIX},
               PipelineError)
-        keys = [(image.item.digest(), layout) + vision_key for image, layout in zip(images, layouts)]
+        keys = [(image.item.digest(), layout, scope) + vision_key for image, layout in zip(images, layouts)]
         found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
         if any(v is None for v in found.values()):
             with self._encode_lock:

@@ -76,7 +76,8 @@ def tokenizer_modifier(state, prompt, input_ids, input_embeds):
         loaded = current_engine.bind(shared.model, shared.tokenizer, model_folder(shared), host.encode)
         prepared = current_engine.prepare(
             prompt, loaded, max_length=host.max_prompt_length(state), media=media, embed_all=embed_all(current),
-            references=current.references, encode_options={"add_bos_token": state["add_bos_token"]})
+            references=current.references, encode_options={"add_bos_token": state["add_bos_token"]},
+            cache_scope=current.cache_salt)
     except SettingsError as error:
         if items_in(prompt, media, current.references):
             raise _refusal(error, current) from None
