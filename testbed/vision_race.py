@@ -43,8 +43,8 @@ def turn_pictures(photo, sizes: Sequence[tuple[int, int]]) -> list:
 def race(turns: dict, photo, choice, settings, llm_width: int,
          reference_features: Callable[[list], list[torch.Tensor]], repeats: int) -> None:
     from extensions.llava.engine import LlavaEngine
-    from extensions.llava.media.items import DecodedPicture
     from extensions.llava.families import family_of, slot_count, view_count
+    from extensions.llava.media.items import DecodedPicture
     from extensions.llava.prompt.parse import PlacedItem
 
     pipeline = choice.pipeline
@@ -88,8 +88,9 @@ class Contest:
 
 def main(contest: Contest, argv=None) -> int:
     from PIL import Image
-    from extensions.llava.families.recognise import Choice
+
     from extensions.llava.families.pipelines import PIPELINES
+    from extensions.llava.families.recognise import Choice
     from extensions.llava.settings import Settings
     from testbed import tool_output
     from testbed.photos import make_photo

@@ -13,9 +13,9 @@ import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from extensions.llava.media import pictures
 from extensions.llava.api.generate_route import add_generate_route, completion_body
 from extensions.llava.errors import LlavaError
+from extensions.llava.media import pictures
 from testbed.fake_webui_api import AUTH
 from testbed.tiny import PATCH_ID, bytes_url, data_url, header_only_png, img_tag, picture
 from testbed.watch import record_calls

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from extensions.llava.families.pipelines import get_pipeline
 from extensions.llava.families import slot_count
+from extensions.llava.families.pipelines import get_pipeline
 from extensions.llava.vision.processors import fixed_views, load_image_processor
 from testbed.reference import assert_matches, compare_next, logits_of, ours, reference_pixels
 from testbed.tiny import END_ID, PATCH_ID, START_ID, img_tag, picture, reference_run

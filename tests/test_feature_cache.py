@@ -7,12 +7,12 @@ import base64
 import pytest
 import torch
 
-from extensions.llava.media import pictures
 from extensions.llava.api.check import check_pictures
-from extensions.llava.stores import FeatureCache
 from extensions.llava.errors import LlavaError
-from extensions.llava.prompt.messages import items_in_body
 from extensions.llava.families.pipelines import PIPELINES
+from extensions.llava.media import pictures
+from extensions.llava.prompt.messages import items_in_body
+from extensions.llava.stores import FeatureCache
 from testbed.tiny import PATCH_ID, img_tag, picture, quiet_engine
 from testbed.tiny_next import SIZES
 from testbed.watch import record_calls, refuse_calls, run_in_threads

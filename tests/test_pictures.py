@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from extensions.llava.media import items
-from extensions.llava.media.items import HEADER_PREFIX_CHARS, ItemError, DataUrlItem
+from extensions.llava.media.items import HEADER_PREFIX_CHARS, DataUrlItem, ItemError
 from testbed.photos import encoded, make_photo, noisy_picture, turned_jpeg
 from testbed.tiny import bytes_url, img_tag, picture
 from testbed.watch import record_calls, refuse_calls

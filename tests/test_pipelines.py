@@ -10,14 +10,12 @@ import random
 import pytest
 from transformers import MistralConfig
 
-from extensions.llava.families.recognise import choose_pipeline, detect_pipeline, pipeline_from_config
-from extensions.llava.families import family_of
-from extensions.llava.families.pipelines import CLIP_224, CLIP_336, NEXT_PINPOINTS, PIPELINES, PipelineError
-from extensions.llava.families import max_slot_count, slot_count
+from extensions.llava.families import family_of, max_slot_count, slot_count
 from extensions.llava.families.llava_next import tiling_of
+from extensions.llava.families.pipelines import CLIP_224, CLIP_336, NEXT_PINPOINTS, PIPELINES, PipelineError
+from extensions.llava.families.recognise import choose_pipeline, detect_pipeline, pipeline_from_config
 from testbed.tiny import END_ID, START_ID, BosEncoder, img_tag, make_tokenizer, picture
 from testbed.tiny_next import PIPELINE, SIZES, reference_slot_count
-
 
 # ---------------------------------------------------------------- geometry
 

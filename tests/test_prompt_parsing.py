@@ -5,10 +5,11 @@ import time
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
-from extensions.llava.media.items import ItemError
 from extensions.llava.families.pipelines import PIPELINES
+from extensions.llava.media.items import ItemError
 from extensions.llava.prompt.parse import escape_special_tokens, parse_prompt
 from testbed.tiny import PATCH_ID, START_ID, convert_and_load, data_url, img_tag, make_tokenizer, picture
 from testbed.tiny_family import IMAGE_ID, save_llava_hf

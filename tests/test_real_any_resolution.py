@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from extensions.llava.families.pipelines import PIPELINES
 from extensions.llava.families import max_slot_count, slot_count
+from extensions.llava.families.pipelines import PIPELINES
 from testbed import tiny
 from testbed.hostile_files import exif_chunk, png_with, xmp_chunk
 from testbed.real_host import WEBUI, is_current, needs_webui, post

@@ -20,6 +20,7 @@ pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pre
 from selenium.webdriver.common.by import By  # noqa: E402
 
 from testbed.browser import CHROMEDRIVER  # noqa: E402
+
 pytestmark = [
     needs_webui,
     pytest.mark.slow,

@@ -11,9 +11,9 @@ import pytest
 
 from extensions.llava.cli_ask import DEMO_MODEL
 from testbed.photos import make_photo
+from testbed.real_host import WEBUI, is_current, needs_webui, post, running_webui
 from testbed.tiny import file_url
 from testbed.watch import run_in_threads
-from testbed.real_host import WEBUI, is_current, needs_webui, post, running_webui
 
 pytestmark = [needs_webui, pytest.mark.slow, pytest.mark.skipif(bool(WEBUI) and not is_current(WEBUI),
                                               reason="the photo paths follow the current webui")]

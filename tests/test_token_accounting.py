@@ -5,10 +5,10 @@ one, and a reply that ends at the context length."""
 import pytest
 import torch
 
-from extensions.llava.media import pictures
 from extensions.llava.errors import LlavaError
-from extensions.llava.media.items import DataUrlItem
 from extensions.llava.families import max_slot_count, slot_count
+from extensions.llava.media import pictures
+from extensions.llava.media.items import DataUrlItem
 from extensions.llava.prompt.parse import parse_prompt
 from testbed.photos import turned_jpeg
 from testbed.tiny import PATCH_ID, bytes_url, data_url, img_tag, llama_config, picture, quiet_engine
@@ -171,6 +171,7 @@ def test_history_trimming_keeps_whole_pictures_of_different_sizes(next_converted
 
 def test_a_reply_ends_at_the_context_length():
     from transformers import LlamaForCausalLM
+
     from extensions.llava.tokens.context_limit import EndAtContextLength, reply_limit
     torch.manual_seed(0)
     llm = LlamaForCausalLM(llama_config(300)).eval()

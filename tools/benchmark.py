@@ -85,6 +85,7 @@ class Bench:
 def one_image(bench: Bench):
     """1. ours against transformers' LLaVA image features, same weights; returns our encode for figure 5."""
     from transformers import CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
     from extensions.llava.vision.processors import load_image_processor
     reference = LlavaForConditionalGeneration(LlavaConfig(
         vision_config=bench.vision_config.to_dict(), image_token_id=32000,

@@ -69,6 +69,7 @@ def tower_config(size: dict) -> dict:
 def write_checkpoint(folder: str, size: dict, layers: int) -> int:
     """A random float16 checkpoint in shards of about ``shard_bytes``; returns its bytes."""
     from safetensors.torch import save_file
+
     from testbed.tiny import make_tokenizer
     from testbed.tiny_next import PINPOINTS
     os.makedirs(folder)

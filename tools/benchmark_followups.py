@@ -34,7 +34,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from testbed import tool_output  # noqa: E402
-
 from testbed.real_host import WEBUI, post  # noqa: E402
 from testbed.real_models import convert_into, serving  # noqa: E402
 

@@ -31,6 +31,7 @@ TURNS = {"one 4000x3000 photo": [(4000, 3000)], "one 500x300 picture": [(500, 30
 
 def build_reference(folder: str, quick: bool = False):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextModel
+
     from testbed.tiny_next import PINPOINTS
     width, layers, heads, llm_width = (64, 3, 2, 128) if quick else (1024, 24, 16, 4096)
     vision = CLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
@@ -48,8 +49,8 @@ def build_reference(folder: str, quick: bool = False):
 
 def save_parts(reference, folder: str):
     """The reference's tower and projector as the extension loads them (a CLIP folder, a projector file)."""
-    from testbed.vision_race import save_projector
     from testbed.tiny_next import save_tower
+    from testbed.vision_race import save_projector
     tower_dir = save_tower(os.path.join(folder, "clip"), SimpleModel(reference))
     save_projector(reference, folder)
     return tower_dir
@@ -80,7 +81,8 @@ def image_processor():
 
 
 def main(argv=None) -> int:
-    from testbed.vision_race import Contest, main as race_main
+    from testbed.vision_race import Contest
+    from testbed.vision_race import main as race_main
     return race_main(Contest(__doc__, TURNS, "llava-v1.6-vicuna-7b", build, image_processor,
                              reference_features), argv)
 

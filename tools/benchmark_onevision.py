@@ -32,6 +32,7 @@ TURNS = {"one 4000x3000 photo": [(4000, 3000)], "one 700x300 picture": [(700, 30
 
 def build_reference(quick: bool):
     from transformers import LlavaOnevisionConfig, LlavaOnevisionModel, Qwen2Config, SiglipVisionConfig
+
     from testbed.tiny_onevision import PINPOINTS
     width, mlp, layers, heads = (64, 128, 3, 2) if quick else (1152, 4304, 26, 16)
     vision = SiglipVisionConfig(hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
@@ -49,9 +50,10 @@ def build_reference(quick: bool):
 
 def save_parts(reference, folder: str) -> str:
     """The reference's tower (a SigLIP folder) and projector with its newline, as the extension loads them."""
-    from testbed.vision_race import save_projector
     from transformers import SiglipImageProcessorPil, SiglipVisionModel
+
     from testbed.tiny_onevision import SIGLIP_MEAN, SIGLIP_STD
+    from testbed.vision_race import save_projector
     tower_dir = os.path.join(folder, "siglip")
     tower = SiglipVisionModel(reference.config.vision_config)
     tower.load_state_dict(reference.vision_tower.state_dict())
@@ -79,7 +81,8 @@ def image_processor():
 
 
 def main(argv=None) -> int:
-    from testbed.vision_race import Contest, main as race_main
+    from testbed.vision_race import Contest
+    from testbed.vision_race import main as race_main
     return race_main(Contest(__doc__, TURNS, "llava-onevision-qwen2-0.5b-ov", build, image_processor,
                              reference_features, repeats=1), argv)
 

@@ -24,9 +24,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from testbed import tool_output  # noqa: E402
-
 from extensions.llava.cli_ask import DEMO_MODEL  # noqa: E402
+from testbed import tool_output  # noqa: E402
 from testbed.photos import make_photo  # noqa: E402
 from testbed.real_host import WEBUI, post, running_webui  # noqa: E402
 from testbed.tiny import file_url  # noqa: E402

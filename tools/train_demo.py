@@ -44,8 +44,8 @@ if ROOT not in sys.path:
 
 from extensions.llava.cli_ask import ASK_MESSAGE  # noqa: E402
 from extensions.llava.families.pipelines import get_pipeline  # noqa: E402
-from extensions.llava.vision.projector import build_projector  # noqa: E402
 from extensions.llava.vision.processors import fixed_views, load_image_processor  # noqa: E402
+from extensions.llava.vision.projector import build_projector  # noqa: E402
 from testbed import tool_output  # noqa: E402
 
 PIPELINE = get_pipeline("llava-demo")
@@ -356,8 +356,8 @@ def held_out_accuracy(folder: str, seed: int, per_combination: int,
     """Per place of the pictures in the message, the share of fresh pictures the saved model names right (colour and
     shape), the prompt rendered by its chat template as the webui renders it; ``combinations`` limits the
     colour and shape pairs scored (all by default)."""
-    from extensions.llava.media.items import data_url
     from extensions.llava.cli_ask import Asker
+    from extensions.llava.media.items import data_url
     asker = Asker(folder)
     rng = random.Random(seed)
     pairs = [(colour, shape) for colour in COLOURS for shape in SHAPES][:combinations]

@@ -17,7 +17,7 @@ import os
 import sys
 
 from .errors import LlavaError, first_line
-from .media.items import ItemError, DataUrlItem
+from .media.items import DataUrlItem, ItemError
 from .settings import SettingsError, available_devices, resolve_device
 from .vision.weights import quiet_transformers
 

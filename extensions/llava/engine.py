@@ -14,14 +14,14 @@ from typing import Callable, Sequence
 
 import torch
 
+from .errors import LlavaError
+from .loaded import LoadedModel, LoadedModels
+from .media.items import MediaItem
+from .prompt.parse import escape_special_tokens, parse_prompt
+from .reuse.positions import PositionKey, position_key
+from .settings import Settings
 from .stores import FeatureCache
 from .tokens.counting import Encode, prompt_length, slot_counts, stand_in_ids, unknown_items
-from .errors import LlavaError
-from .media.items import MediaItem
-from .loaded import LoadedModel, LoadedModels
-from .reuse.positions import PositionKey, position_key
-from .prompt.parse import escape_special_tokens, parse_prompt
-from .settings import Settings
 from .tokens.splice import find_images, shift_spans, splice, truncation_cut, widen_image_slots
 from .vision.features import Counters, PictureFeatures
 

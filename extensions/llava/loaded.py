@@ -15,10 +15,10 @@ from typing import Callable
 
 import torch
 
-from .families.recognise import Choice, choose_pipeline
 from .errors import CONVERT_COMMAND, LlavaError
 from .families import Family, family_of
 from .families.pipelines import PIPELINES, PipelineError
+from .families.recognise import Choice, choose_pipeline
 from .tokens.splice import TokenLayout
 
 # Image tokens a typed prompt may hold whatever the model: those of every named pipeline.

@@ -21,7 +21,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 
 
-
 @dataclass(eq=False)
 class Session:
     """One browser session's or one API request's record."""

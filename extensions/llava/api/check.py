@@ -30,8 +30,7 @@ from ..prompt.messages import RequestProblem, body_prompts, item_groups, referen
 from ..sessions import Sessions
 from ..settings import DEFAULTS, SETTING_PREFIX
 from .answer import AnswerCorrection
-from .asgi import (NullAsRefusal, body_message, error_body, errors_as_events, read_as_json, read_body, replay,
-                   send_json)
+from .asgi import NullAsRefusal, body_message, error_body, errors_as_events, read_as_json, read_body, replay, send_json
 from .generate_route import GENERATE_PATH
 
 MESSAGES_PATH = "/v1/messages"  # the Anthropic-style route: its own key header and error shape

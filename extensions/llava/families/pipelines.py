@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from ..errors import LlavaError
 from ..vision.tower_kinds import TOWER_KINDS
 
-
 # Fields that rows written by earlier converters carry and that the family now decides.
 LEGACY_FIELDS = ("several_pictures", "view_processor")
 

@@ -12,11 +12,11 @@ import os
 import re
 from dataclasses import dataclass
 
-from .checkpoint_rules import PROJECTOR_ACTIVATIONS
 from ..errors import CONVERT_COMMAND
-from . import family_claiming
-from .pipelines import CLIP_224, CLIP_336, DEFAULT_PIPELINE, PIPELINES, Pipeline, PipelineError, get_pipeline
 from ..vision.tower_kinds import TOWER_KINDS, tower_kind_of
+from . import family_claiming
+from .checkpoint_rules import PROJECTOR_ACTIVATIONS
+from .pipelines import CLIP_224, CLIP_336, DEFAULT_PIPELINE, PIPELINES, Pipeline, PipelineError, get_pipeline
 
 METADATA_FILE = "llava.json"
 

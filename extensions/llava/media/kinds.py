@@ -9,7 +9,6 @@ Adding a kind (video next) is a module like ``pictures`` with its ``Kind``, list
 from __future__ import annotations
 
 
-
 class Kind:
     """One kind of item; a kind's module makes the one instance of its subclass."""
 

@@ -12,8 +12,8 @@ import base64
 import os
 from dataclasses import dataclass, field
 
+from ..media.items import DataUrlItem, DecodedPicture, MediaItem
 from ..media.pictures import sniff_header
-from ..media.items import MediaItem, DataUrlItem, DecodedPicture
 from .messages import message_items
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import html
 
-from ..media.pictures import open_picture
 from ..media.items import data_url
-from .parse import UI_IMAGE_MARKER, place_tag
+from ..media.pictures import open_picture
 from .attachments import Upload, upload_data_url
+from .parse import UI_IMAGE_MARKER, place_tag
 
 THUMBNAIL_SIDE = 300
 

@@ -11,10 +11,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..media.items import ItemError, MediaItem, UnknownItem
 from ..families import family_of
 from ..families.pipelines import Pipeline
-from ..prompt.parse import MEDIA_PLACEHOLDER, PlacedItem, ParsedPrompt, expand_prompt
+from ..media.items import ItemError, MediaItem, UnknownItem
+from ..prompt.parse import MEDIA_PLACEHOLDER, ParsedPrompt, PlacedItem, expand_prompt
 
 Encode = Callable[[str], torch.Tensor]
 

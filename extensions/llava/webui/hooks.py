@@ -3,13 +3,13 @@ the core and keeps what a later hook needs in the generation's session."""
 
 from __future__ import annotations
 
-from ..prompt.attachments import attach_to_new_message, items_from_state
-from ..tokens.context_limit import EndAtContextLength, reply_limit
 from ..engine import items_in
 from ..errors import LlavaError
 from ..loaders import ignored_pictures_warning
+from ..prompt.attachments import attach_to_new_message, items_from_state
 from ..prompt.parse import reference_items
 from ..settings import SettingsError
+from ..tokens.context_limit import EndAtContextLength, reply_limit
 from .extension import embed_all, engine, log, model_folder, session, warn, webui
 from .page import input_hijack
 from .reuse import offer

@@ -5,9 +5,9 @@ picture goes into the message text through ``input_hijack``.
 No ``from __future__ import annotations`` here: gradio reads the handlers' ``gr.Request`` annotation
 at run time, and ``gr`` is imported inside ``ui``."""
 
+from ..errors import LlavaError
 from ..prompt.attachments import read_upload
 from ..prompt.chat_2023 import inline_in_message
-from ..errors import LlavaError
 from .extension import embed_all_setting, log, request_context, sessions, warn, webui
 
 # The 2023 webui takes the next message's picture through input_hijack; the current one calls
