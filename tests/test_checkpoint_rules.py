@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from extensions.llava.errors import LlavaError
-from extensions.llava.families.checkpoint_rules import RULES, Parts, check, problems
+from extensions.llava.vision.checkpoint_rules import RULES, Parts, check, problems
 from extensions.llava.families.pipelines import PIPELINES
 from testbed.tiny import img_tag, make_llm, make_tokenizer, picture, prepare, save_projector
 

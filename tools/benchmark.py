@@ -27,7 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from extensions.llava.engine import LlavaEngine  # noqa: E402
 from extensions.llava.prompt.parse import parse_prompt  # noqa: E402
 from extensions.llava.settings import Settings  # noqa: E402
-from extensions.llava.tokens.splice import TokenLayout, find_images, splice  # noqa: E402
+from extensions.llava.families.base import TokenLayout  # noqa: E402
+from extensions.llava.tokens.splice import find_images, splice  # noqa: E402
 from testbed import tiny, tool_output  # noqa: E402
 from testbed.tool_output import target  # noqa: E402
 

@@ -23,7 +23,7 @@ from .settings import Settings
 from .stores import FeatureCache
 from .tokens.counting import Encode, prompt_length, slot_counts, stand_in_ids, unknown_items
 from .tokens.splice import find_images, shift_spans, splice, truncation_cut, widen_image_slots
-from .vision.features import Counters, PictureFeatures
+from .features import Counters, PictureFeatures
 
 logger = logging.getLogger("llava")
 

@@ -19,7 +19,7 @@ from .errors import CONVERT_COMMAND, LlavaError
 from .families import Family, family_of
 from .families.pipelines import PIPELINES, PipelineError
 from .families.recognise import Choice, choose_pipeline
-from .tokens.splice import TokenLayout
+from .families.base import TokenLayout
 
 # Image tokens a typed prompt may hold whatever the model: those of every named pipeline.
 NAMED_IMAGE_TOKENS = frozenset(token for pipeline in PIPELINES.values() for token in pipeline.special_tokens)

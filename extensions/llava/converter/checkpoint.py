@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..families.checkpoint_rules import Parts
+from ..vision.checkpoint_rules import Parts
 from ..families.recognise import detect_pipeline, pipeline_from_config
 from ..errors import LlavaError, first_line
 from ..families.pipelines import Pipeline, PipelineError, get_pipeline

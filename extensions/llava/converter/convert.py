@@ -32,7 +32,7 @@ import torch
 from .checkpoint import (CAUSAL_LM, ConvertError, Source, choose, classify, load_tokenizer, parts_of, projector_io,
                          projector_state, read_projector, read_source)
 from ..errors import LlavaError, first_line
-from ..families.checkpoint_rules import check
+from ..vision.checkpoint_rules import check
 from ..families.pipelines import PIPELINES, Pipeline
 from ..families.recognise import METADATA_FILE
 from ..vision.processors import load_image_processor

@@ -12,11 +12,25 @@ same item laid out otherwise are different, so the feature cache and prefix reus
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from ..tokens.splice import TokenLayout
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The ids of a pipeline's image tokens in the loaded tokenizer."""
+
+    image_id: int
+    start_id: int | None
+    end_id: int | None
+
+    @property
+    def extra_tokens(self) -> int:
+        """Tokens an item takes besides its slots (its start and end tokens)."""
+        return (self.start_id is not None) + (self.end_id is not None)
+
 
 
 class Family:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..errors import CONVERT_COMMAND
 from ..vision.tower_kinds import TOWER_KINDS, tower_kind_of
 from . import family_claiming
-from .checkpoint_rules import PROJECTOR_ACTIVATIONS
+from ..vision.checkpoint_rules import PROJECTOR_ACTIVATIONS
 from .pipelines import CLIP_224, CLIP_336, DEFAULT_PIPELINE, PIPELINES, Pipeline, PipelineError, get_pipeline
 
 METADATA_FILE = "llava.json"

@@ -21,7 +21,8 @@ from functools import cached_property
 from PIL import Image
 
 from ..errors import LlavaError
-from .kinds import Kind, kind_of_media_type, kinds
+from . import kind_of_media_type, kinds
+from .kinds import Kind
 from .pictures import PICTURE, Picture, PictureHeader, normalise, upright_size
 
 MAX_ENCODED_CHARS = 64 * 1024 * 1024

@@ -3,7 +3,7 @@ enters: the data URL types it takes, the tag that holds it in a prompt's text, i
 message, its type as a webui attachment, and how its header is read and its data decoded.
 
 Parsing, counting and the request check ask an item for its kind; they name no kind themselves.
-Adding a kind (video next) is a module like ``pictures`` with its ``Kind``, listed in ``KINDS``.
+Adding a kind (video next) is a module like ``pictures`` with its ``Kind``, listed in ``media.KINDS``.
 """
 
 from __future__ import annotations
@@ -34,24 +34,3 @@ class Kind:
 
     def __repr__(self) -> str:
         return f"Kind({self.name})"
-
-
-def _known_kinds() -> tuple[Kind, ...]:
-    from .pictures import PICTURE
-    return (PICTURE,)
-
-
-def kinds() -> tuple[Kind, ...]:
-    return _known_kinds()
-
-
-def kind_of_media_type(media_type: str) -> Kind | None:
-    return next((kind for kind in kinds() if media_type.startswith(kind.media_type)), None)
-
-
-def kind_of_part(part_type) -> Kind | None:
-    return next((kind for kind in kinds() if kind.part == part_type), None)
-
-
-def kind_of_attachment(attachment_type) -> Kind | None:
-    return next((kind for kind in kinds() if kind.attachment == attachment_type), None)

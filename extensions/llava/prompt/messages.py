@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..errors import LlavaError
 from ..media.items import DataUrlItem, MediaItem, RefusedItem
-from ..media.kinds import kind_of_part
+from ..media import kind_of_part
 from .parse import MEDIA_PLACEHOLDER, parse_prompt, reference_items
 
 

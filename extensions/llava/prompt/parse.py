@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..media.items import DataUrlItem, MediaItem, RefusedItem
-from ..media.kinds import kinds
+from ..media import kinds
 
 MEDIA_PLACEHOLDER = "<__media__>"
 # ``<img src="llava-ref:N">``: an item of the current HTTP request body, kept beside the prompt

@@ -11,24 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LlavaError
+from ..families.base import TokenLayout
 
 
 class LayoutError(LlavaError):
     """The token ids do not hold the image slots the prompt asked for."""
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """The ids of a pipeline's image tokens in the loaded tokenizer."""
-
-    image_id: int
-    start_id: int | None
-    end_id: int | None
-
-    @property
-    def extra_tokens(self) -> int:
-        """Tokens an item takes besides its slots (its start and end tokens)."""
-        return (self.start_id is not None) + (self.end_id is not None)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """The vision side of a pipeline: the tower and the projector on the devices the settings name, turning
 pictures into the projected features of their image slots.
 
-The pipeline's family (``families``) makes the views and lays the projected views out as each
-picture's slot features; the tower comes from ``towers``, the projector from ``projector``; the parts
+The pipeline's family (a ``families.base.Family``, handed over by the caller) makes the views and
+lays the projected views out as each picture's slot features; the tower comes from ``towers``, the projector from ``projector``; the parts
 are checked against each other and the pipeline by ``checkpoint_rules``.
 """
 
@@ -15,12 +15,16 @@ import torch
 from torch import nn
 
 from ..errors import CONVERT_COMMAND
-from ..families.checkpoint_rules import Parts, check
-from ..families import family_of
-from ..families.pipelines import Pipeline
-from .weights import read_projector_tensors
-from .projector import normalise_projector_keys, projector_from_state, projector_shape, projector_type_of, split_image_newline
+from .checkpoint_rules import Parts, check
+from .projector import (
+    normalise_projector_keys,
+    projector_from_state,
+    projector_shape,
+    projector_type_of,
+    split_image_newline,
+)
 from .towers import VisionLoadError, load_vision_tower, tower_geometry
+from .weights import read_projector_tensors
 
 MAX_VIEWS_PER_BATCH = 32  # 32 fixed-size pictures, or 6 LLaVA-1.6 ones of up to 5 views (a OneVision one: 37)
 # What to do when the loaded parts do not fit each other or the pipeline.
@@ -55,7 +59,8 @@ class VisionParts:
     tower: nn.Module
     processor: object
     projector: nn.Module
-    pipeline: Pipeline
+    pipeline: object  # its ``families.pipelines.Pipeline`` row
+    family: object  # the ``families.base.Family`` that lays the pipeline's pictures out
     placement: Placement
     parts: Parts  # what the loaded files are, for the checks against the language model
     image_newline: torch.Tensor | None = None  # any-resolution pipelines: the feature that ends a grid row
@@ -79,19 +84,20 @@ class VisionParts:
     def encode(self, pictures, layout: str) -> list[torch.Tensor]:
         """Pictures of one layout → each one's projected features [slots, hidden]; all their views in one
         tower batch."""
-        family = family_of(self.pipeline)
+        family = self.family
         pixels, views = family.views(self.pipeline, self.processor, pictures, layout)
         projected = self.project_views(pixels)
         return family.features(self.pipeline, projected, views, pictures, layout, self.image_newline)
 
     def encode_batches(self, pictures, layout: str):
         """Pictures in tower batches of at most MAX_VIEWS_PER_BATCH views, so 100 pictures stay within memory."""
-        per_batch = max(1, MAX_VIEWS_PER_BATCH // family_of(self.pipeline).most_views(self.pipeline, layout))
+        per_batch = max(1, MAX_VIEWS_PER_BATCH // self.family.most_views(self.pipeline, layout))
         for start in range(0, len(pictures), per_batch):
             yield self.encode(pictures[start:start + per_batch], layout)
 
 
-def load_vision_parts(pipeline: Pipeline, sources: Sources, placement: Placement, log=print) -> VisionParts:
+def load_vision_parts(pipeline, family, sources: Sources, placement: Placement,
+                      log=print) -> VisionParts:
     started = time.perf_counter()
     tower, processor = load_vision_tower(sources.vision, pipeline.tower, pipeline.vision_feature_layer)
     tower.to(placement.tower_device, placement.tower_dtype)
@@ -109,4 +115,4 @@ def load_vision_parts(pipeline: Pipeline, sources: Sources, placement: Placement
     log(f"llava: vision tower from '{sources.vision}' on {placement.tower_device} ({placement.tower_dtype}), "
         f"projector {projector_in}→{projector_out} from {projector_origin} on {placement.projector_device} "
         f"({placement.projector_dtype}), loaded in {time.perf_counter() - started:.1f} s")
-    return VisionParts(tower, processor, projector, pipeline, placement, parts, image_newline)
+    return VisionParts(tower, processor, projector, pipeline, family, placement, parts, image_newline)

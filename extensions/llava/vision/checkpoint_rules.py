@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import LlavaError
-from .pipelines import Pipeline
 
 # Exact GELU, or none at all (a v0 linear projector written as llava-hf's two layers).
 PROJECTOR_ACTIVATIONS = ("gelu", "linear", "identity")
@@ -42,7 +41,7 @@ class Parts:
 @dataclass(frozen=True)
 class Rule:
     kind: str  # "parts": files that disagree with each other; "pipeline": parts that do not fit the pipeline
-    broken: Callable[[Parts, Pipeline], bool]
+    broken: Callable[[Parts, object], bool]  # (the parts, the pipeline row)
     says: str  # what is wrong; {p} stands for the parts, {q} for the pipeline
 
 
@@ -89,12 +88,12 @@ RULES = (
 )
 
 
-def problems(parts: Parts, pipeline: Pipeline) -> list[tuple[str, str]]:
+def problems(parts: Parts, pipeline) -> list[tuple[str, str]]:
     """(kind, what is wrong) for every rule the parts break, in the order of ``RULES``."""
     return [(rule.kind, rule.says.format(p=parts, q=pipeline)) for rule in RULES if rule.broken(parts, pipeline)]
 
 
-def check(parts: Parts, pipeline: Pipeline, fix: dict[str, str], error: type[LlavaError] = LlavaError,
+def check(parts: Parts, pipeline, fix: dict[str, str], error: type[LlavaError] = LlavaError,
           where: str = "") -> None:
     """Raise ``error`` for the first rule broken: ``where`` (the files looked at), what is wrong, and
     ``fix[kind]``, what to do about it."""

@@ -10,17 +10,17 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import CONVERT_COMMAND, LlavaError
-from ..families import family_of
-from ..families.checkpoint_rules import check
-from ..families.pipelines import PipelineError
-from ..families.recognise import Choice
-from ..memory import release_freed_memory
-from ..prompt.parse import PlacedItem
-from ..settings import Settings
-from ..stores import FeatureCache
-from .parts import LOADER_FIX, Placement, Sources, VisionParts, load_vision_parts
-from .towers import VisionLoadError
+from .errors import CONVERT_COMMAND, LlavaError
+from .families import family_of
+from .families.pipelines import PipelineError
+from .families.recognise import Choice
+from .memory import release_freed_memory
+from .prompt.parse import PlacedItem
+from .settings import Settings
+from .stores import FeatureCache
+from .vision.checkpoint_rules import check
+from .vision.parts import LOADER_FIX, Placement, Sources, VisionParts, load_vision_parts
+from .vision.towers import VisionLoadError
 
 logger = logging.getLogger("llava")
 
@@ -132,7 +132,7 @@ class PictureFeatures:
                 if "cpu" in (s.clip_device.type, s.projector_device.type) and 16 in (s.clip_bits, s.projector_bits):
                     self.log("llava: 16 bits on the CPU means bfloat16 (float16 matmuls are slow or unsupported there)")
                 try:
-                    self._vision = load_vision_parts(pipeline, sources, placement, log=self.log)
+                    self._vision = load_vision_parts(pipeline, family_of(pipeline), sources, placement, log=self.log)
                 except LlavaError as error:
                     raise _naming_settings(error, s) from None
                 self._vision_key = key
