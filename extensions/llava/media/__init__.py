@@ -1,5 +1,5 @@
 """Media items and their kinds: ``KINDS`` lists every kind an item can be, and the lookups below find
-the one a data URL type, an OpenAI content part or a webui attachment names."""
+the one a data URL type or an OpenAI content part names."""
 
 from __future__ import annotations
 
@@ -19,7 +19,3 @@ def kind_of_media_type(media_type: str) -> Kind | None:
 
 def kind_of_part(part_type) -> Kind | None:
     return next((kind for kind in KINDS if kind.part == part_type), None)
-
-
-def kind_of_attachment(attachment_type) -> Kind | None:
-    return next((kind for kind in KINDS if kind.attachment == attachment_type), None)

@@ -58,8 +58,9 @@ def attach_to_new_message(history: dict, upload: Upload) -> dict:
     row = len(history.get("internal", []))
     entry = history.setdefault("metadata", {}).setdefault(f"user_{row}", {})
     attachments = entry.setdefault("attachments", [])
-    attachment = {"name": upload.name, "type": "image", "image_data": upload_data_url(upload),
-                  "image_id": sum(1 for a in attachments if a.get("type") == "image") + 1}
+    kind = upload.kind.attachment
+    attachment = {"name": upload.name, "type": kind, "image_data": upload_data_url(upload),
+                  "image_id": sum(1 for a in attachments if a.get("type") == kind) + 1}
     attachments.append(attachment)
     return attachment
 
