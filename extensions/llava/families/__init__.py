@@ -28,19 +28,25 @@ def family_claiming(row: dict) -> Family:
     return next((family for family in FAMILIES if family.claims(row)), llava.FAMILY)
 
 
+def _in_prompt(pipeline, among: int):
+    """The pipeline's family, and the layout it gives the last of a prompt's ``among`` items."""
+    family = family_of(pipeline)
+    return family, family.arrange(pipeline, among)[-1]
+
+
 def slot_count(pipeline, width: int, height: int, among: int = 1) -> int:
     """Image slots of a ``width`` × ``height`` picture in a prompt of ``among`` items."""
-    family = family_of(pipeline)
-    return family.slot_count(pipeline, (width, height), family.arrange(pipeline, among)[-1])
+    family, layout = _in_prompt(pipeline, among)
+    return family.slot_count(pipeline, (width, height), layout)
 
 
 def view_count(pipeline, width: int, height: int, among: int = 1) -> int:
     """Views the tower sees for a ``width`` × ``height`` picture in a prompt of ``among`` items."""
-    family = family_of(pipeline)
-    return family.view_count(pipeline, (width, height), family.arrange(pipeline, among)[-1])
+    family, layout = _in_prompt(pipeline, among)
+    return family.view_count(pipeline, (width, height), layout)
 
 
 def max_slot_count(pipeline, among: int = 1) -> int:
     """The most slots a picture can take in a prompt of ``among`` items."""
-    family = family_of(pipeline)
-    return family.most_slots(pipeline, family.arrange(pipeline, among)[-1])
+    family, layout = _in_prompt(pipeline, among)
+    return family.most_slots(pipeline, layout)

@@ -10,7 +10,7 @@ from ..engine import LlavaEngine
 from ..errors import LlavaError
 from ..reuse import PrefixReuse
 from ..sessions import Session, Sessions
-from ..settings import DEFAULTS, SettingsWatch
+from ..settings import DEFAULTS, Settings, SettingsWatch
 
 params = {"display_name": "LLaVA", "is_tab": False, **DEFAULTS}
 settings = SettingsWatch(params)
@@ -40,19 +40,21 @@ def engine() -> LlavaEngine:
     return _engine
 
 
-def embed_all_setting() -> bool:
+def setting_or_default(name: str):
+    """The setting ``name`` as it is now; its default while the settings are bad (the generation reports a
+    bad setting itself, and a bound such as max_items is never switched off)."""
     try:
-        return settings.current().embed_all
+        return getattr(settings.current(), name)
     except LlavaError:
-        return False  # the generation reports the bad setting itself
+        return getattr(Settings.from_params({}), name)
+
+
+def embed_all_setting() -> bool:
+    return setting_or_default("embed_all")
 
 
 def max_items_setting() -> int:
-    """The most media items of one request; a bad setting keeps the default bound, never none."""
-    try:
-        return settings.current().max_items
-    except LlavaError:
-        return DEFAULTS["max_items"]
+    return setting_or_default("max_items")
 
 
 def embed_all(session: Session) -> bool:
@@ -96,6 +98,12 @@ def browser_session() -> str | None:
 def session() -> Session:
     """The record of the generation being served: its HTTP request's, else its browser session's."""
     return sessions.current(browser_session())
+
+
+def loaded_model(current_engine):
+    """The webui's loaded model, bound in ``current_engine``."""
+    shared = _webui.shared
+    return current_engine.bind(shared.model, shared.tokenizer, model_folder(shared), _webui.encode)
 
 
 def model_folder(shared) -> str | None:

@@ -10,7 +10,7 @@ from ..prompt.attachments import attach_to_new_message, items_from_state
 from ..prompt.parse import reference_items
 from ..settings import SettingsError
 from ..tokens.context_limit import EndAtContextLength, reply_limit
-from .extension import embed_all, engine, log, model_folder, session, warn, webui
+from .extension import embed_all, engine, loaded_model, log, session, warn, webui
 from .page import input_hijack
 from .reuse import offer
 from .server import serve_api
@@ -73,9 +73,8 @@ def tokenizer_modifier(state, prompt, input_ids, input_embeds):
     media = items_from_state(state)
     try:
         current_engine = engine()
-        loaded = current_engine.bind(shared.model, shared.tokenizer, model_folder(shared), host.encode)
         prepared = current_engine.prepare(
-            prompt, loaded, max_length=host.max_prompt_length(state), media=media, embed_all=embed_all(current),
+            prompt, loaded_model(current_engine), max_length=host.max_prompt_length(state), media=media, embed_all=embed_all(current),
             references=current.references, encode_options={"add_bos_token": state["add_bos_token"]},
             cache_scope=current.cache_salt)
     except SettingsError as error:
@@ -116,8 +115,8 @@ def custom_tokenized_length(prompt):
     media = items_from_state(current.state) if current.state is not None else None
     try:
         current_engine = engine()
-        loaded = current_engine.bind(shared.model, shared.tokenizer, model_folder(shared), host.encode)
-        return current_engine.token_count(prompt, loaded, media=media, references=current.references)
+        return current_engine.token_count(prompt, loaded_model(current_engine), media=media,
+                                          references=current.references)
     except LlavaError:
         return None
 
